@@ -1,0 +1,5 @@
+import sys
+
+from anomaly3d_core.cli import main
+
+sys.exit(main())

@@ -1,0 +1,271 @@
+"""The ``anomaly3d`` command line (also ``python -m anomaly3d_core``).
+
+Exit codes: 0 all went well, 1 some inputs failed, 2 usage or configuration error.
+Errors print one line; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError, PluginError
+
+log = logging.getLogger("anomaly3d")
+EXIT_OK, EXIT_INPUTS_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every usage error
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set training.num_epochs=5 (repeatable)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="anomaly3d", description="Unsupervised anomaly detection in 3D medical images.")
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("plugins", help="list every discovered component by family, with package and version")
+    _common(p)
+
+    p = sub.add_parser("demo", help="make demo data, fit, score, evaluate and log to MLflow")
+    p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    p.add_argument("--size", default="small", help="demo data size: tiny, small, medium, large")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help="pipeline YAML (default: built-in defaults)")
+    _common(p)
+
+    p = sub.add_parser("demo-data", help="write the synthetic MNI152-based brain MRI data set")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--size", default="small", help="tiny, small, medium or large")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--voxel-size", type=float, default=2.0, help="mm per voxel (2 = the template's own grid)")
+    _common(p)
+
+    p = sub.add_parser("fit", help="train a pipeline on scans of normal subjects")
+    p.add_argument("--config", help="pipeline YAML (default: built-in defaults)")
+    p.add_argument("--train", required=True, help="folder, file or glob of normal training scans")
+    p.add_argument("--val", help="optional held-out normal scans for early stopping and calibration")
+    p.add_argument("--out", required=True, help="model folder to write (an MLflow model)")
+    _common(p)
+
+    p = sub.add_parser("score", help="write score maps, masks and scores.csv for new scans")
+    p.add_argument("--model", required=True, help="model folder written by fit")
+    p.add_argument("--input", required=True, help="file, folder or glob of scans")
+    p.add_argument("--out", required=True, help="output folder")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="score scans and compare with ground-truth masks")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True, help="file, folder or glob of scans")
+    p.add_argument("--masks", required=True, help="folder of ground-truth masks (same file names)")
+    p.add_argument("--out", required=True)
+    _common(p)
+
+    p = sub.add_parser("tune", help="search hyper-parameters with Optuna (search space in the YAML)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--train", required=True)
+    p.add_argument("--val", help="labelled validation scans (else synthetic anomalies in held-out normals)")
+    p.add_argument("--val-masks", help="masks of --val")
+    p.add_argument("--n-trials", type=int, default=None)
+    p.add_argument("--storage", default=None, help="Optuna storage URL (sqlite:///optuna.db, postgresql://..., or a .log journal file)")
+    p.add_argument("--study-name", default="anomaly3d")
+    p.add_argument("--timeout", type=float, default=None, help="seconds")
+    p.add_argument("--out", default="tuning_output", help="where the best config and model go")
+    _common(p)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from anomaly3d_core.config import load_config
+
+    return load_config(getattr(args, "config", None), args.overrides)
+
+
+def _report(failures: Any, what: str) -> int:
+    if failures:
+        print(f"\n{len(failures)} input(s) failed during {what}:\n{failures.report()}", file=sys.stderr)
+        return EXIT_INPUTS_FAILED
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from anomaly3d_core.registry import FAMILIES, get_registry
+
+    reg = get_registry()
+    for family in FAMILIES:
+        print(f"{family}:")
+        for info in reg.infos(family):
+            print(f"  {info.name:<14}{info.package + ' ' + info.version:<24}{info.cls.__module__}.{info.cls.__qualname__}")
+    return EXIT_OK
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from anomaly3d_core.datasets import make_demo_dataset
+
+    out = make_demo_dataset(args.out, args.size, args.seed, voxel_size=args.voxel_size)
+    print(f"demo data written to {out} (train/, test/, test_masks/, manifest.csv)")
+    return EXIT_OK
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+    from anomaly3d_core.runner import resolve_inputs
+    from anomaly3d_core.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run
+
+    config = _config(args)
+    train = resolve_inputs(args.train)
+    val = resolve_inputs(args.val) if args.val else None
+    pipe = AnomalyDetectionPipeline(config)
+    with mlflow_run(config, "fit"):
+        pipe.fit(train, val, callbacks=[epoch_logger()] if config.tracking.enabled else ())
+        out = pipe.save(args.out)
+        _log_fit(pipe, Path(args.out))
+        log_metrics({"fit_seconds": pipe.fit_seconds_, "threshold": pipe.threshold_, "volume_threshold": pipe.volume_threshold_})
+        log_artifact(Path(args.out) / "training_curves.png", "plots")
+    print(f"model written to {out} ({pipe.n_train_volumes_} training, {pipe.n_val_volumes_} validation volumes, "
+          f"{len(pipe.history_['train_loss'])} epochs, {pipe.fit_seconds_:.1f} s); threshold {pipe.threshold_:.4g}")
+    return _report(pipe.failures_, "fit")
+
+
+def _log_fit(pipe: Any, out: Path) -> None:
+    from anomaly3d_core.plotting import plot_training_curves
+    from anomaly3d_core.tracking import log_pyfunc_if_active
+
+    plot_training_curves(pipe.history_, out / "training_curves.png")
+    log_pyfunc_if_active(pipe)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+    from anomaly3d_core.runner import resolve_inputs, score_files
+
+    pipe = AnomalyDetectionPipeline.load(args.model)
+    if args.overrides:
+        raise ConfigError("score uses the saved model's config; --set is not applied here (refit with --set instead)")
+    batch = score_files(pipe, resolve_inputs(args.input), Path(args.out))
+    flagged = sum(bool(r["is_anomalous"]) for r in batch.rows)
+    print(f"scored {len(batch.rows)} volume(s), {flagged} flagged anomalous; maps and scores.csv in {args.out}")
+    return _report(batch.failures, "scoring")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+    from anomaly3d_core.runner import evaluate_files, resolve_inputs, summary_table
+    from anomaly3d_core.tracking import log_artifact, log_metrics, mlflow_run
+
+    pipe = AnomalyDetectionPipeline.load(args.model)
+    with mlflow_run(pipe.config, "evaluate"):
+        metrics, failures = evaluate_files(pipe, resolve_inputs(args.input), Path(args.masks), Path(args.out))
+        log_metrics(metrics)
+        log_artifact(args.out, "evaluation")
+    print(summary_table(metrics) + f"metrics.json, summary.txt and plots in {args.out}")
+    return _report(failures, "evaluation")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from anomaly3d_core.datasets import make_demo_dataset
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+    from anomaly3d_core.runner import evaluate_files, resolve_inputs, score_files, summary_table
+    from anomaly3d_core.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run, ui_command
+
+    config = _config(args)
+    out = Path(args.out)
+    data = out / "data"
+    t0 = time.perf_counter()
+    if not (data / "manifest.csv").is_file():
+        print(f"[1/4] making demo data ({args.size}) in {data} ...", flush=True)
+        make_demo_dataset(data, args.size, args.seed)
+    else:
+        print(f"[1/4] using demo data in {data}", flush=True)
+    pipe = AnomalyDetectionPipeline(config)
+    with mlflow_run(config, "demo", tags={"data": str(data)}) as run:
+        print("[2/4] fitting on normal subjects ...", flush=True)
+        pipe.fit(resolve_inputs(str(data / "train")), callbacks=[epoch_logger()] if config.tracking.enabled else ())
+        pipe.save(out / "model")
+        _log_fit(pipe, out / "model")
+        log_artifact(out / "model" / "training_curves.png", "plots")
+        print(f"      {pipe.fit_seconds_:.1f} s, {len(pipe.history_['train_loss'])} epochs", flush=True)
+        print("[3/4] scoring test subjects ...", flush=True)
+        tests = resolve_inputs(str(data / "test"))
+        batch = score_files(pipe, tests, out / "scores")
+        print("[4/4] evaluating against ground truth ...", flush=True)
+        metrics, failures = evaluate_files(pipe, tests, data / "test_masks", out / "evaluation")
+        log_metrics({**metrics, "fit_seconds": pipe.fit_seconds_})
+        log_artifact(out / "evaluation", "evaluation")
+        for row in batch.rows[: config.tracking.log_score_maps]:
+            log_artifact(out / "scores" / f"{Path(row['file']).name.split('.')[0]}_score.nii.gz", "score_maps")
+    print("\n" + summary_table(metrics))
+    print(f"score maps and masks : {out / 'scores'}")
+    print(f"plots and metrics    : {out / 'evaluation'}")
+    print(f"model (MLflow model) : {out / 'model'}")
+    if run is not None:
+        print(f"MLflow run           : {run.info.run_id}  ->  {ui_command(config)}")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    failures.items.extend(batch.failures.items)
+    return _report(failures, "demo")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from anomaly3d_core.tuning import run_tuning
+
+    config = _config(args)
+    return run_tuning(config, args)
+
+
+COMMANDS = {
+    "plugins": cmd_plugins, "demo": cmd_demo, "demo-data": cmd_demo_data, "fit": cmd_fit,
+    "score": cmd_score, "evaluate": cmd_evaluate, "tune": cmd_tune,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.captureWarnings(True)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not args.debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, PluginError) as exc:
+        if args.debug:
+            raise
+        print(f"anomaly3d {args.command}: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DataError as exc:
+        if args.debug:
+            raise
+        print(f"anomaly3d {args.command}: input error: {exc}", file=sys.stderr)
+        return EXIT_INPUTS_FAILED
+    except Anomaly3DError as exc:
+        if args.debug:
+            raise
+        print(f"anomaly3d {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

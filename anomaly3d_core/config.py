@@ -1,0 +1,321 @@
+"""Pydantic configuration: one model per component, composed into :class:`PipelineConfig`.
+
+YAML files map one-to-one onto these models; unknown keys are rejected with their full dotted
+path, and each plugin's ``args`` are validated against that plugin's own ``Params`` model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from anomaly3d_core.errors import ConfigError, PluginError, did_you_mean
+
+Triple = tuple[int, int, int]
+
+
+def _triple(value: Any) -> Any:
+    """Accept ``8`` as ``(8, 8, 8)``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (int(value),) * 3
+    return value
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ComponentSpec(Section):
+    """A plugin choice: its registered ``type`` name and its ``args``."""
+
+    type: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class PreprocessingConfig(Section):
+    reorient: bool = True
+    target_spacing: tuple[float, float, float] | None = (2.0, 2.0, 2.0)
+    target_shape: Triple | None = None
+    foreground: Literal["nonzero", "otsu", "none"] = "nonzero"
+    crop_foreground: bool = True
+    crop_margin: int = Field(4, ge=0)
+    pad_multiple: int = Field(8, ge=1)
+    normalize_method: Literal["z_score", "min_max", "percentile", "none"] = "z_score"
+    clip_percentile: tuple[float, float] | None = (0.5, 99.5)
+
+    _triple = field_validator("target_shape", mode="before")(_triple)
+
+    @field_validator("target_spacing", mode="before")
+    @classmethod
+    def _spacing(cls, v: Any) -> Any:
+        return (float(v),) * 3 if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+
+class AugmentationConfig(Section):
+    enabled: bool = False
+    rotation_range: float = 10.0
+    flip_probability: float = Field(0.0, ge=0, le=1)
+    noise_std: float = Field(0.01, ge=0)
+    brightness_range: float = Field(0.1, ge=0)
+    contrast_range: float = Field(0.1, ge=0)
+    gamma_range: float = Field(0.1, ge=0)
+    bias_field_strength: float = Field(0.0, ge=0)
+    elastic_strength: float = Field(0.0, ge=0)
+    copies: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    loader: str = "auto"
+    preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+
+
+class PatchConfig(Section):
+    patch_size: Triple = (8, 8, 8)
+    stride: Triple = (4, 4, 4)
+    max_patches: int = Field(4000, ge=1, description="training patches sampled per volume")
+    sampling_strategy: Literal["random", "uniform"] = "random"
+    min_foreground: float = Field(0.5, ge=0, le=1, description="foreground fraction a training patch needs")
+
+    _triple = field_validator("patch_size", "stride", mode="before")(_triple)
+
+
+class ExtractorConfig(ComponentSpec):
+    type: str = "identity"
+    layers: list[str] | None = None
+    checkpoint: str | None = None
+
+
+class EmbeddingConfig(Section):
+    embedding_method: Literal["flatten", "avg", "max", "adaptive", "mlp"] = "flatten"
+    adaptive_size: int = Field(2, ge=1)
+    mlp_hidden_dims: list[int] = Field(default_factory=lambda: [256])
+    output_dim: int = Field(64, ge=1)
+    input_channels: int | None = Field(None, description="derived from the extractor; accepted for seed configs")
+    patch_size: Triple | None = Field(None, description="alias of patches.patch_size in seed configs")
+
+    _triple = field_validator("patch_size", mode="before")(_triple)
+
+
+class AutoencoderConfig(ComponentSpec):
+    type: str = "standard"
+
+
+class TrainingConfig(Section):
+    batch_size: int = Field(256, ge=1)
+    num_epochs: int = Field(30, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    scheduler_type: Literal["cosine", "step", "plateau", "none"] = "cosine"
+    step_size: int = Field(10, ge=1)
+    gamma: float = Field(0.5, gt=0)
+    grad_clip: float | None = 1.0
+    early_stopping_patience: int = Field(8, ge=1)
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    use_amp: bool = False
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = Field(0, ge=0)
+    checkpoint_dir: str | None = None
+    resume: bool = False
+
+
+class PostprocessConfig(Section):
+    restrict_to_foreground: bool = True
+    opening: int = Field(0, ge=0, description="radius in voxels, 0 = off")
+    closing: int = Field(0, ge=0)
+    min_component_mm3: float = Field(0.0, ge=0)
+    keep_largest: bool = False
+
+
+class VolumeDecisionConfig(Section):
+    top_k_fraction: float = Field(0.01, gt=0, le=1, description="volume score = mean of the top fraction of voxel scores")
+    method: ComponentSpec = Field(default_factory=lambda: ComponentSpec(type="sigma", args={"k": 2.0}))
+
+
+class ThresholdConfig(ComponentSpec):
+    type: str = "percentile"
+    args: dict[str, Any] = Field(default_factory=lambda: {"percentile": 99.5})
+    smoothing_sigma: float = Field(1.0, ge=0, description="Gaussian smoothing of score maps, in voxels")
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    volume: VolumeDecisionConfig = Field(default_factory=VolumeDecisionConfig)
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment_name: str = "anomaly3d"
+    log_score_maps: int = Field(2, ge=0)
+
+
+class TuningConfig(Section):
+    n_trials: int = Field(10, ge=1)
+    metric: str = "voxel_ap"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class PipelineConfig(Section):
+    """Everything a pipeline needs; every section has working defaults."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    patches: PatchConfig = Field(default_factory=PatchConfig)
+    extractor: ExtractorConfig = Field(default_factory=ExtractorConfig)
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+
+    @model_validator(mode="after")
+    def _patch_alias(self) -> PipelineConfig:
+        if self.embedding.patch_size is not None and self.embedding.patch_size != self.patches.patch_size:
+            self.patches.patch_size = self.embedding.patch_size
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (``training.num_epochs``), for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _fields_at(model: type[BaseModel], loc: Iterable[Any]) -> list[str]:
+    """Valid field names of the (sub)model that ``loc`` points into."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        current = fields[part].annotation
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """One line per problem: ``dotted.key: reason``, with a suggestion for unknown keys."""
+    lines = []
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not isinstance(p, int)] if e["type"] == "extra_forbidden" else list(e["loc"])
+        path = prefix + ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            key, parent = str(loc[-1]), loc[:-1]
+            msg = did_you_mean(key, _fields_at(model, parent), what="key")
+        else:
+            msg = f"{e['msg']} (got {e.get('input')!r})"
+        lines.append(f"{path}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value with YAML rules (numbers, booleans, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects dotted.key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node[parts[-1]] = parse_value(value)
+    return tree
+
+
+def validate_plugins(config: PipelineConfig, registry: Any = None) -> PipelineConfig:
+    """Check plugin names and each plugin's ``args`` against its ``Params`` model."""
+    from anomaly3d_core.registry import get_registry
+
+    registry = registry or get_registry()
+    specs = [
+        ("extractors", "extractor", config.extractor),
+        ("autoencoders", "autoencoder", config.autoencoder),
+        ("thresholds", "threshold", config.threshold),
+        ("thresholds", "threshold.volume.method", config.threshold.volume.method),
+    ]
+    for family, key, spec in specs:
+        try:
+            cls = registry.get(family, spec.type)
+        except PluginError as exc:
+            raise ConfigError(f"{key}.type: {exc}") from None
+        try:
+            spec.args = cls.Params(**spec.args).model_dump(mode="json", exclude_unset=True)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, cls.Params, prefix=f"{key}.args.")) from None
+    if config.data.loader != "auto":
+        try:
+            registry.get("loaders", config.data.loader)
+        except PluginError as exc:
+            raise ConfigError(f"data.loader: {exc}") from None
+    return config
+
+
+def build_config(
+    tree: Mapping[str, Any] | None = None, overrides: Iterable[str] = (), registry: Any = None
+) -> PipelineConfig:
+    """Validate a nested dict (plus ``--set`` overrides) into a :class:`PipelineConfig`."""
+    data = apply_overrides(_deepcopy(dict(tree or {})), overrides)
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, PipelineConfig)) from None
+    return validate_plugins(config, registry)
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = (), registry: Any = None) -> PipelineConfig:
+    """Read a YAML config (or defaults when ``path`` is None) and validate it."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc.__class__.__name__}: {exc})".replace("\n", " ")) from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(tree).__name__}")
+    try:
+        return build_config(tree, overrides, registry)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def _deepcopy(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _deepcopy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_deepcopy(v) for v in tree]
+    return tree

@@ -1,0 +1,108 @@
+"""Feature embedding: turns a patch of feature maps ``(N, C, p, p, p)`` into a vector ``(N, E)``.
+
+Methods: ``flatten`` (all values), ``avg``/``max`` (pooled per channel), ``adaptive`` (adaptive
+average pooling to ``adaptive_size``³ cells), ``mlp`` (flatten, then a learned projection to
+``output_dim``, fitted by reconstruction before the autoencoder is trained).
+Vectors are standardised with per-dimension statistics of the normal training set.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomaly3d_core.config import EmbeddingConfig
+
+METHODS = ("flatten", "avg", "max", "adaptive", "mlp")
+
+
+class FeatureEmbedding(nn.Module):
+    def __init__(
+        self,
+        input_channels: int,
+        patch_size: tuple[int, int, int] | int = (8, 8, 8),
+        embedding_method: str = "flatten",
+        mlp_hidden_dims: list[int] | None = None,
+        output_dim: int = 64,
+        adaptive_size: int = 2,
+    ) -> None:
+        super().__init__()
+        if embedding_method not in METHODS:
+            from anomaly3d_core.errors import ConfigError, did_you_mean
+
+            raise ConfigError("embedding.embedding_method: " + did_you_mean(embedding_method, METHODS, "method"))
+        self.input_channels = int(input_channels)
+        self.patch_size = tuple(patch_size) if not isinstance(patch_size, int) else (patch_size,) * 3
+        self.method = embedding_method
+        self.adaptive_size = tuple(min(adaptive_size, p) for p in self.patch_size)
+        flat = self.input_channels * int(torch.tensor(self.patch_size).prod())
+        self.projection: nn.Module | None = None
+        if embedding_method == "mlp":
+            from anomaly3d_plugins.autoencoders.standard import mlp
+
+            dims = [flat, *(mlp_hidden_dims or []), output_dim]
+            self.projection = mlp(dims)
+            self.reconstruction = mlp(dims[::-1])
+        self.register_buffer("mean", torch.zeros(self.output_dim))
+        self.register_buffer("std", torch.ones(self.output_dim))
+
+    @classmethod
+    def from_config(cls, config: EmbeddingConfig, input_channels: int, patch_size: tuple[int, int, int]) -> FeatureEmbedding:
+        return cls(input_channels, patch_size, config.embedding_method, config.mlp_hidden_dims, config.output_dim, config.adaptive_size)
+
+    @property
+    def output_dim(self) -> int:
+        c, p = self.input_channels, self.patch_size
+        if self.method in ("avg", "max"):
+            return c
+        if self.method == "adaptive":
+            return c * self.adaptive_size[0] * self.adaptive_size[1] * self.adaptive_size[2]
+        if self.method == "mlp":
+            return self.projection[-1].out_features  # type: ignore[index]
+        return c * p[0] * p[1] * p[2]
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int, int] | None:
+        """Layout of the vector as ``(C, d, h, w)`` when it keeps one (for coarse noise)."""
+        if self.method == "flatten":
+            return (self.input_channels, *self.patch_size)  # type: ignore[return-value]
+        if self.method == "adaptive":
+            return (self.input_channels, *self.adaptive_size)  # type: ignore[return-value]
+        return None
+
+    def raw(self, patches: torch.Tensor) -> torch.Tensor:
+        """Unstandardised vectors."""
+        n = patches.shape[0]
+        if self.method == "avg":
+            return patches.mean(dim=(2, 3, 4))
+        if self.method == "max":
+            return patches.amax(dim=(2, 3, 4))
+        if self.method == "adaptive":
+            return F.adaptive_avg_pool3d(patches, self.adaptive_size).reshape(n, -1)
+        flat = patches.reshape(n, -1)
+        return flat if self.projection is None else self.projection(flat)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return (self.raw(patches) - self.mean) / self.std
+
+    def fit(self, patches: torch.Tensor, epochs: int = 20, batch_size: int = 512, lr: float = 1e-3, seed: int = 0) -> FeatureEmbedding:
+        """Fit the MLP projection (if any) by reconstruction, then the standardisation."""
+        if self.projection is not None:
+            gen = torch.Generator().manual_seed(seed)
+            opt = torch.optim.Adam([*self.projection.parameters(), *self.reconstruction.parameters()], lr=lr)
+            flat = patches.reshape(patches.shape[0], -1)
+            mu, sd = flat.mean(dim=0), flat.std(dim=0).clamp_min(1e-6)
+            for _ in range(epochs):
+                for idx in torch.randperm(flat.shape[0], generator=gen).split(batch_size):
+                    x = flat[idx]
+                    loss = F.mse_loss((self.reconstruction(self.projection(x)) - mu) / sd, (x - mu) / sd)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            self.projection.requires_grad_(False)
+        with torch.no_grad():
+            vectors = torch.cat([self.raw(chunk) for chunk in patches.split(4096)])
+        self.mean.copy_(vectors.mean(dim=0))
+        self.std.copy_(vectors.std(dim=0).clamp_min(1e-3 * float(vectors.std()) + 1e-8))
+        return self

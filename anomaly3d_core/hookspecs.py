@@ -1,0 +1,51 @@
+"""Hook specifications of the ``anomaly3d`` plugin host.
+
+A plugin is a module (or object) registered under the ``anomaly3d`` entry-point group that
+implements one or more of these hooks with :data:`hookimpl`. Each hook returns a list of
+component classes; every class carries a unique ``name`` within its family.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from anomaly3d_core.interfaces import Autoencoder, FeatureExtractor, ThresholdMethod, VolumeLoader
+
+PROJECT = "anomaly3d"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def anomaly3d_register_extractors() -> list[type[FeatureExtractor]]:
+    """Return feature-extractor classes (subclasses of ``interfaces.FeatureExtractor``).
+
+    Each maps a ``(B, 1, D, H, W)`` volume to named feature maps; ``identity`` returns the input.
+    """
+
+
+@hookspec
+def anomaly3d_register_autoencoders() -> list[type[Autoencoder]]:
+    """Return autoencoder classes (subclasses of ``interfaces.Autoencoder``).
+
+    Each reconstructs embedding vectors of shape ``(N, input_dim)`` and scores them.
+    """
+
+
+@hookspec
+def anomaly3d_register_thresholds() -> list[type[ThresholdMethod]]:
+    """Return threshold-method classes (subclasses of ``interfaces.ThresholdMethod``).
+
+    Each is fitted on anomaly scores (normal-only or a score map) and exposes ``threshold_``.
+    """
+
+
+@hookspec
+def anomaly3d_register_loaders() -> list[type[VolumeLoader]]:
+    """Return volume-loader classes (subclasses of ``interfaces.VolumeLoader``).
+
+    Each reads one file format (or a DICOM folder) into a ``Volume`` with its geometry.
+    """

@@ -1,0 +1,168 @@
+"""The scoring network: extractor -> fused feature map -> patch embedding -> autoencoder.
+
+Scoring is dense and vectorised: the feature map is unfolded into every patch position on a
+strided grid (a view, no copy), slabs of positions go through the embedding and autoencoder
+as one batch, and the per-patch errors are spread back onto voxels with a Gaussian-weighted
+transposed convolution (overlapping windows blended, no Python loop over patches).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anomaly3d_core.embedding import FeatureEmbedding
+from anomaly3d_core.errors import ConfigError
+from anomaly3d_core.interfaces import Autoencoder, FeatureExtractor
+
+
+def gaussian_kernel(size: tuple[int, int, int], sigma_scale: float = 0.25) -> torch.Tensor:
+    """Separable Gaussian window, ``sigma = size * sigma_scale``, peak 1."""
+    axes = []
+    for n in size:
+        x = torch.arange(n, dtype=torch.float32) - (n - 1) / 2
+        axes.append(torch.exp(-0.5 * (x / max(n * sigma_scale, 1e-3)) ** 2))
+    k = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return k / k.max()
+
+
+class AnomalyNet(nn.Module):
+    """Holds the three learned parts and the patch geometry that ties them together."""
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        layers: list[str],
+        embedding: FeatureEmbedding,
+        autoencoder: Autoencoder,
+        patch_size: tuple[int, int, int],
+        stride: tuple[int, int, int],
+    ) -> None:
+        super().__init__()
+        self.extractor = extractor.requires_grad_(False).eval()
+        self.layers = list(layers)
+        self.embedding = embedding
+        self.autoencoder = autoencoder
+        self.feature_stride = min(extractor.layer_strides[name] for name in self.layers)
+        self.patch_size = patch_size  # voxels
+        self.stride = stride
+        self.patch_f = feature_units(patch_size, self.feature_stride)
+        self.stride_f = feature_units(stride, self.feature_stride)
+
+    @staticmethod
+    def check_layers(extractor: FeatureExtractor, layers: list[str] | None) -> list[str]:
+        chosen = list(layers or extractor.default_layers)
+        unknown = [name for name in chosen if name not in extractor.layer_channels]
+        if unknown:
+            from anomaly3d_core.errors import did_you_mean
+
+            raise ConfigError("extractor.layers: " + did_you_mean(unknown[0], extractor.layer_channels, "layer"))
+        return chosen
+
+    @staticmethod
+    def load_checkpoint(extractor: FeatureExtractor, path: str | Path) -> None:
+        """Load weights (e.g. MedicalNet ``state_dict``, ``module.`` prefixes allowed) into ``extractor``."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"extractor.checkpoint: file not found: {p}")
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        own = extractor.state_dict()
+        usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not usable:
+            raise ConfigError(f"extractor.checkpoint: {p} has no weights matching '{extractor.name}' (keys like {next(iter(state), '?')})")
+        extractor.load_state_dict(usable, strict=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Fused feature map ``(B, C, D/s, H/s, W/s)`` of the selected layers at the finest stride ``s``."""
+        maps = self.extractor(x, self.layers)
+        target = tuple(math.ceil(n / self.feature_stride) for n in x.shape[2:])
+        fused = [m if tuple(m.shape[2:]) == target else F.interpolate(m, size=target, mode="trilinear", align_corners=False) for m in (maps[name] for name in self.layers)]
+        return torch.cat(fused, dim=1) if len(fused) > 1 else fused[0]
+
+    def grid_patches(self, feat: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """All patches on the strided grid as a view ``(n0, n1, n2, C, p, p, p)``; pads so the grid covers the map."""
+        p, s = self.patch_f, self.stride_f
+        pads = []
+        for n, pk, sk in zip(feat.shape[2:], p, s, strict=True):
+            covered = max(n, pk)
+            extra = (-(covered - pk)) % sk + (covered - n)
+            pads.append(extra)
+        if any(pads):
+            feat = F.pad(feat, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
+        view = feat[0].unfold(1, p[0], s[0]).unfold(2, p[1], s[1]).unfold(3, p[2], s[2])
+        grid = tuple(view.shape[1:4])
+        return view.permute(1, 2, 3, 0, 4, 5, 6), grid  # type: ignore[return-value]
+
+    def score_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        vectors = self.embedding(patches)
+        return self.autoencoder.anomaly_score(vectors, self.autoencoder(vectors))
+
+    @torch.no_grad()
+    def score_grid(self, x: torch.Tensor, max_batch: int = 16384, amp: bool = False) -> torch.Tensor:
+        """Per-patch scores on the grid, ``(n0, n1, n2)``."""
+        with torch.autocast(x.device.type, enabled=amp and x.device.type == "cuda"):
+            feat = self.features(x)
+        view, grid = self.grid_patches(feat.float())
+        per_slab = max(1, max_batch // (grid[1] * grid[2]))
+        out = []
+        for start in range(0, grid[0], per_slab):
+            slab = view[start : start + per_slab]
+            flat = slab.reshape(-1, *slab.shape[3:])
+            with torch.autocast(x.device.type, enabled=amp and x.device.type == "cuda"):
+                out.append(self.score_patches(flat).float().reshape(slab.shape[:3]))
+        return torch.cat(out)
+
+    def blend(self, grid_scores: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """Spread per-patch scores onto voxels with Gaussian weights; returns ``shape``."""
+        size = tuple(pf * self.feature_stride for pf in self.patch_f)
+        step = tuple(sf * self.feature_stride for sf in self.stride_f)
+        kernel = gaussian_kernel(size).to(grid_scores.device)[None, None]
+        num = F.conv_transpose3d(grid_scores[None, None], kernel, stride=step)
+        den = F.conv_transpose3d(torch.ones_like(grid_scores)[None, None], kernel, stride=step)
+        out = num / den.clamp_min(1e-6)
+        pads = [max(0, t - o) for t, o in zip(shape, out.shape[2:], strict=True)]
+        if any(pads):
+            out = F.pad(out, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
+        return out[0, 0, : shape[0], : shape[1], : shape[2]]
+
+    @torch.no_grad()
+    def score_map(self, array: np.ndarray, device: torch.device, amp: bool = False) -> np.ndarray:
+        """Dense voxel score map of a preprocessed array, same shape."""
+        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
+        grid = self.score_grid(x, amp=amp)
+        return self.blend(grid, tuple(array.shape)).cpu().numpy()
+
+    @torch.no_grad()
+    def sample_patches(
+        self, array: np.ndarray, mask: np.ndarray, max_patches: int, min_foreground: float, strategy: str, generator: torch.Generator, device: torch.device
+    ) -> torch.Tensor:
+        """Training patches ``(n, C, p, p, p)`` from one preprocessed volume, mostly inside the foreground."""
+        x = torch.from_numpy(array)[None, None].to(device)
+        view, grid = self.grid_patches(self.features(x).float())
+        size = tuple(pf * self.feature_stride for pf in self.patch_f)
+        step = tuple(sf * self.feature_stride for sf in self.stride_f)
+        fg = torch.from_numpy(mask.astype(np.float32))[None, None]
+        need = [g * st + sz - 1 - n + 1 for g, st, sz, n in zip(grid, step, size, mask.shape, strict=True)]
+        fg = F.pad(fg, (0, max(0, need[2]), 0, max(0, need[1]), 0, max(0, need[0])))
+        frac = F.avg_pool3d(fg, size, stride=step)[0, 0, : grid[0], : grid[1], : grid[2]]
+        candidates = torch.nonzero(frac.flatten() >= min_foreground).flatten()
+        if candidates.numel() == 0:
+            candidates = torch.arange(frac.numel())
+        if candidates.numel() > max_patches:
+            if strategy == "uniform":
+                candidates = candidates[torch.linspace(0, candidates.numel() - 1, max_patches).long()]
+            else:
+                candidates = candidates[torch.randperm(candidates.numel(), generator=generator)[:max_patches]]
+        flat = view.reshape(-1, *view.shape[3:])
+        return flat[candidates.to(flat.device)].cpu().clone()
+
+
+def feature_units(voxels: tuple[int, int, int], stride: int) -> tuple[int, int, int]:
+    return tuple(max(1, round(v / stride)) for v in voxels)  # type: ignore[return-value]

@@ -1,0 +1,392 @@
+"""``AnomalyDetectionPipeline``: fit on normal scans, then score, threshold, evaluate, save and load.
+
+The pipeline composes the parts (preprocessing, network, training loop, thresholds); it does
+not implement them. Fitted state ends in ``_`` as in scikit-learn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from anomaly3d_core.augmentation import augment_from_config
+from anomaly3d_core.config import PipelineConfig, build_config
+from anomaly3d_core.data import BatchFailures, VolumeLike, as_volume, load_volumes
+from anomaly3d_core.embedding import FeatureEmbedding
+from anomaly3d_core.errors import Anomaly3DError, DataError
+from anomaly3d_core.network import AnomalyNet, feature_units
+from anomaly3d_core.preprocessing import Prepared, Preprocessor
+from anomaly3d_core.thresholding import make_threshold, postprocess_mask, volume_score
+from anomaly3d_core.training import EpochCallback, resolve_device, seed_everything, train_autoencoder
+from anomaly3d_core.volume import Volume
+
+log = logging.getLogger(__name__)
+STATE_FILE, WEIGHTS_FILE, CONFIG_FILE = "state.json", "weights.pt", "config.yaml"
+
+
+@dataclass
+class ScoreResult:
+    """One scored scan; ``score_map`` and ``mask`` lie on the input's own grid."""
+
+    volume: Volume
+    score_map: np.ndarray
+    mask: np.ndarray
+    volume_score: float
+    is_anomalous: bool
+    threshold: float
+    prepared: Prepared | None = None
+    prepared_scores: np.ndarray | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _seed_sections(
+    feature_extractor_config: Mapping | None,
+    embedding_config: Mapping | None,
+    autoencoder_config: Mapping | None,
+    patch_config: Mapping | None,
+    training_config: Mapping | None,
+    threshold_config: Mapping | None,
+    preprocessing_config: Mapping | None,
+) -> dict[str, Any]:
+    """Map the seed's per-component dicts onto config sections."""
+    tree: dict[str, Any] = {}
+    if feature_extractor_config:
+        fx = dict(feature_extractor_config)
+        tree["extractor"] = {"type": fx.pop("type", "simple"), "args": fx.pop("args", {}), **fx}
+    if embedding_config:
+        tree["embedding"] = dict(embedding_config)
+    if autoencoder_config:
+        ae = dict(autoencoder_config)
+        tree["autoencoder"] = {"type": ae.pop("type", "standard"), "args": ae.pop("args", {}), **ae}
+    if patch_config:
+        tree["patches"] = dict(patch_config)
+    if training_config:
+        tree["training"] = dict(training_config)
+    if threshold_config:
+        th = dict(threshold_config)
+        tree["threshold"] = {"type": th.pop("type", th.pop("method", "percentile")), "args": th.pop("args", {}), **th}
+    if preprocessing_config:
+        tree["data"] = {"preprocessing": dict(preprocessing_config)}
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "args" else value
+    return out
+
+
+class AnomalyDetectionPipeline:
+    """Unsupervised voxel-wise anomaly detection for 3D scans.
+
+    ``config`` is a :class:`PipelineConfig`, a nested dict or a YAML path; the seed's
+    per-component dicts (``feature_extractor_config={'type': 'resnet18', 'args': {...}}`` and
+    the others) are merged on top.
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig | Mapping[str, Any] | str | Path | None = None,
+        *,
+        feature_extractor_config: Mapping | None = None,
+        embedding_config: Mapping | None = None,
+        autoencoder_config: Mapping | None = None,
+        patch_config: Mapping | None = None,
+        training_config: Mapping | None = None,
+        threshold_config: Mapping | None = None,
+        preprocessing_config: Mapping | None = None,
+        device: str | None = None,
+        registry: Any = None,
+    ) -> None:
+        if isinstance(config, str | Path):
+            from anomaly3d_core.config import load_config
+
+            config = load_config(config, registry=registry)
+        tree = config.model_dump(mode="json") if isinstance(config, PipelineConfig) else dict(config or {})
+        seed = _seed_sections(feature_extractor_config, embedding_config, autoencoder_config, patch_config, training_config, threshold_config, preprocessing_config)
+        self.config = build_config(_merge(tree, seed), registry=registry)
+        self.registry = registry
+        self.device = resolve_device(device or self.config.training.device)
+        self.preprocessor = Preprocessor(self.config.data.preprocessing)
+
+    # ---------------------------------------------------------------- building
+    def _registry(self) -> Any:
+        if self.registry is None:
+            from anomaly3d_core.registry import get_registry
+
+            self.registry = get_registry()
+        return self.registry
+
+    def build_network(self) -> AnomalyNet:
+        """A fresh, untrained network for this config."""
+        cfg, reg = self.config, self._registry()
+        extractor = reg.get("extractors", cfg.extractor.type)(cfg.extractor.args)
+        if cfg.extractor.checkpoint:
+            AnomalyNet.load_checkpoint(extractor, cfg.extractor.checkpoint)
+        layers = AnomalyNet.check_layers(extractor, cfg.extractor.layers)
+        channels = sum(extractor.layer_channels[name] for name in layers)
+        stride = min(extractor.layer_strides[name] for name in layers)
+        embedding = FeatureEmbedding.from_config(cfg.embedding, channels, feature_units(cfg.patches.patch_size, stride))
+        try:
+            autoencoder = reg.get("autoencoders", cfg.autoencoder.type)(embedding.output_dim, cfg.autoencoder.args)
+        except ValueError as exc:
+            raise Anomaly3DError(str(exc)) from None
+        if hasattr(autoencoder, "spatial_shape"):
+            autoencoder.spatial_shape = embedding.spatial_shape
+        return AnomalyNet(extractor, layers, embedding, autoencoder, cfg.patches.patch_size, cfg.patches.stride)
+
+    def prepare(self, item: VolumeLike, mask: np.ndarray | None = None) -> Prepared:
+        """Load (if needed) and preprocess one scan."""
+        return self.preprocessor(as_volume(item, self.config.data.loader, self.registry), mask)
+
+    # ---------------------------------------------------------------- fitting
+    def fit(
+        self,
+        volumes: Sequence[VolumeLike],
+        val_volumes: Sequence[VolumeLike] | None = None,
+        callbacks: Sequence[EpochCallback] = (),
+        show_progress: bool | None = None,
+    ) -> AnomalyDetectionPipeline:
+        """Train on scans of normal subjects; bad files are skipped and listed in ``failures_``."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        gen = seed_everything(cfg.training.seed)
+        self.failures_ = BatchFailures()
+        train = self._prepare_all(volumes)
+        val = self._prepare_all(val_volumes) if val_volumes else []
+        if not train:
+            raise DataError(None, "no usable training volumes" + (f":\n{self.failures_.report()}" if self.failures_ else ""))
+        if not val:
+            train, val = self._split(train, gen)
+        if cfg.data.augmentation.enabled:
+            train = train + self._augmented(train)
+        self.model_ = self.build_network().to(self.device)
+        patches = self._collect(train, gen)
+        val_patches = self._collect(val, gen)
+        self.model_.embedding.fit(patches.float(), seed=cfg.training.seed)
+        train_vec, val_vec = self._embed(patches), self._embed(val_patches)
+        t = cfg.training
+        self.history_ = train_autoencoder(
+            self.model_.autoencoder, train_vec, val_vec, num_epochs=t.num_epochs, learning_rate=t.learning_rate,
+            batch_size=t.batch_size, weight_decay=t.weight_decay, optimizer=t.optimizer, scheduler_type=t.scheduler_type,
+            step_size=t.step_size, gamma=t.gamma, grad_clip=t.grad_clip, early_stopping_patience=t.early_stopping_patience,
+            use_amp=t.use_amp, device=self.device, seed=t.seed, checkpoint_dir=t.checkpoint_dir, resume=t.resume,
+            callbacks=callbacks, show_progress=show_progress,
+        )
+        self.model_.eval()
+        self.calibrate(val)
+        self.n_train_volumes_, self.n_val_volumes_ = len(train), len(val)
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def _prepare_all(self, items: Sequence[VolumeLike] | None) -> list[Prepared]:
+        out = []
+        for item in items or []:
+            try:
+                out.append(self.prepare(item))
+            except DataError as exc:
+                self.failures_.add(exc)
+        return out
+
+    def _split(self, prepared: list[Prepared], gen: torch.Generator) -> tuple[list[Prepared], list[Prepared]]:
+        n_val = int(round(len(prepared) * self.config.training.val_fraction))
+        if len(prepared) < 3 or n_val == 0:
+            log.warning("only %d training volumes: calibrating thresholds on the training volumes themselves", len(prepared))
+            return prepared, prepared
+        order = torch.randperm(len(prepared), generator=gen).tolist()
+        return [prepared[i] for i in order[n_val:]], [prepared[i] for i in order[:n_val]]
+
+    def _augmented(self, prepared: list[Prepared]) -> list[Prepared]:
+        aug = self.config.data.augmentation
+        rng = np.random.default_rng(aug.seed)
+        out = []
+        for prep in prepared:
+            for _ in range(aug.copies):
+                array = augment_from_config(prep.array, aug, rng)
+                out.append(Prepared(array, prep.mask, prep.affine, prep.record, prep.source))
+        return out
+
+    def _collect(self, prepared: list[Prepared], gen: torch.Generator) -> torch.Tensor:
+        p = self.config.patches
+        chunks = [
+            self.model_.sample_patches(prep.array, prep.mask, p.max_patches, p.min_foreground, p.sampling_strategy, gen, self.device)
+            for prep in prepared
+        ]
+        return torch.cat(chunks)
+
+    def _embed(self, patches: torch.Tensor) -> torch.Tensor:
+        emb = self.model_.embedding.to(self.device)
+        with torch.no_grad():
+            return torch.cat([emb(chunk.to(self.device).float()).cpu() for chunk in patches.split(8192)])
+
+    # ---------------------------------------------------------------- calibration
+    def calibrate(self, normal: Sequence[Prepared | VolumeLike]) -> AnomalyDetectionPipeline:
+        """Fit the voxel and volume thresholds and the score statistics on held-out normal scans."""
+        self._check_fitted("calibrate")
+        cfg = self.config.threshold
+        prepared = [n if isinstance(n, Prepared) else self.prepare(n) for n in normal]
+        maps = [self._prepared_scores(p) for p in prepared]
+        voxels = np.concatenate([m[p.mask] for m, p in zip(maps, prepared, strict=True)]).astype(np.float64)
+        self.score_stats_ = {"mean": float(voxels.mean()), "std": float(voxels.std() or 1.0)}
+        method = make_threshold(cfg.type, cfg.args, self._registry())
+        self.threshold_ = float(method.fit(voxels).threshold_)
+        self.normal_volume_scores_ = [volume_score(m, p.mask, cfg.volume.top_k_fraction) for m, p in zip(maps, prepared, strict=True)]
+        vol_method = make_threshold(cfg.volume.method.type, cfg.volume.method.args, self._registry())
+        self.volume_threshold_ = float(vol_method.fit(np.array(self.normal_volume_scores_)).threshold_)
+        return self
+
+    # ---------------------------------------------------------------- scoring
+    def _check_fitted(self, what: str) -> None:
+        if not hasattr(self, "model_"):
+            raise Anomaly3DError(f"pipeline is not fitted; call fit(volumes) or AnomalyDetectionPipeline.load(path) before {what}()")
+
+    def _prepared_scores(self, prep: Prepared) -> np.ndarray:
+        scores = self.model_.score_map(prep.array, self.device, amp=self.config.training.use_amp)
+        sigma = self.config.threshold.smoothing_sigma
+        if sigma > 0:
+            scores = ndimage.gaussian_filter(scores, sigma)
+        scores[~prep.mask] = 0.0
+        return scores
+
+    def score(self, item: VolumeLike) -> ScoreResult:
+        """Score one scan: score map, binary mask, volume score and decision, on the input's grid."""
+        self._check_fitted("score")
+        t0 = time.perf_counter()
+        prep = self.prepare(item)
+        scores = self._prepared_scores(prep)
+        cfg = self.config.threshold
+        threshold = self.threshold_
+        method = make_threshold(cfg.type, cfg.args, self._registry())
+        if method.calibration == "adaptive":
+            threshold = float(method.fit(scores[prep.mask]).threshold_)
+        mask = postprocess_mask(scores > threshold, cfg.postprocess, prep.mask, prep.spacing)
+        vscore = volume_score(scores, prep.mask, cfg.volume.top_k_fraction)
+        native_scores = Preprocessor.invert(scores, prep.record, order=1)
+        native_mask = Preprocessor.invert(mask.astype(np.float32), prep.record, order=0) > 0.5
+        return ScoreResult(
+            prep.source, native_scores, native_mask, vscore, bool(vscore > self.volume_threshold_), threshold,
+            prep, scores, time.perf_counter() - t0,
+        )
+
+    def score_map(self, item: VolumeLike) -> tuple[np.ndarray, dict[str, Any]]:
+        """Seed API: the voxel score map on the input's grid, and metadata."""
+        r = self.score(item)
+        meta = {"volume_score": r.volume_score, "is_anomalous": r.is_anomalous, "threshold": r.threshold,
+                "affine": r.volume.affine, "seconds": r.seconds, "preprocessed_shape": r.prepared.array.shape}
+        return r.score_map, meta
+
+    def predict(self, item: VolumeLike) -> np.ndarray:
+        """Seed API: the binary anomaly mask on the input's grid."""
+        return self.score(item).mask
+
+    def get_threshold(self) -> float:
+        self._check_fitted("get_threshold")
+        return self.threshold_
+
+    def normalized(self, scores: np.ndarray) -> np.ndarray:
+        """Scores as z-values against this model's normal-validation statistics (for ensembles)."""
+        return (scores - self.score_stats_["mean"]) / self.score_stats_["std"]
+
+    def evaluate(self, volumes: Sequence[VolumeLike], ground_truth: Sequence[np.ndarray | VolumeLike]) -> dict[str, Any]:
+        """Seed API: metrics against ground-truth masks (see :func:`evaluation.comprehensive_evaluation`)."""
+        from anomaly3d_core.evaluation import comprehensive_evaluation
+
+        results = [self.score(v) for v in volumes]
+        masks = [np.asarray(as_volume(g).array) > 0 if not isinstance(g, np.ndarray) else g > 0 for g in ground_truth]
+        return comprehensive_evaluation(masks, [r.score_map for r in results], self.threshold_,
+                                        volume_scores=[r.volume_score for r in results], volume_threshold=self.volume_threshold_)
+
+    # ---------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold_,
+            "volume_threshold": self.volume_threshold_,
+            "score_stats": self.score_stats_,
+            "normal_volume_scores": self.normal_volume_scores_,
+            "history": getattr(self, "history_", {}),
+        }
+
+    def save_files(self, path: str | Path) -> Path:
+        """Write config, weights and fitted state into ``path`` (a plain folder)."""
+        self._check_fitted("save")
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        self.config.save(out / CONFIG_FILE)
+        torch.save({k: v.cpu() for k, v in self.model_.state_dict().items()}, out / WEIGHTS_FILE)
+        (out / STATE_FILE).write_text(json.dumps(self.state_dict(), indent=2))
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Save as an MLflow pyfunc model folder (servable with ``mlflow models serve``)."""
+        from anomaly3d_core.serving import save_pyfunc
+
+        return save_pyfunc(self, path)
+
+    @classmethod
+    def load_files(cls, path: str | Path, device: str | None = None, registry: Any = None) -> AnomalyDetectionPipeline:
+        folder = Path(path)
+        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE) if not (folder / f).is_file()]
+        if missing:
+            raise Anomaly3DError(f"{folder}: not a saved anomaly3d model (missing {', '.join(missing)})")
+        pipe = cls(folder / CONFIG_FILE, device=device, registry=registry)
+        pipe.model_ = pipe.build_network()
+        pipe.model_.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        pipe.model_.to(pipe.device).eval()
+        state = json.loads((folder / STATE_FILE).read_text())
+        pipe.threshold_, pipe.volume_threshold_ = state["threshold"], state["volume_threshold"]
+        pipe.score_stats_, pipe.normal_volume_scores_ = state["score_stats"], state["normal_volume_scores"]
+        pipe.history_ = state.get("history", {})
+        return pipe
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None, registry: Any = None) -> AnomalyDetectionPipeline:
+        """Load a model saved by :meth:`save` (an MLflow model folder) or :meth:`save_files`."""
+        folder = Path(path)
+        if (folder / "MLmodel").is_file():
+            folder = folder / "artifacts" / "pipeline"
+        return cls.load_files(folder, device, registry)
+
+
+def create_simple_pipeline(
+    patch_size: tuple[int, int, int] = (8, 8, 8),
+    hidden_dims: Sequence[int] = (128, 64),
+    latent_dim: int = 32,
+    autoencoder_type: str = "standard",
+    **config: Any,
+) -> AnomalyDetectionPipeline:
+    """Seed API: raw-intensity patches (``identity`` extractor, ``flatten``) into an autoencoder."""
+    tree = _merge({
+        "patches": {"patch_size": list(patch_size), "stride": [max(1, s // 2) for s in patch_size]},
+        "extractor": {"type": "identity"},
+        "embedding": {"embedding_method": "flatten"},
+        "autoencoder": {"type": autoencoder_type, "args": {"hidden_dims": list(hidden_dims), "latent_dim": latent_dim}},
+    }, config)
+    return AnomalyDetectionPipeline(tree)
+
+
+def create_resnet_pipeline(
+    patch_size: tuple[int, int, int] = (8, 8, 8),
+    autoencoder_type: str = "standard",
+    model_type: str = "resnet18",
+    layers: Sequence[str] = ("layer1", "layer2"),
+    **config: Any,
+) -> AnomalyDetectionPipeline:
+    """Seed API: 3D ResNet features, pooled per patch, into an autoencoder."""
+    tree = _merge({
+        "patches": {"patch_size": list(patch_size), "stride": [max(1, s // 2) for s in patch_size]},
+        "extractor": {"type": model_type, "layers": list(layers)},
+        "embedding": {"embedding_method": "avg"},
+        "autoencoder": {"type": autoencoder_type},
+    }, config)
+    return AnomalyDetectionPipeline(tree)

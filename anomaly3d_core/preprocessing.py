@@ -1,0 +1,202 @@
+"""Preprocessing with an exact record of every step, so results map back to the input's grid.
+
+Steps, each optional: reorient to RAS+ -> resample (spacing or shape) -> foreground mask ->
+intensity normalisation inside the foreground -> crop to the foreground (+ margin) -> pad to
+a multiple the network needs. :meth:`Preprocessor.invert` undoes them in reverse order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel import orientations as ornt
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+from anomaly3d_core.config import PreprocessingConfig
+from anomaly3d_core.errors import DataError
+from anomaly3d_core.volume import Volume
+
+
+@dataclass
+class PreprocessRecord:
+    """What :meth:`Preprocessor.invert` needs to go back to the native grid."""
+
+    original_shape: tuple[int, int, int]
+    original_affine: list[list[float]]
+    to_canonical: list[list[float]]
+    canonical_shape: tuple[int, int, int]
+    resampled_shape: tuple[int, int, int]
+    crop_start: tuple[int, int, int]
+    crop_stop: tuple[int, int, int]
+    pad_before: tuple[int, int, int]
+    pad_after: tuple[int, int, int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Prepared:
+    """A preprocessed volume: network-ready array, foreground mask, grid affine and the record."""
+
+    array: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+    record: PreprocessRecord
+    source: Volume
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+
+def resize(array: np.ndarray, shape: tuple[int, ...], order: int = 1) -> np.ndarray:
+    """Resample to ``shape``: trilinear (``order=1``) for images, nearest (``order=0``) for masks.
+
+    Voxel centres are mapped with ``align_corners=False``, matching :func:`resized_affine`.
+    """
+    if tuple(array.shape) == tuple(shape):
+        return array
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    if order == 0:
+        out = F.interpolate(t, size=tuple(shape), mode="nearest-exact")
+    else:
+        out = F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)
+    return out[0, 0].numpy()
+
+
+def resized_affine(affine: np.ndarray, old_shape: tuple[int, ...], new_shape: tuple[int, ...]) -> np.ndarray:
+    scale = np.asarray(old_shape, dtype=np.float64) / np.asarray(new_shape, dtype=np.float64)
+    step = np.eye(4)
+    step[:3, :3] = np.diag(scale)
+    step[:3, 3] = (scale - 1.0) / 2.0
+    return affine @ step
+
+
+def foreground_mask(array: np.ndarray, method: str) -> np.ndarray:
+    if method == "none":
+        return np.ones(array.shape, dtype=bool)
+    if method == "otsu":
+        mask = array > threshold_otsu(array)
+        return ndimage.binary_fill_holes(mask)
+    # "nonzero" tolerates the tiny values that resampling leaves next to an exact-zero background
+    return np.abs(array) > 1e-6 * float(np.abs(array).max())
+
+
+def normalize(array: np.ndarray, mask: np.ndarray, method: str, clip: tuple[float, float] | None) -> np.ndarray:
+    """Normalise with statistics taken inside ``mask``; the background gets the lowest value."""
+    values = array[mask]
+    out = array.astype(np.float32, copy=True)
+    if clip is not None:
+        lo, hi = np.percentile(values, clip)
+        out = np.clip(out, lo, hi)
+        values = np.clip(values, lo, hi)
+    if method == "z_score":
+        std = float(values.std())
+        out = (out - float(values.mean())) / (std if std > 0 else 1.0)
+    elif method == "min_max":
+        lo, hi = float(values.min()), float(values.max())
+        out = (out - lo) / ((hi - lo) or 1.0)
+    elif method == "percentile":
+        lo, hi = np.percentile(values, clip or (1.0, 99.0))
+        out = np.clip((out - lo) / ((hi - lo) or 1.0), 0.0, 1.0)
+    if method != "none":
+        out[~mask] = out[mask].min()
+    return out.astype(np.float32)
+
+
+class Preprocessor:
+    """Applies a :class:`PreprocessingConfig` to volumes and inverts it on score maps."""
+
+    def __init__(self, config: PreprocessingConfig | None = None) -> None:
+        self.config = config or PreprocessingConfig()
+
+    def __call__(self, volume: Volume, mask: np.ndarray | None = None) -> Prepared:
+        """Preprocess ``volume``; an optional ``mask`` (e.g. ground truth) is carried along on the same grid."""
+        cfg = self.config
+        arr, affine = np.asarray(volume.array, dtype=np.float32), volume.affine
+        if mask is not None and tuple(mask.shape) != tuple(arr.shape):
+            raise DataError(volume.path, f"mask grid {tuple(mask.shape)} differs from the scan's {tuple(arr.shape)}")
+        transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS")) if cfg.reorient else None
+        if transform is None or np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+            transform = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+        else:
+            affine = affine @ ornt.inv_ornt_aff(transform, arr.shape)
+            arr = np.ascontiguousarray(ornt.apply_orientation(arr, transform))
+            mask = None if mask is None else np.ascontiguousarray(ornt.apply_orientation(mask, transform))
+        canonical_shape = arr.shape
+        new_shape = self._target_shape(arr.shape, affine)
+        if new_shape != canonical_shape:
+            affine = resized_affine(affine, canonical_shape, new_shape)
+            arr = resize(arr, new_shape, order=1)
+            mask = None if mask is None else resize(mask.astype(np.float32), new_shape, order=0) > 0.5
+        fg = foreground_mask(arr, cfg.foreground)
+        if not fg.any():
+            raise DataError(volume.path, f"no foreground found with method '{cfg.foreground}'")
+        arr = normalize(arr, fg, cfg.normalize_method, cfg.clip_percentile)
+        start, stop = (0, 0, 0), arr.shape
+        if cfg.crop_foreground:
+            idx = np.argwhere(fg)
+            start = tuple(int(max(0, v - cfg.crop_margin)) for v in idx.min(axis=0))
+            stop = tuple(int(min(s, v + 1 + cfg.crop_margin)) for v, s in zip(idx.max(axis=0), arr.shape, strict=True))
+            sl = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+            arr, fg = arr[sl], fg[sl]
+            mask = None if mask is None else mask[sl]
+            shift = np.eye(4)
+            shift[:3, 3] = start
+            affine = affine @ shift
+        size = np.array(arr.shape)
+        total = (-size) % cfg.pad_multiple
+        before, after = tuple(int(v) for v in total // 2), tuple(int(v) for v in total - total // 2)
+        if total.any():
+            widths = list(zip(before, after, strict=True))
+            arr = np.pad(arr, widths, constant_values=float(arr[fg].min()) if cfg.normalize_method != "none" else 0.0)
+            fg = np.pad(fg, widths)
+            mask = None if mask is None else np.pad(mask, widths)
+            shift = np.eye(4)
+            shift[:3, 3] = -np.array(before)
+            affine = affine @ shift
+        record = PreprocessRecord(
+            original_shape=tuple(int(s) for s in volume.array.shape),
+            original_affine=volume.affine.tolist(),
+            to_canonical=np.asarray(transform).tolist(),
+            canonical_shape=tuple(int(s) for s in canonical_shape),
+            resampled_shape=tuple(int(s) for s in new_shape),
+            crop_start=start,
+            crop_stop=tuple(int(s) for s in stop),
+            pad_before=before,
+            pad_after=after,
+        )
+        prepared = Prepared(np.ascontiguousarray(arr, dtype=np.float32), fg, affine, record, volume)
+        prepared.target = mask  # type: ignore[attr-defined]
+        return prepared
+
+    def _target_shape(self, shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, int, int]:
+        cfg = self.config
+        if cfg.target_shape is not None:
+            return tuple(cfg.target_shape)  # type: ignore[return-value]
+        if cfg.target_spacing is None:
+            return tuple(shape)  # type: ignore[return-value]
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, cfg.target_spacing, strict=True))  # type: ignore[return-value]
+
+    @staticmethod
+    def invert(array: np.ndarray, record: PreprocessRecord, order: int = 1, fill: float = 0.0) -> np.ndarray:
+        """Map an array on the preprocessed grid back onto the original scan's grid."""
+        arr = np.asarray(array, dtype=np.float32)
+        stop = [s - a for s, a in zip(arr.shape, record.pad_after, strict=True)]
+        arr = arr[tuple(slice(b, e) for b, e in zip(record.pad_before, stop, strict=True))]
+        full = np.full(record.resampled_shape, fill, dtype=np.float32)
+        full[tuple(slice(a, b) for a, b in zip(record.crop_start, record.crop_stop, strict=True))] = arr
+        full = resize(full, record.canonical_shape, order=order)
+        back = ornt.ornt_transform(ornt.axcodes2ornt("RAS"), ornt.io_orientation(np.asarray(record.original_affine)))
+        transform = np.asarray(record.to_canonical)
+        if not np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+            full = ornt.apply_orientation(full, back)
+        assert tuple(full.shape) == tuple(record.original_shape), (full.shape, record.original_shape)
+        return np.ascontiguousarray(full)
+

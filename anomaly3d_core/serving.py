@@ -1,0 +1,165 @@
+"""The saved model is an MLflow pyfunc model, so ``mlflow models serve`` can score scans over HTTP.
+
+Request rows: ``{"volume": "<base64 of a .nii or .nii.gz file>"}``. Response rows:
+``volume_score``, ``is_anomalous``, ``threshold`` and ``score_map`` (base64 ``.nii.gz`` on the
+input's grid).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import importlib.metadata
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import nibabel as nib
+import numpy as np
+
+from anomaly3d_core.errors import Anomaly3DError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+
+import mlflow.pyfunc
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+# our predict() takes and returns DataFrames with an explicit signature; MLflow's type-hint nudge is noise
+warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+
+
+def encode_nifti(array: np.ndarray, affine: np.ndarray) -> str:
+    img = nib.Nifti1Image(np.asarray(array, dtype=np.float32), affine)
+    return base64.b64encode(gzip.compress(img.to_bytes(), compresslevel=4)).decode("ascii")
+
+
+def decode_nifti(text: str) -> nib.Nifti1Image:
+    """Decode a base64 ``.nii``/``.nii.gz``; raise ``ValueError`` with the reason on bad input."""
+    if not isinstance(text, str) or not text:
+        raise ValueError("'volume' must be a non-empty base64 string of a .nii or .nii.gz file")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("'volume' is not valid base64") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError):
+            raise ValueError("'volume' is a truncated or corrupt gzip stream") from None
+    try:
+        return nib.Nifti1Image.from_bytes(raw)
+    except Exception as exc:
+        raise ValueError(f"'volume' is not a NIfTI-1 file ({exc})") from None
+
+
+def _requirements(pipeline: AnomalyDetectionPipeline) -> list[str]:
+    """The project itself plus every third-party package whose plugins this model uses."""
+    reg = pipeline._registry()
+    cfg = pipeline.config
+    used = [("extractors", cfg.extractor.type), ("autoencoders", cfg.autoencoder.type), ("thresholds", cfg.threshold.type),
+            ("thresholds", cfg.threshold.volume.method.type)]
+    reqs = {f"anomaly3d=={importlib.metadata.version('anomaly3d')}"}
+    for family, name in used:
+        info = reg.info(family, name)
+        if info.package != "anomaly3d":
+            reqs.add(f"{info.package}=={info.version}")
+    return sorted(reqs)
+
+
+class Anomaly3DModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper around a saved :class:`AnomalyDetectionPipeline`."""
+
+    def load_context(self, context: Any) -> None:
+        from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+
+        self.pipeline = AnomalyDetectionPipeline.load_files(context.artifacts["pipeline"])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        import pandas as pd
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from anomaly3d_core.errors import DataError
+        from anomaly3d_core.io import check_volume
+        from anomaly3d_core.volume import Volume
+
+        if "volume" not in getattr(model_input, "columns", []):
+            raise MlflowException("request rows need a 'volume' field (base64 .nii/.nii.gz)", error_code=INVALID_PARAMETER_VALUE)
+        rows = []
+        for i, text in enumerate(model_input["volume"]):
+            try:
+                img = decode_nifti(text)
+                volume = check_volume(Volume(np.asanyarray(img.dataobj), img.affine, f"row {i}"))
+                result = self.pipeline.score(volume)
+            except (ValueError, DataError) as exc:
+                raise MlflowException(f"row {i}: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
+            rows.append({
+                "volume_score": float(result.volume_score),
+                "is_anomalous": bool(result.is_anomalous),
+                "threshold": float(result.threshold),
+                "score_map": encode_nifti(result.score_map, volume.affine),
+            })
+        return pd.DataFrame(rows, columns=["volume_score", "is_anomalous", "threshold", "score_map"])
+
+
+def example_volume_b64(shape: tuple[int, int, int] = (24, 24, 24)) -> str:
+    """A small synthetic scan, base64 ``.nii.gz``, used as the model's input example."""
+    rng = np.random.default_rng(0)
+    arr = np.zeros(shape, dtype=np.float32)
+    arr[4:-4, 4:-4, 4:-4] = 1.0 + 0.1 * rng.standard_normal(tuple(s - 8 for s in shape))
+    return encode_nifti(arr, np.diag([2.0, 2.0, 2.0, 1.0]))
+
+
+def signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "volume")]),
+        outputs=Schema([ColSpec("double", "volume_score"), ColSpec("boolean", "is_anomalous"),
+                        ColSpec("double", "threshold"), ColSpec("string", "score_map")]),
+    )
+
+
+def save_pyfunc(pipeline: AnomalyDetectionPipeline, path: str | Path) -> Path:
+    """Write ``pipeline`` as an MLflow model folder at ``path`` (replacing an older one)."""
+    import pandas as pd
+
+    out = Path(path)
+    if out.exists():
+        if not (out / "MLmodel").is_file() and any(out.iterdir()):
+            raise Anomaly3DError(f"{out}: exists and is not an anomaly3d model folder; choose an empty or new path")
+        shutil.rmtree(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = pipeline.save_files(Path(tmp) / "pipeline")
+        mlflow.pyfunc.save_model(
+            str(out), python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={"pipeline": str(files)}, signature=signature(),
+            input_example=pd.DataFrame({"volume": [example_volume_b64()]}), pip_requirements=_requirements(pipeline),
+        )
+    return out
+
+
+def log_pyfunc(pipeline: AnomalyDetectionPipeline, registered_model_name: str | None = None) -> Any:
+    """Log ``pipeline`` to the active MLflow run (and optionally register it)."""
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = pipeline.save_files(Path(tmp) / "pipeline")
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={"pipeline": str(files)}, signature=signature(),
+            input_example=pd.DataFrame({"volume": [example_volume_b64()]}), pip_requirements=_requirements(pipeline),
+            registered_model_name=registered_model_name,
+        )
+
+
+def read_bytes_b64(path: str | Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+

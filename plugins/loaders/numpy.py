@@ -1,0 +1,68 @@
+"""NumPy arrays (``.npy``, ``.npz``), with the affine from a sidecar when there is one.
+
+Sidecars, first found wins: ``<stem>.affine.npy`` (a 4x4 array), ``<stem>.json`` with an
+``"affine"`` key, or an ``affine`` array inside the ``.npz``. Without one the identity
+(1 mm isotropic) is used, and a warning says so.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from anomaly3d_core.errors import DataError
+from anomaly3d_core.interfaces import VolumeLoader
+from anomaly3d_core.volume import Volume
+
+
+class NumpyLoader(VolumeLoader):
+    name = "numpy"
+    extensions = (".npy", ".npz")
+
+    def load(self, path: str | Path) -> Volume:
+        path = Path(path)
+        stem = path.name[: -len(path.suffix)]
+        affine = None
+        try:
+            if path.suffix.lower() == ".npz":
+                with np.load(path, allow_pickle=False) as npz:
+                    keys = [k for k in npz.files if k != "affine"]
+                    if not keys:
+                        raise DataError(path, "archive holds no array")
+                    key = "volume" if "volume" in keys else keys[0]
+                    data = npz[key]
+                    if "affine" in npz.files:
+                        affine, source = npz["affine"], "the 'affine' array in the archive"
+            else:
+                data = np.load(path, allow_pickle=False)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(path, f"corrupt or truncated NumPy file ({exc.__class__.__name__}: {exc})") from None
+        if affine is None:
+            affine, source = self._sidecar(path.parent, stem)
+        if affine is None:
+            warnings.warn(f"{path}: no affine sidecar ({stem}.affine.npy or {stem}.json); using identity (1 mm voxels)", stacklevel=2)
+            affine, source = np.eye(4), "identity"
+        affine = np.asarray(affine, dtype=np.float64)
+        if affine.shape != (4, 4):
+            raise DataError(path, f"affine from {source} has shape {affine.shape}; expected 4x4")
+        return Volume(data, affine, str(path), {"format": "numpy", "affine_source": source})
+
+    @staticmethod
+    def _sidecar(folder: Path, stem: str) -> tuple[np.ndarray | None, str]:
+        npy = folder / f"{stem}.affine.npy"
+        if npy.is_file():
+            return np.load(npy), str(npy)
+        js = folder / f"{stem}.json"
+        if js.is_file():
+            try:
+                meta = json.loads(js.read_text())
+            except json.JSONDecodeError as exc:
+                raise DataError(js, f"sidecar is not valid JSON ({exc})") from None
+            if "affine" in meta:
+                return np.array(meta["affine"], dtype=np.float64), str(js)
+        return None, "identity"
