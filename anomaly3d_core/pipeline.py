@@ -24,7 +24,7 @@ from anomaly3d_core.data import BatchFailures, VolumeLike, as_volume, load_volum
 from anomaly3d_core.embedding import FeatureEmbedding
 from anomaly3d_core.errors import Anomaly3DError, DataError
 from anomaly3d_core.network import AnomalyNet, feature_units
-from anomaly3d_core.preprocessing import Prepared, Preprocessor
+from anomaly3d_core.preprocessing import Prepared, Preprocessor, foreground_mask
 from anomaly3d_core.thresholding import make_threshold, postprocess_mask, volume_score
 from anomaly3d_core.training import EpochCallback, resolve_device, seed_everything, train_autoencoder
 from anomaly3d_core.volume import Volume
@@ -274,6 +274,11 @@ class AnomalyDetectionPipeline:
         vscore = volume_score(scores, prep.mask, cfg.volume.top_k_fraction)
         native_scores = Preprocessor.invert(scores, prep.record, order=1)
         native_mask = Preprocessor.invert(mask.astype(np.float32), prep.record, order=0) > 0.5
+        # interpolation back to the native grid must not leak scores outside the scan's own foreground
+        native_fg = foreground_mask(prep.source.array, self.config.data.preprocessing.foreground)
+        native_scores[~native_fg] = 0.0
+        if cfg.postprocess.restrict_to_foreground:
+            native_mask &= native_fg
         return ScoreResult(
             prep.source, native_scores, native_mask, vscore, bool(vscore > self.volume_threshold_), threshold,
             prep, scores, time.perf_counter() - t0,

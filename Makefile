@@ -1,0 +1,39 @@
+# anomaly3d developer tasks. `make demo` and `make test` install first when needed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# CPU build of torch unless an NVIDIA GPU is present; then the project with its dev extras.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install -q torch==$(TORCH_VERSION); \
+	else \
+		$(BIN)/pip install -q --index-url https://download.pytorch.org/whl/cpu --timeout 10 --retries 1 torch==$(TORCH_VERSION) \
+		|| $(BIN)/pip install -q torch==$(TORCH_VERSION); \
+	fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/anomaly3d demo --out demo_output
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check anomaly3d_core plugins experiments tests
+	$(BIN)/ruff format --check anomaly3d_core plugins experiments tests
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_speed.py
+
+clean:
+	rm -rf demo_output mlruns.db mlartifacts .pytest_cache
