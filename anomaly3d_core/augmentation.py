@@ -39,7 +39,9 @@ def augment_volume(
     if rotation_range > 0:
         for axes in ((0, 1), (0, 2), (1, 2)):
             angle = rng.uniform(-rotation_range, rotation_range)
-            out = ndimage.rotate(out, angle, axes=axes, reshape=False, order=1, mode="constant", cval=background)
+            out = ndimage.rotate(
+                out, angle, axes=axes, reshape=False, order=1, mode="constant", cval=background
+            )
     if elastic_strength > 0:
         coords = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in out.shape], indexing="ij")
         coords = [c + elastic_strength * smooth_field(out.shape, rng) for c in coords]
@@ -49,7 +51,11 @@ def augment_volume(
             out = np.flip(out, axis=axis)
     fg = out > background
     if bias_field_strength > 0:
-        out = np.where(fg, (out - background) * (1 + bias_field_strength * smooth_field(out.shape, rng, 3)) + background, out)
+        out = np.where(
+            fg,
+            (out - background) * (1 + bias_field_strength * smooth_field(out.shape, rng, 3)) + background,
+            out,
+        )
     if gamma_range > 0:
         lo, hi = float(out.min()), float(out.max())
         unit = (out - lo) / ((hi - lo) or 1.0)
@@ -63,7 +69,9 @@ def augment_volume(
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def augment_from_config(volume: np.ndarray, config: AugmentationConfig, rng: np.random.Generator) -> np.ndarray:
+def augment_from_config(
+    volume: np.ndarray, config: AugmentationConfig, rng: np.random.Generator
+) -> np.ndarray:
     return augment_volume(
         volume,
         rotation_range=config.rotation_range,

@@ -28,8 +28,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set training.num_epochs=5 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set training.num_epochs=5 (repeatable)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
 
@@ -82,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", help="labelled validation scans (else synthetic anomalies in held-out normals)")
     p.add_argument("--val-masks", help="masks of --val")
     p.add_argument("--n-trials", type=int, default=None)
-    p.add_argument("--storage", default=None, help="Optuna storage URL (sqlite:///optuna.db, postgresql://..., or a .log journal file)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL (sqlite:///optuna.db, postgresql://..., or a .log journal file)",
+    )
     p.add_argument("--study-name", default="anomaly3d")
     p.add_argument("--timeout", type=float, default=None, help="seconds")
     p.add_argument("--out", default="tuning_output", help="where the best config and model go")
@@ -110,7 +120,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for family in FAMILIES:
         print(f"{family}:")
         for info in reg.infos(family):
-            print(f"  {info.name:<14}{info.package + ' ' + info.version:<24}{info.cls.__module__}.{info.cls.__qualname__}")
+            print(
+                f"  {info.name:<14}{info.package + ' ' + info.version:<24}{info.cls.__module__}.{info.cls.__qualname__}"
+            )
     return EXIT_OK
 
 
@@ -135,10 +147,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
         pipe.fit(train, val, callbacks=[epoch_logger()] if config.tracking.enabled else ())
         out = pipe.save(args.out)
         _log_fit(pipe, Path(args.out))
-        log_metrics({"fit_seconds": pipe.fit_seconds_, "threshold": pipe.threshold_, "volume_threshold": pipe.volume_threshold_})
+        log_metrics(
+            {
+                "fit_seconds": pipe.fit_seconds_,
+                "threshold": pipe.threshold_,
+                "volume_threshold": pipe.volume_threshold_,
+            }
+        )
         log_artifact(Path(args.out) / "training_curves.png", "plots")
-    print(f"model written to {out} ({pipe.n_train_volumes_} training, {pipe.n_val_volumes_} validation volumes, "
-          f"{len(pipe.history_['train_loss'])} epochs, {pipe.fit_seconds_:.1f} s); threshold {pipe.threshold_:.4g}")
+    print(
+        f"model written to {out} ({pipe.n_train_volumes_} training, {pipe.n_val_volumes_} validation volumes, "
+        f"{len(pipe.history_['train_loss'])} epochs, {pipe.fit_seconds_:.1f} s); threshold {pipe.threshold_:.4g}"
+    )
     return _report(pipe.failures_, "fit")
 
 
@@ -156,10 +176,14 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     pipe = AnomalyDetectionPipeline.load(args.model)
     if args.overrides:
-        raise ConfigError("score uses the saved model's config; --set is not applied here (refit with --set instead)")
+        raise ConfigError(
+            "score uses the saved model's config; --set is not applied here (refit with --set instead)"
+        )
     batch = score_files(pipe, resolve_inputs(args.input), Path(args.out))
     flagged = sum(bool(r["is_anomalous"]) for r in batch.rows)
-    print(f"scored {len(batch.rows)} volume(s), {flagged} flagged anomalous; maps and scores.csv in {args.out}")
+    print(
+        f"scored {len(batch.rows)} volume(s), {flagged} flagged anomalous; maps and scores.csv in {args.out}"
+    )
     return _report(batch.failures, "scoring")
 
 
@@ -195,7 +219,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pipe = AnomalyDetectionPipeline(config)
     with mlflow_run(config, "demo", tags={"data": str(data)}) as run:
         print("[2/4] fitting on normal subjects ...", flush=True)
-        pipe.fit(resolve_inputs(str(data / "train")), callbacks=[epoch_logger()] if config.tracking.enabled else ())
+        pipe.fit(
+            resolve_inputs(str(data / "train")), callbacks=[epoch_logger()] if config.tracking.enabled else ()
+        )
         pipe.save(out / "model")
         _log_fit(pipe, out / "model")
         log_artifact(out / "model" / "training_curves.png", "plots")
@@ -208,7 +234,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         log_metrics({**metrics, "fit_seconds": pipe.fit_seconds_})
         log_artifact(out / "evaluation", "evaluation")
         for row in batch.rows[: config.tracking.log_score_maps]:
-            log_artifact(out / "scores" / f"{Path(row['file']).name.split('.')[0]}_score.nii.gz", "score_maps")
+            log_artifact(
+                out / "scores" / f"{Path(row['file']).name.split('.')[0]}_score.nii.gz", "score_maps"
+            )
     print("\n" + summary_table(metrics))
     print(f"score maps and masks : {out / 'scores'}")
     print(f"plots and metrics    : {out / 'evaluation'}")
@@ -228,8 +256,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "plugins": cmd_plugins, "demo": cmd_demo, "demo-data": cmd_demo_data, "fit": cmd_fit,
-    "score": cmd_score, "evaluate": cmd_evaluate, "tune": cmd_tune,
+    "plugins": cmd_plugins,
+    "demo": cmd_demo,
+    "demo-data": cmd_demo_data,
+    "fit": cmd_fit,
+    "score": cmd_score,
+    "evaluate": cmd_evaluate,
+    "tune": cmd_tune,
 }
 
 
@@ -239,7 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+    )
     logging.captureWarnings(True)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not args.debug:

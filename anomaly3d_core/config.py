@@ -96,7 +96,9 @@ class EmbeddingConfig(Section):
     adaptive_size: int = Field(2, ge=1)
     mlp_hidden_dims: list[int] = Field(default_factory=lambda: [256])
     output_dim: int = Field(64, ge=1)
-    input_channels: int | None = Field(None, description="derived from the extractor; accepted for seed configs")
+    input_channels: int | None = Field(
+        None, description="derived from the extractor; accepted for seed configs"
+    )
     patch_size: Triple | None = Field(None, description="alias of patches.patch_size in seed configs")
 
     _triple = field_validator("patch_size", mode="before")(_triple)
@@ -135,7 +137,9 @@ class PostprocessConfig(Section):
 
 
 class VolumeDecisionConfig(Section):
-    top_k_fraction: float = Field(0.01, gt=0, le=1, description="volume score = mean of the top fraction of voxel scores")
+    top_k_fraction: float = Field(
+        0.01, gt=0, le=1, description="volume score = mean of the top fraction of voxel scores"
+    )
     method: ComponentSpec = Field(default_factory=lambda: ComponentSpec(type="sigma", args={"k": 2.0}))
 
 
@@ -219,7 +223,11 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], prefix
     """One line per problem: ``dotted.key: reason``, with a suggestion for unknown keys."""
     lines = []
     for e in err.errors():
-        loc = [p for p in e["loc"] if not isinstance(p, int)] if e["type"] == "extra_forbidden" else list(e["loc"])
+        loc = (
+            [p for p in e["loc"] if not isinstance(p, int)]
+            if e["type"] == "extra_forbidden"
+            else list(e["loc"])
+        )
         path = prefix + ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
             key, parent = str(loc[-1]), loc[:-1]
@@ -294,7 +302,9 @@ def build_config(
     return validate_plugins(config, registry)
 
 
-def load_config(path: str | Path | None, overrides: Iterable[str] = (), registry: Any = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None, overrides: Iterable[str] = (), registry: Any = None
+) -> PipelineConfig:
     """Read a YAML config (or defaults when ``path`` is None) and validate it."""
     tree: dict[str, Any] = {}
     if path is not None:
@@ -304,7 +314,9 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), registry
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc.__class__.__name__}: {exc})".replace("\n", " ")) from None
+            raise ConfigError(
+                f"{p}: not valid YAML ({exc.__class__.__name__}: {exc})".replace("\n", " ")
+            ) from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(tree).__name__}")
     try:

@@ -52,7 +52,9 @@ def as_volume(item: VolumeLike, loader: str = "auto", registry: Any = None) -> V
     return load_volume(item, loader, registry)
 
 
-def load_volumes(items: Iterable[VolumeLike], failures: BatchFailures, loader: str = "auto", registry: Any = None) -> list[Volume]:
+def load_volumes(
+    items: Iterable[VolumeLike], failures: BatchFailures, loader: str = "auto", registry: Any = None
+) -> list[Volume]:
     """Load every item; bad ones go to ``failures`` and the rest carry on."""
     out = []
     for item in items:
@@ -82,7 +84,9 @@ def load_and_normalize_volume(
         foreground="nonzero",
     )
     if normalize_method == "none" or _looks_like_mask(volume.array):
-        config = config.model_copy(update={"normalize_method": "none", "clip_percentile": None, "foreground": "none"})
+        config = config.model_copy(
+            update={"normalize_method": "none", "clip_percentile": None, "foreground": "none"}
+        )
     return Preprocessor(config)(volume).array
 
 
@@ -112,5 +116,7 @@ def load_dataset(
             continue
         out.append(augment_volume(array, rng=rng, **augmentation) if apply_augmentation else array)
     if not out:
-        raise DataError(None, f"none of the {len(volume_paths)} volumes could be loaded:\n{failures.report()}")
+        raise DataError(
+            None, f"none of the {len(volume_paths)} volumes could be loaded:\n{failures.report()}"
+        )
     return out

@@ -48,7 +48,12 @@ def mni_atlas(voxel_size: float = 2.0) -> Atlas:
         load_mni152_wm_template,
     )
 
-    imgs = [load_mni152_template(2), load_mni152_gm_template(2), load_mni152_wm_template(2), load_mni152_brain_mask(2)]
+    imgs = [
+        load_mni152_template(2),
+        load_mni152_gm_template(2),
+        load_mni152_wm_template(2),
+        load_mni152_brain_mask(2),
+    ]
     arrays = [np.asarray(img.get_fdata(), dtype=np.float32) for img in imgs]
     affine = imgs[0].affine.copy()
     zoom = 2.0 / voxel_size
@@ -75,17 +80,31 @@ def _warp(arrays: list[np.ndarray], rng: np.random.Generator, deform: float) -> 
     matrix = rot * rng.uniform(0.95, 1.05, 3)
     shift = rng.uniform(-1.5, 1.5, 3)
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), axis=0)
-    coords = np.tensordot(matrix, grid - centre[:, None, None, None], axes=1) + (centre + shift)[:, None, None, None]
+    coords = (
+        np.tensordot(matrix, grid - centre[:, None, None, None], axes=1)
+        + (centre + shift)[:, None, None, None]
+    )
     coords += np.stack([deform * smooth_field(shape, rng, control=5) for _ in range(3)])
-    return [ndimage.map_coordinates(a, coords, order=1, mode="constant", cval=0.0).astype(np.float32) for a in arrays]
+    return [
+        ndimage.map_coordinates(a, coords, order=1, mode="constant", cval=0.0).astype(np.float32)
+        for a in arrays
+    ]
 
 
-def _blob(shape: tuple[int, ...], centre: np.ndarray, radii: np.ndarray, rng: np.random.Generator, roughness: float = 0.35) -> np.ndarray:
+def _blob(
+    shape: tuple[int, ...],
+    centre: np.ndarray,
+    radii: np.ndarray,
+    rng: np.random.Generator,
+    roughness: float = 0.35,
+) -> np.ndarray:
     """An irregular lesion shape: an ellipsoid with a smoothly perturbed surface."""
     lo = np.maximum(0, np.floor(centre - 2 * radii).astype(int))
     hi = np.minimum(shape, np.ceil(centre + 2 * radii).astype(int) + 1)
     sub = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-    grid = np.meshgrid(*[np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi, strict=True)], indexing="ij")
+    grid = np.meshgrid(
+        *[np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi, strict=True)], indexing="ij"
+    )
     dist = np.sqrt(sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)))
     sub_shape = tuple(int(b - a) for a, b in zip(lo, hi, strict=True))
     wobble = roughness * smooth_field(sub_shape, rng, control=3)
@@ -99,7 +118,15 @@ def _pick_centre(region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return idx[rng.integers(len(idx))].astype(np.float32)
 
 
-def add_lesion(image: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: np.ndarray, kind: str, rng: np.random.Generator, voxel_size: float) -> tuple[np.ndarray, np.ndarray]:
+def add_lesion(
+    image: np.ndarray,
+    brain: np.ndarray,
+    gm: np.ndarray,
+    wm: np.ndarray,
+    kind: str,
+    rng: np.random.Generator,
+    voxel_size: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """Insert one lesion of ``kind``; returns the new image and its ground-truth mask."""
     scale = 2.0 / voxel_size  # radii below are in 2 mm voxels
     inner = ndimage.binary_erosion(brain, iterations=max(1, int(round(6 * scale))))
@@ -111,7 +138,10 @@ def add_lesion(image: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: np.ndar
     if kind == "ms":
         for _ in range(int(rng.integers(4, 9))):
             region = wm_region if wm_region.any() else inner
-            m = _blob(image.shape, _pick_centre(region, rng), rng.uniform(1.5, 3.0, 3) * scale, rng, 0.2) & brain
+            m = (
+                _blob(image.shape, _pick_centre(region, rng), rng.uniform(1.5, 3.0, 3) * scale, rng, 0.2)
+                & brain
+            )
             mask |= m
         target = np.full(image.shape, wm_level * rng.uniform(0.45, 0.6), np.float32)
     elif kind == "infarct":
@@ -121,7 +151,9 @@ def add_lesion(image: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: np.ndar
     elif kind == "tumour":
         mask = _blob(image.shape, _pick_centre(inner, rng), rng.uniform(5, 9, 3) * scale, rng) & brain
         core = ndimage.binary_erosion(mask, iterations=max(1, int(round(2 * scale))))
-        target = np.where(core, wm_level * rng.uniform(0.35, 0.55), wm_level * rng.uniform(1.25, 1.45)).astype(np.float32)
+        target = np.where(
+            core, wm_level * rng.uniform(0.35, 0.55), wm_level * rng.uniform(1.25, 1.45)
+        ).astype(np.float32)
     elif kind == "haemorrhage":
         mask = _blob(image.shape, _pick_centre(inner, rng), rng.uniform(3, 6, 3) * scale, rng) & brain
         target = np.full(image.shape, wm_level * rng.uniform(1.4, 1.7), np.float32)
@@ -135,10 +167,14 @@ def add_lesion(image: np.ndarray, brain: np.ndarray, gm: np.ndarray, wm: np.ndar
     return out.astype(np.float32), mask
 
 
-def make_subject(atlas: Atlas, rng: np.random.Generator, lesion_kind: str | None = None, voxel_size: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+def make_subject(
+    atlas: Atlas, rng: np.random.Generator, lesion_kind: str | None = None, voxel_size: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic skull-stripped T1 scan and its lesion mask (empty for a normal subject)."""
     contrast_gm, contrast_wm = rng.normal(0, 0.06, 2)
-    t1, gm, wm, brain = _warp([atlas.t1, atlas.gm, atlas.wm, atlas.mask.astype(np.float32)], rng, deform=2.0 * 2.0 / voxel_size)
+    t1, gm, wm, brain = _warp(
+        [atlas.t1, atlas.gm, atlas.wm, atlas.mask.astype(np.float32)], rng, deform=2.0 * 2.0 / voxel_size
+    )
     brain = brain > 0.5
     image = t1 * (1 + contrast_gm * gm + contrast_wm * wm)
     mask = np.zeros(image.shape, dtype=bool)
@@ -186,7 +222,14 @@ def make_demo_dataset(
             test_index += 1
             save_nifti(mask.astype(np.uint8), atlas.affine, out / "test_masks" / name)
         save_nifti(image, atlas.affine, out / split / name)
-        rows.append({"file": f"{split}/{name}", "split": split, "label": int(kind is not None), "lesion_kind": kind or ""})
+        rows.append(
+            {
+                "file": f"{split}/{name}",
+                "split": split,
+                "label": int(kind is not None),
+                "lesion_kind": kind or "",
+            }
+        )
     with open(out / "manifest.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["file", "split", "label", "lesion_kind"])
         writer.writeheader()

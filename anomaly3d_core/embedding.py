@@ -31,7 +31,9 @@ class FeatureEmbedding(nn.Module):
         if embedding_method not in METHODS:
             from anomaly3d_core.errors import ConfigError, did_you_mean
 
-            raise ConfigError("embedding.embedding_method: " + did_you_mean(embedding_method, METHODS, "method"))
+            raise ConfigError(
+                "embedding.embedding_method: " + did_you_mean(embedding_method, METHODS, "method")
+            )
         self.input_channels = int(input_channels)
         self.patch_size = tuple(patch_size) if not isinstance(patch_size, int) else (patch_size,) * 3
         self.method = embedding_method
@@ -48,8 +50,17 @@ class FeatureEmbedding(nn.Module):
         self.register_buffer("std", torch.ones(self.output_dim))
 
     @classmethod
-    def from_config(cls, config: EmbeddingConfig, input_channels: int, patch_size: tuple[int, int, int]) -> FeatureEmbedding:
-        return cls(input_channels, patch_size, config.embedding_method, config.mlp_hidden_dims, config.output_dim, config.adaptive_size)
+    def from_config(
+        cls, config: EmbeddingConfig, input_channels: int, patch_size: tuple[int, int, int]
+    ) -> FeatureEmbedding:
+        return cls(
+            input_channels,
+            patch_size,
+            config.embedding_method,
+            config.mlp_hidden_dims,
+            config.output_dim,
+            config.adaptive_size,
+        )
 
     @property
     def output_dim(self) -> int:
@@ -86,7 +97,9 @@ class FeatureEmbedding(nn.Module):
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return (self.raw(patches) - self.mean) / self.std
 
-    def fit(self, patches: torch.Tensor, epochs: int = 20, batch_size: int = 512, lr: float = 1e-3, seed: int = 0) -> FeatureEmbedding:
+    def fit(
+        self, patches: torch.Tensor, epochs: int = 20, batch_size: int = 512, lr: float = 1e-3, seed: int = 0
+    ) -> FeatureEmbedding:
         """Fit the MLP projection (if any) by reconstruction, then the standardisation."""
         if self.projection is not None:
             gen = torch.Generator().manual_seed(seed)

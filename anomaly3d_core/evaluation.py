@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, f1_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    average_precision_score,
+    f1_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 N_BINS = 4096
 
@@ -23,10 +29,15 @@ N_BINS = 4096
 def _flat(arrays: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
     if masks is None:
         return [np.asarray(a).ravel() for a in arrays]
-    return [np.asarray(a)[m] if m is not None else np.asarray(a).ravel() for a, m in zip(arrays, masks, strict=True)]
+    return [
+        np.asarray(a)[m] if m is not None else np.asarray(a).ravel()
+        for a, m in zip(arrays, masks, strict=True)
+    ]
 
 
-def quantile_edges(scores: Sequence[np.ndarray], n_bins: int = N_BINS, sample: int = 400_000, seed: int = 0) -> np.ndarray:
+def quantile_edges(
+    scores: Sequence[np.ndarray], n_bins: int = N_BINS, sample: int = 400_000, seed: int = 0
+) -> np.ndarray:
     """Bin edges at quantiles of a random sample of the pooled scores (fine where the data is dense)."""
     rng = np.random.default_rng(seed)
     total = sum(s.size for s in scores)
@@ -36,7 +47,9 @@ def quantile_edges(scores: Sequence[np.ndarray], n_bins: int = N_BINS, sample: i
     return np.unique(np.concatenate([[lo], edges, [hi]]))
 
 
-def volume_histograms(gts: Sequence[np.ndarray], scores: Sequence[np.ndarray], edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def volume_histograms(
+    gts: Sequence[np.ndarray], scores: Sequence[np.ndarray], edges: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-volume counts of positive and negative voxels per bin, ``(n_volumes, n_bins)`` each."""
     n = len(edges) - 1
     pos, neg = np.zeros((len(gts), n), np.int64), np.zeros((len(gts), n), np.int64)
@@ -60,7 +73,12 @@ def hist_metrics(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
     recall = tp / P
     ap = float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
     dice = 2 * tp / (tp + fp + P)
-    return {"auc": auc, "ap": ap, "best_dice": float(dice.max()), "auc_error_bound": float((pos * neg).sum() / (2 * P * N))}
+    return {
+        "auc": auc,
+        "ap": ap,
+        "best_dice": float(dice.max()),
+        "auc_error_bound": float((pos * neg).sum() / (2 * P * N)),
+    }
 
 
 def dice_iou(gt: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
@@ -80,7 +98,9 @@ def lesion_detection(gt: np.ndarray, pred: np.ndarray) -> dict[str, int]:
     return {"tp": int(hit_gt.size), "fn": int(n_gt - hit_gt.size), "fp": int(n_pr - hit_pr.size)}
 
 
-def bootstrap_ci(pos: np.ndarray, neg: np.ndarray, n_boot: int = 500, seed: int = 0, alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+def bootstrap_ci(
+    pos: np.ndarray, neg: np.ndarray, n_boot: int = 500, seed: int = 0, alpha: float = 0.05
+) -> dict[str, tuple[float, float]]:
     """95 % intervals of pooled AUROC, AP and best Dice, resampling volumes with replacement."""
     rng = np.random.default_rng(seed)
     n = pos.shape[0]
@@ -91,7 +111,12 @@ def bootstrap_ci(pos: np.ndarray, neg: np.ndarray, n_boot: int = 500, seed: int 
         for key in samples:
             if np.isfinite(m[key]):
                 samples[key].append(m[key])
-    return {k: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) if v else (float("nan"),) * 2 for k, v in samples.items()}
+    return {
+        k: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2)))
+        if v
+        else (float("nan"),) * 2
+        for k, v in samples.items()
+    }
 
 
 def comprehensive_evaluation(
@@ -117,11 +142,18 @@ def comprehensive_evaluation(
         raise ValueError(f"{len(ground_truth_masks)} ground-truth masks for {len(score_maps)} score maps")
     gts = _flat([np.asarray(g) > 0 for g in ground_truth_masks], foreground_masks)
     scores = _flat([np.asarray(s, dtype=np.float32) for s in score_maps], foreground_masks)
-    preds_full = predicted_masks if predicted_masks is not None else [np.asarray(s) > threshold for s in score_maps]
+    preds_full = (
+        predicted_masks if predicted_masks is not None else [np.asarray(s) > threshold for s in score_maps]
+    )
     preds = _flat([np.asarray(p, bool) for p in preds_full], foreground_masks)
     total = sum(s.size for s in scores)
     y_all_pos = sum(int(g.sum()) for g in gts)
-    out: dict[str, Any] = {"n_volumes": len(gts), "n_voxels": int(total), "n_positive_voxels": y_all_pos, "threshold": float(threshold)}
+    out: dict[str, Any] = {
+        "n_volumes": len(gts),
+        "n_voxels": int(total),
+        "n_positive_voxels": y_all_pos,
+        "threshold": float(threshold),
+    }
     edges = quantile_edges(scores, seed=seed)
     pos, neg = volume_histograms(gts, scores, edges)
     hist = hist_metrics(pos.sum(0), neg.sum(0))
@@ -131,10 +163,17 @@ def comprehensive_evaluation(
             out["pixel_auc"] = float(roc_auc_score(y, s))
             out["pixel_ap"] = float(average_precision_score(y, s))
             precision, recall, _ = precision_recall_curve(y, s)
-            out["pixel_best_dice"] = float(np.nanmax(2 * precision * recall / np.maximum(precision + recall, 1e-12)))
+            out["pixel_best_dice"] = float(
+                np.nanmax(2 * precision * recall / np.maximum(precision + recall, 1e-12))
+            )
             out["pooled_method"] = "exact"
         else:
-            out.update(pixel_auc=hist["auc"], pixel_ap=hist["ap"], pixel_best_dice=hist["best_dice"], pooled_method=f"histogram ({len(edges) - 1} bins)")
+            out.update(
+                pixel_auc=hist["auc"],
+                pixel_ap=hist["ap"],
+                pixel_best_dice=hist["best_dice"],
+                pooled_method=f"histogram ({len(edges) - 1} bins)",
+            )
         out["pixel_auc_hist_error_bound"] = hist["auc_error_bound"]
         ci = bootstrap_ci(pos, neg, n_bootstrap, seed)
         out.update(pixel_auc_ci=ci["auc"], pixel_ap_ci=ci["ap"], pixel_best_dice_ci=ci["best_dice"])
@@ -158,8 +197,12 @@ def comprehensive_evaluation(
         per_volume_auc_mean=float(np.mean(per_auc)) if per_auc else float("nan"),
         per_volume_ap_mean=float(np.mean(per_ap)) if per_ap else float("nan"),
         per_volume_dice_mean=float(np.mean(per_dice)) if per_dice else float("nan"),
-        lesion_tp=lesions["tp"], lesion_fn=lesions["fn"], lesion_fp=lesions["fp"],
-        lesion_sensitivity=lesions["tp"] / max(lesions["tp"] + lesions["fn"], 1) if lesions["tp"] + lesions["fn"] else float("nan"),
+        lesion_tp=lesions["tp"],
+        lesion_fn=lesions["fn"],
+        lesion_fp=lesions["fp"],
+        lesion_sensitivity=lesions["tp"] / max(lesions["tp"] + lesions["fn"], 1)
+        if lesions["tp"] + lesions["fn"]
+        else float("nan"),
         lesion_fp_per_volume=lesions["fp"] / max(len(gts), 1),
     )
     if volume_scores is not None:
@@ -176,7 +219,11 @@ def comprehensive_evaluation(
     return out
 
 
-def compute_optimal_threshold(ground_truth: np.ndarray | Sequence[np.ndarray], score_maps: np.ndarray | Sequence[np.ndarray], metric: str = "f1") -> tuple[float, float]:
+def compute_optimal_threshold(
+    ground_truth: np.ndarray | Sequence[np.ndarray],
+    score_maps: np.ndarray | Sequence[np.ndarray],
+    metric: str = "f1",
+) -> tuple[float, float]:
     """Seed API: the threshold maximising ``f1``/``dice`` (identical at voxel level) or ``youden`` (TPR − FPR)."""
     gts = [ground_truth] if isinstance(ground_truth, np.ndarray) else list(ground_truth)
     maps = [score_maps] if isinstance(score_maps, np.ndarray) else list(score_maps)

@@ -62,7 +62,9 @@ class FeatureExtractor(Component, nn.Module):
 class Autoencoder(Component, nn.Module):
     """Reconstructs embedding vectors ``(N, input_dim)``; variants override the hooks below."""
 
-    def __init__(self, input_dim: int, params: Params | Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, input_dim: int, params: Params | Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         nn.Module.__init__(self)
         self.params = self.validate_params(params, **kwargs)
         self.input_dim = int(input_dim)

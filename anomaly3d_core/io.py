@@ -11,7 +11,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from anomaly3d_core.errors import DataError, PluginError, did_you_mean
+from anomaly3d_core.errors import DataError, PluginError
 from anomaly3d_core.volume import Volume
 
 
@@ -45,7 +45,10 @@ def find_loader(path: str | Path, name: str = "auto", registry: Any = None) -> A
         if cls.sniff(p):
             return cls
     known = sorted({ext for cls in classes for ext in cls.extensions})
-    raise DataError(p, f"unsupported file type '{''.join(p.suffixes) or p.name}'; supported: {', '.join(known)}, or a DICOM folder")
+    raise DataError(
+        p,
+        f"unsupported file type '{''.join(p.suffixes) or p.name}'; supported: {', '.join(known)}, or a DICOM folder",
+    )
 
 
 def check_volume(volume: Volume, allow_constant: bool = False) -> Volume:
@@ -61,7 +64,10 @@ def check_volume(volume: Volume, allow_constant: bool = False) -> Volume:
     if arr.ndim < 3 or min(arr.shape) == 1:
         raise DataError(volume.path, f"{arr.ndim}D data of shape {arr.shape}; a 3D volume is needed")
     if arr.ndim > 3:
-        raise DataError(volume.path, f"4D data holding {int(np.prod(arr.shape[3:]))} volumes (shape {arr.shape}); give one 3D volume per file")
+        raise DataError(
+            volume.path,
+            f"4D data holding {int(np.prod(arr.shape[3:]))} volumes (shape {arr.shape}); give one 3D volume per file",
+        )
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise DataError(volume.path, f"voxel type {arr.dtype} is not a real number type")
     arr = arr.astype(np.float32, copy=False)
@@ -77,7 +83,9 @@ def check_volume(volume: Volume, allow_constant: bool = False) -> Volume:
     return volume
 
 
-def load_volume(path: str | Path, loader: str = "auto", registry: Any = None, allow_constant: bool = False) -> Volume:
+def load_volume(
+    path: str | Path, loader: str = "auto", registry: Any = None, allow_constant: bool = False
+) -> Volume:
     """Read one scan with the right loader plugin and check it."""
     p = Path(path)
     if not p.exists():
@@ -88,7 +96,9 @@ def load_volume(path: str | Path, loader: str = "auto", registry: Any = None, al
     except DataError:
         raise
     except Exception as exc:  # loaders wrap library errors, but never let one escape raw
-        raise DataError(p, f"cannot be read as {cls.name} ({exc.__class__.__name__}: {exc})".replace("\n", " ")) from None
+        raise DataError(
+            p, f"cannot be read as {cls.name} ({exc.__class__.__name__}: {exc})".replace("\n", " ")
+        ) from None
     volume.path = str(p)
     return check_volume(volume, allow_constant)
 
@@ -123,7 +133,9 @@ def list_inputs(spec: str | Path, registry: Any = None) -> list[Path]:
             files.append(child)
     paths = sorted(set(files)) + sorted(set(dicom_dirs))
     if not paths:
-        raise DataError(p, "folder is empty of readable scans (.nii, .nii.gz, .npy, .npz, .nrrd, .mha, .mhd or DICOM)")
+        raise DataError(
+            p, "folder is empty of readable scans (.nii, .nii.gz, .npy, .npz, .nrrd, .mha, .mhd or DICOM)"
+        )
     return paths
 
 

@@ -61,7 +61,9 @@ class AnomalyNet(nn.Module):
         if unknown:
             from anomaly3d_core.errors import did_you_mean
 
-            raise ConfigError("extractor.layers: " + did_you_mean(unknown[0], extractor.layer_channels, "layer"))
+            raise ConfigError(
+                "extractor.layers: " + did_you_mean(unknown[0], extractor.layer_channels, "layer")
+            )
         return chosen
 
     @staticmethod
@@ -76,14 +78,21 @@ class AnomalyNet(nn.Module):
         own = extractor.state_dict()
         usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         if not usable:
-            raise ConfigError(f"extractor.checkpoint: {p} has no weights matching '{extractor.name}' (keys like {next(iter(state), '?')})")
+            raise ConfigError(
+                f"extractor.checkpoint: {p} has no weights matching '{extractor.name}' (keys like {next(iter(state), '?')})"
+            )
         extractor.load_state_dict(usable, strict=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Fused feature map ``(B, C, D/s, H/s, W/s)`` of the selected layers at the finest stride ``s``."""
         maps = self.extractor(x, self.layers)
         target = tuple(math.ceil(n / self.feature_stride) for n in x.shape[2:])
-        fused = [m if tuple(m.shape[2:]) == target else F.interpolate(m, size=target, mode="trilinear", align_corners=False) for m in (maps[name] for name in self.layers)]
+        fused = [
+            m
+            if tuple(m.shape[2:]) == target
+            else F.interpolate(m, size=target, mode="trilinear", align_corners=False)
+            for m in (maps[name] for name in self.layers)
+        ]
         return torch.cat(fused, dim=1) if len(fused) > 1 else fused[0]
 
     def grid_patches(self, feat: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -141,7 +150,14 @@ class AnomalyNet(nn.Module):
 
     @torch.no_grad()
     def sample_patches(
-        self, array: np.ndarray, mask: np.ndarray, max_patches: int, min_foreground: float, strategy: str, generator: torch.Generator, device: torch.device
+        self,
+        array: np.ndarray,
+        mask: np.ndarray,
+        max_patches: int,
+        min_foreground: float,
+        strategy: str,
+        generator: torch.Generator,
+        device: torch.device,
     ) -> torch.Tensor:
         """Training patches ``(n, C, p, p, p)`` from one preprocessed volume, mostly inside the foreground."""
         x = torch.from_numpy(array)[None, None].to(device)

@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from anomaly3d_core.augmentation import augment_from_config
 from anomaly3d_core.config import PipelineConfig, build_config
-from anomaly3d_core.data import BatchFailures, VolumeLike, as_volume, load_volumes
+from anomaly3d_core.data import BatchFailures, VolumeLike, as_volume
 from anomaly3d_core.embedding import FeatureEmbedding
 from anomaly3d_core.errors import Anomaly3DError, DataError
 from anomaly3d_core.network import AnomalyNet, feature_units
@@ -74,7 +74,11 @@ def _seed_sections(
         tree["training"] = dict(training_config)
     if threshold_config:
         th = dict(threshold_config)
-        tree["threshold"] = {"type": th.pop("type", th.pop("method", "percentile")), "args": th.pop("args", {}), **th}
+        tree["threshold"] = {
+            "type": th.pop("type", th.pop("method", "percentile")),
+            "args": th.pop("args", {}),
+            **th,
+        }
     if preprocessing_config:
         tree["data"] = {"preprocessing": dict(preprocessing_config)}
     return tree
@@ -83,7 +87,11 @@ def _seed_sections(
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "args" else value
+        out[key] = (
+            _merge(out[key], value)
+            if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "args"
+            else value
+        )
     return out
 
 
@@ -114,7 +122,15 @@ class AnomalyDetectionPipeline:
 
             config = load_config(config, registry=registry)
         tree = config.model_dump(mode="json") if isinstance(config, PipelineConfig) else dict(config or {})
-        seed = _seed_sections(feature_extractor_config, embedding_config, autoencoder_config, patch_config, training_config, threshold_config, preprocessing_config)
+        seed = _seed_sections(
+            feature_extractor_config,
+            embedding_config,
+            autoencoder_config,
+            patch_config,
+            training_config,
+            threshold_config,
+            preprocessing_config,
+        )
         self.config = build_config(_merge(tree, seed), registry=registry)
         self.registry = registry
         self.device = resolve_device(device or self.config.training.device)
@@ -137,14 +153,20 @@ class AnomalyDetectionPipeline:
         layers = AnomalyNet.check_layers(extractor, cfg.extractor.layers)
         channels = sum(extractor.layer_channels[name] for name in layers)
         stride = min(extractor.layer_strides[name] for name in layers)
-        embedding = FeatureEmbedding.from_config(cfg.embedding, channels, feature_units(cfg.patches.patch_size, stride))
+        embedding = FeatureEmbedding.from_config(
+            cfg.embedding, channels, feature_units(cfg.patches.patch_size, stride)
+        )
         try:
-            autoencoder = reg.get("autoencoders", cfg.autoencoder.type)(embedding.output_dim, cfg.autoencoder.args)
+            autoencoder = reg.get("autoencoders", cfg.autoencoder.type)(
+                embedding.output_dim, cfg.autoencoder.args
+            )
         except ValueError as exc:
             raise Anomaly3DError(str(exc)) from None
         if hasattr(autoencoder, "spatial_shape"):
             autoencoder.spatial_shape = embedding.spatial_shape
-        return AnomalyNet(extractor, layers, embedding, autoencoder, cfg.patches.patch_size, cfg.patches.stride)
+        return AnomalyNet(
+            extractor, layers, embedding, autoencoder, cfg.patches.patch_size, cfg.patches.stride
+        )
 
     def prepare(self, item: VolumeLike, mask: np.ndarray | None = None) -> Prepared:
         """Load (if needed) and preprocess one scan."""
@@ -166,7 +188,10 @@ class AnomalyDetectionPipeline:
         train = self._prepare_all(volumes)
         val = self._prepare_all(val_volumes) if val_volumes else []
         if not train:
-            raise DataError(None, "no usable training volumes" + (f":\n{self.failures_.report()}" if self.failures_ else ""))
+            raise DataError(
+                None,
+                "no usable training volumes" + (f":\n{self.failures_.report()}" if self.failures_ else ""),
+            )
         if not val:
             train, val = self._split(train, gen)
         if cfg.data.augmentation.enabled:
@@ -178,11 +203,26 @@ class AnomalyDetectionPipeline:
         train_vec, val_vec = self._embed(patches), self._embed(val_patches)
         t = cfg.training
         self.history_ = train_autoencoder(
-            self.model_.autoencoder, train_vec, val_vec, num_epochs=t.num_epochs, learning_rate=t.learning_rate,
-            batch_size=t.batch_size, weight_decay=t.weight_decay, optimizer=t.optimizer, scheduler_type=t.scheduler_type,
-            step_size=t.step_size, gamma=t.gamma, grad_clip=t.grad_clip, early_stopping_patience=t.early_stopping_patience,
-            use_amp=t.use_amp, device=self.device, seed=t.seed, checkpoint_dir=t.checkpoint_dir, resume=t.resume,
-            callbacks=callbacks, show_progress=show_progress,
+            self.model_.autoencoder,
+            train_vec,
+            val_vec,
+            num_epochs=t.num_epochs,
+            learning_rate=t.learning_rate,
+            batch_size=t.batch_size,
+            weight_decay=t.weight_decay,
+            optimizer=t.optimizer,
+            scheduler_type=t.scheduler_type,
+            step_size=t.step_size,
+            gamma=t.gamma,
+            grad_clip=t.grad_clip,
+            early_stopping_patience=t.early_stopping_patience,
+            use_amp=t.use_amp,
+            device=self.device,
+            seed=t.seed,
+            checkpoint_dir=t.checkpoint_dir,
+            resume=t.resume,
+            callbacks=callbacks,
+            show_progress=show_progress,
         )
         self.model_.eval()
         self.calibrate(val)
@@ -202,7 +242,10 @@ class AnomalyDetectionPipeline:
     def _split(self, prepared: list[Prepared], gen: torch.Generator) -> tuple[list[Prepared], list[Prepared]]:
         n_val = int(round(len(prepared) * self.config.training.val_fraction))
         if len(prepared) < 3 or n_val == 0:
-            log.warning("only %d training volumes: calibrating thresholds on the training volumes themselves", len(prepared))
+            log.warning(
+                "only %d training volumes: calibrating thresholds on the training volumes themselves",
+                len(prepared),
+            )
             return prepared, prepared
         order = torch.randperm(len(prepared), generator=gen).tolist()
         return [prepared[i] for i in order[n_val:]], [prepared[i] for i in order[:n_val]]
@@ -220,7 +263,9 @@ class AnomalyDetectionPipeline:
     def _collect(self, prepared: list[Prepared], gen: torch.Generator) -> torch.Tensor:
         p = self.config.patches
         chunks = [
-            self.model_.sample_patches(prep.array, prep.mask, p.max_patches, p.min_foreground, p.sampling_strategy, gen, self.device)
+            self.model_.sample_patches(
+                prep.array, prep.mask, p.max_patches, p.min_foreground, p.sampling_strategy, gen, self.device
+            )
             for prep in prepared
         ]
         return torch.cat(chunks)
@@ -241,7 +286,9 @@ class AnomalyDetectionPipeline:
         self.score_stats_ = {"mean": float(voxels.mean()), "std": float(voxels.std() or 1.0)}
         method = make_threshold(cfg.type, cfg.args, self._registry())
         self.threshold_ = float(method.fit(voxels).threshold_)
-        self.normal_volume_scores_ = [volume_score(m, p.mask, cfg.volume.top_k_fraction) for m, p in zip(maps, prepared, strict=True)]
+        self.normal_volume_scores_ = [
+            volume_score(m, p.mask, cfg.volume.top_k_fraction) for m, p in zip(maps, prepared, strict=True)
+        ]
         vol_method = make_threshold(cfg.volume.method.type, cfg.volume.method.args, self._registry())
         self.volume_threshold_ = float(vol_method.fit(np.array(self.normal_volume_scores_)).threshold_)
         return self
@@ -249,7 +296,9 @@ class AnomalyDetectionPipeline:
     # ---------------------------------------------------------------- scoring
     def _check_fitted(self, what: str) -> None:
         if not hasattr(self, "model_"):
-            raise Anomaly3DError(f"pipeline is not fitted; call fit(volumes) or AnomalyDetectionPipeline.load(path) before {what}()")
+            raise Anomaly3DError(
+                f"pipeline is not fitted; call fit(volumes) or AnomalyDetectionPipeline.load(path) before {what}()"
+            )
 
     def _prepared_scores(self, prep: Prepared) -> np.ndarray:
         scores = self.model_.score_map(prep.array, self.device, amp=self.config.training.use_amp)
@@ -280,15 +329,28 @@ class AnomalyDetectionPipeline:
         if cfg.postprocess.restrict_to_foreground:
             native_mask &= native_fg
         return ScoreResult(
-            prep.source, native_scores, native_mask, vscore, bool(vscore > self.volume_threshold_), threshold,
-            prep, scores, time.perf_counter() - t0,
+            prep.source,
+            native_scores,
+            native_mask,
+            vscore,
+            bool(vscore > self.volume_threshold_),
+            threshold,
+            prep,
+            scores,
+            time.perf_counter() - t0,
         )
 
     def score_map(self, item: VolumeLike) -> tuple[np.ndarray, dict[str, Any]]:
         """Seed API: the voxel score map on the input's grid, and metadata."""
         r = self.score(item)
-        meta = {"volume_score": r.volume_score, "is_anomalous": r.is_anomalous, "threshold": r.threshold,
-                "affine": r.volume.affine, "seconds": r.seconds, "preprocessed_shape": r.prepared.array.shape}
+        meta = {
+            "volume_score": r.volume_score,
+            "is_anomalous": r.is_anomalous,
+            "threshold": r.threshold,
+            "affine": r.volume.affine,
+            "seconds": r.seconds,
+            "preprocessed_shape": r.prepared.array.shape,
+        }
         return r.score_map, meta
 
     def predict(self, item: VolumeLike) -> np.ndarray:
@@ -303,14 +365,24 @@ class AnomalyDetectionPipeline:
         """Scores as z-values against this model's normal-validation statistics (for ensembles)."""
         return (scores - self.score_stats_["mean"]) / self.score_stats_["std"]
 
-    def evaluate(self, volumes: Sequence[VolumeLike], ground_truth: Sequence[np.ndarray | VolumeLike]) -> dict[str, Any]:
+    def evaluate(
+        self, volumes: Sequence[VolumeLike], ground_truth: Sequence[np.ndarray | VolumeLike]
+    ) -> dict[str, Any]:
         """Seed API: metrics against ground-truth masks (see :func:`evaluation.comprehensive_evaluation`)."""
         from anomaly3d_core.evaluation import comprehensive_evaluation
 
         results = [self.score(v) for v in volumes]
-        masks = [np.asarray(as_volume(g).array) > 0 if not isinstance(g, np.ndarray) else g > 0 for g in ground_truth]
-        return comprehensive_evaluation(masks, [r.score_map for r in results], self.threshold_,
-                                        volume_scores=[r.volume_score for r in results], volume_threshold=self.volume_threshold_)
+        masks = [
+            np.asarray(g) > 0 if isinstance(g, np.ndarray) else _mask_array(g, self.registry)
+            for g in ground_truth
+        ]
+        return comprehensive_evaluation(
+            masks,
+            [r.score_map for r in results],
+            self.threshold_,
+            volume_scores=[r.volume_score for r in results],
+            volume_threshold=self.volume_threshold_,
+        )
 
     # ---------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
@@ -339,7 +411,9 @@ class AnomalyDetectionPipeline:
         return save_pyfunc(self, path)
 
     @classmethod
-    def load_files(cls, path: str | Path, device: str | None = None, registry: Any = None) -> AnomalyDetectionPipeline:
+    def load_files(
+        cls, path: str | Path, device: str | None = None, registry: Any = None
+    ) -> AnomalyDetectionPipeline:
         folder = Path(path)
         missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE) if not (folder / f).is_file()]
         if missing:
@@ -355,12 +429,22 @@ class AnomalyDetectionPipeline:
         return pipe
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None, registry: Any = None) -> AnomalyDetectionPipeline:
+    def load(
+        cls, path: str | Path, device: str | None = None, registry: Any = None
+    ) -> AnomalyDetectionPipeline:
         """Load a model saved by :meth:`save` (an MLflow model folder) or :meth:`save_files`."""
         folder = Path(path)
         if (folder / "MLmodel").is_file():
             folder = folder / "artifacts" / "pipeline"
         return cls.load_files(folder, device, registry)
+
+
+def _mask_array(item: VolumeLike, registry: Any) -> np.ndarray:
+    from anomaly3d_core.io import load_volume
+
+    if isinstance(item, Volume):
+        return np.asarray(item.array) > 0
+    return load_volume(item, registry=registry, allow_constant=True).array > 0
 
 
 def create_simple_pipeline(
@@ -371,12 +455,18 @@ def create_simple_pipeline(
     **config: Any,
 ) -> AnomalyDetectionPipeline:
     """Seed API: raw-intensity patches (``identity`` extractor, ``flatten``) into an autoencoder."""
-    tree = _merge({
-        "patches": {"patch_size": list(patch_size), "stride": [max(1, s // 2) for s in patch_size]},
-        "extractor": {"type": "identity"},
-        "embedding": {"embedding_method": "flatten"},
-        "autoencoder": {"type": autoencoder_type, "args": {"hidden_dims": list(hidden_dims), "latent_dim": latent_dim}},
-    }, config)
+    tree = _merge(
+        {
+            "patches": {"patch_size": list(patch_size), "stride": [max(1, s // 2) for s in patch_size]},
+            "extractor": {"type": "identity"},
+            "embedding": {"embedding_method": "flatten"},
+            "autoencoder": {
+                "type": autoencoder_type,
+                "args": {"hidden_dims": list(hidden_dims), "latent_dim": latent_dim},
+            },
+        },
+        config,
+    )
     return AnomalyDetectionPipeline(tree)
 
 
@@ -388,10 +478,13 @@ def create_resnet_pipeline(
     **config: Any,
 ) -> AnomalyDetectionPipeline:
     """Seed API: 3D ResNet features, pooled per patch, into an autoencoder."""
-    tree = _merge({
-        "patches": {"patch_size": list(patch_size), "stride": [max(1, s // 2) for s in patch_size]},
-        "extractor": {"type": model_type, "layers": list(layers)},
-        "embedding": {"embedding_method": "avg"},
-        "autoencoder": {"type": autoencoder_type},
-    }, config)
+    tree = _merge(
+        {
+            "patches": {"patch_size": list(patch_size), "stride": [max(1, s // 2) for s in patch_size]},
+            "extractor": {"type": model_type, "layers": list(layers)},
+            "embedding": {"embedding_method": "avg"},
+            "autoencoder": {"type": autoencoder_type},
+        },
+        config,
+    )
     return AnomalyDetectionPipeline(tree)

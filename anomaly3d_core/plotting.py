@@ -16,9 +16,16 @@ Curve = tuple[str, np.ndarray | Sequence[np.ndarray], np.ndarray | Sequence[np.n
 MAX_POINTS = 2_000_000
 
 
-def _pooled(gt: np.ndarray | Sequence[np.ndarray], scores: np.ndarray | Sequence[np.ndarray], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _pooled(
+    gt: np.ndarray | Sequence[np.ndarray], scores: np.ndarray | Sequence[np.ndarray], seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     g = np.concatenate([np.asarray(a).ravel() > 0 for a in ([gt] if isinstance(gt, np.ndarray) else gt)])
-    s = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in ([scores] if isinstance(scores, np.ndarray) else scores)])
+    s = np.concatenate(
+        [
+            np.asarray(a, dtype=np.float32).ravel()
+            for a in ([scores] if isinstance(scores, np.ndarray) else scores)
+        ]
+    )
     if g.size > MAX_POINTS:  # curves only; metrics are computed on every voxel
         pick = np.random.default_rng(seed).choice(g.size, MAX_POINTS, replace=False)
         g, s = g[pick], s[pick]
@@ -33,7 +40,9 @@ def _save(fig: plt.Figure, save_path: str | Path | None) -> plt.Figure:
     return fig
 
 
-def plot_roc_curves(results: Sequence[Curve], save_path: str | Path | None = None, title: str = "Voxel ROC") -> plt.Figure:
+def plot_roc_curves(
+    results: Sequence[Curve], save_path: str | Path | None = None, title: str = "Voxel ROC"
+) -> plt.Figure:
     """Seed API: one ROC curve per ``(name, ground_truth, scores)``."""
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, gt, scores in results:
@@ -46,7 +55,9 @@ def plot_roc_curves(results: Sequence[Curve], save_path: str | Path | None = Non
     return _save(fig, save_path)
 
 
-def plot_precision_recall_curves(results: Sequence[Curve], save_path: str | Path | None = None, title: str = "Voxel precision-recall") -> plt.Figure:
+def plot_precision_recall_curves(
+    results: Sequence[Curve], save_path: str | Path | None = None, title: str = "Voxel precision-recall"
+) -> plt.Figure:
     """Seed API: one PR curve per ``(name, ground_truth, scores)``."""
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, gt, scores in results:
@@ -58,9 +69,19 @@ def plot_precision_recall_curves(results: Sequence[Curve], save_path: str | Path
     return _save(fig, save_path)
 
 
-def plot_score_distributions(normal: np.ndarray, anomalous: np.ndarray, threshold: float | None = None, save_path: str | Path | None = None, title: str = "Voxel scores") -> plt.Figure:
+def plot_score_distributions(
+    normal: np.ndarray,
+    anomalous: np.ndarray,
+    threshold: float | None = None,
+    save_path: str | Path | None = None,
+    title: str = "Voxel scores",
+) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6, 4))
-    hi = float(np.percentile(np.concatenate([normal, anomalous]), 99.9)) if normal.size + anomalous.size else 1.0
+    hi = (
+        float(np.percentile(np.concatenate([normal, anomalous]), 99.9))
+        if normal.size + anomalous.size
+        else 1.0
+    )
     bins = np.linspace(float(min(normal.min(initial=0), anomalous.min(initial=0))), hi, 100)
     ax.hist(normal, bins=bins, density=True, alpha=0.6, label="normal")
     ax.hist(anomalous, bins=bins, density=True, alpha=0.6, label="anomalous")
@@ -71,7 +92,9 @@ def plot_score_distributions(normal: np.ndarray, anomalous: np.ndarray, threshol
     return _save(fig, save_path)
 
 
-def visualize_threshold_analysis(analysis: dict[str, np.ndarray], save_path: str | Path | None = None) -> plt.Figure:
+def visualize_threshold_analysis(
+    analysis: dict[str, np.ndarray], save_path: str | Path | None = None
+) -> plt.Figure:
     """Seed API: plot the output of :func:`thresholding.multi_threshold_analysis`."""
     fig, ax = plt.subplots(figsize=(6, 4))
     t = analysis["thresholds"]
@@ -107,6 +130,7 @@ def plot_overlay(
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     hi = float(np.percentile(scores[scores > 0], 99.5)) if (scores > 0).any() else 1.0
     for ax, axis, name in zip(axes, (2, 1, 0), ("axial", "coronal", "sagittal"), strict=True):
+
         def cut(a: np.ndarray, axis: int = axis) -> np.ndarray:
             return np.take(a, centre[axis], axis=axis).T
 

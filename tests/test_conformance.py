@@ -14,7 +14,11 @@ REG = get_registry()
 
 def _small_args(cls) -> dict:
     fields = cls.Params.model_fields
-    return {"width": 8} if "width" in fields else ({"feature_dims": [4, 8, 8]} if "feature_dims" in fields else {})
+    return (
+        {"width": 8}
+        if "width" in fields
+        else ({"feature_dims": [4, 8, 8]} if "feature_dims" in fields else {})
+    )
 
 
 @pytest.mark.parametrize("name", REG.names("extractors"))

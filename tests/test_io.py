@@ -65,14 +65,16 @@ def test_preprocessing_inverse_is_exact_on_oblique_grid():
 
 
 def test_resampled_inverse_keeps_geometry():
-    from anomaly3d_core.volume import Volume
-
     from scipy import ndimage
+
+    from anomaly3d_core.volume import Volume
 
     array, affine = blob_volume((30, 34, 22), seed=6), oblique_affine()
     smooth = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal(array.shape), 3)
     array = np.where(array > 0, 100 + 500 * smooth, 0).astype(np.float32)
-    prep = Preprocessor(PreprocessingConfig(target_spacing=(2.0, 2.0, 2.0), clip_percentile=None))(Volume(array, affine))
+    prep = Preprocessor(PreprocessingConfig(target_spacing=(2.0, 2.0, 2.0), clip_percentile=None))(
+        Volume(array, affine)
+    )
     assert prep.spacing == pytest.approx((2.0, 2.0, 2.0), rel=0.15)
     back = Preprocessor.invert(prep.array, prep.record, order=1)
     inside = ndimage.binary_erosion(array != 0, iterations=2)  # away from the interpolated border
@@ -83,7 +85,9 @@ def test_dicom_series_uid_choice(tmp_path):
     array, affine = np.round(blob_volume()), oblique_affine()
     folder = write_dicom_series(array, affine, tmp_path, "mixed", series_uid="1.2.3.4")
     write_dicom_series(array + 5, affine, tmp_path, "mixed", series_uid="1.2.3.5")
-    with pytest.raises(DataError, match=r"2 DICOM series in one folder; choose one with series_uid: .*1\.2\.3\.4"):
+    with pytest.raises(
+        DataError, match=r"2 DICOM series in one folder; choose one with series_uid: .*1\.2\.3\.4"
+    ):
         load_volume(folder)
     from anomaly3d_plugins.loaders.dicom import DicomLoader
 
@@ -109,13 +113,34 @@ def _corrupt_nifti(tmp_path):
 
 BAD_INPUTS = {
     "truncated NIfTI": (_corrupt_nifti, r"truncated.nii.gz: .*(corrupt|truncated)"),
-    "unsupported extension": (lambda d: (d / "notes.txt").write_text("x") and d / "notes.txt", r"notes.txt: unsupported file type '.txt'"),
-    "2D data": (lambda d: (np.save(d / "flat.npy", np.ones((8, 8))), d / "flat.npy")[1], r"flat.npy: 2D data"),
-    "4D data": (lambda d: (np.save(d / "series.npy", np.random.rand(6, 6, 6, 3)), d / "series.npy")[1], r"series.npy: 4D data holding 3 volumes"),
-    "NaN voxels": (lambda d: write_nifti(np.where(blob_volume() > 0, np.nan, 0).astype(np.float32), np.eye(4), d, "nan"), r"nan.nii.gz: \d+ voxels are NaN or Inf"),
-    "Inf voxels": (lambda d: write_nifti(np.full((6, 6, 6), np.inf, np.float32), np.eye(4), d, "inf"), r"inf.nii.gz: 216 voxels are NaN or Inf"),
-    "constant volume": (lambda d: write_nifti(np.full((6, 6, 6), 3.0, np.float32), np.eye(4), d, "const"), r"const.nii.gz: constant volume"),
-    "empty volume": (lambda d: (np.save(d / "empty.npy", np.zeros((0, 4, 4))), d / "empty.npy")[1], r"empty.npy: empty volume"),
+    "unsupported extension": (
+        lambda d: (d / "notes.txt").write_text("x") and d / "notes.txt",
+        r"notes.txt: unsupported file type '.txt'",
+    ),
+    "2D data": (
+        lambda d: (np.save(d / "flat.npy", np.ones((8, 8))), d / "flat.npy")[1],
+        r"flat.npy: 2D data",
+    ),
+    "4D data": (
+        lambda d: (np.save(d / "series.npy", np.random.rand(6, 6, 6, 3)), d / "series.npy")[1],
+        r"series.npy: 4D data holding 3 volumes",
+    ),
+    "NaN voxels": (
+        lambda d: write_nifti(np.where(blob_volume() > 0, np.nan, 0).astype(np.float32), np.eye(4), d, "nan"),
+        r"nan.nii.gz: \d+ voxels are NaN or Inf",
+    ),
+    "Inf voxels": (
+        lambda d: write_nifti(np.full((6, 6, 6), np.inf, np.float32), np.eye(4), d, "inf"),
+        r"inf.nii.gz: 216 voxels are NaN or Inf",
+    ),
+    "constant volume": (
+        lambda d: write_nifti(np.full((6, 6, 6), 3.0, np.float32), np.eye(4), d, "const"),
+        r"const.nii.gz: constant volume",
+    ),
+    "empty volume": (
+        lambda d: (np.save(d / "empty.npy", np.zeros((0, 4, 4))), d / "empty.npy")[1],
+        r"empty.npy: empty volume",
+    ),
     "missing file": (lambda d: d / "nope.nii.gz", r"nope.nii.gz: file not found"),
 }
 

@@ -47,7 +47,9 @@ def _install_fake_plugin(monkeypatch, module_name: str, source: str, dist_name: 
     monkeypatch.setitem(sys.modules, module_name, module)
     ep = importlib.metadata.EntryPoint(name="extra", value=module_name, group="anomaly3d")
     real = list(importlib.metadata.distributions())
-    monkeypatch.setattr(reg_mod.importlib.metadata, "distributions", lambda: [*real, _FakeDist(dist_name, "9.9", [ep])])
+    monkeypatch.setattr(
+        reg_mod.importlib.metadata, "distributions", lambda: [*real, _FakeDist(dist_name, "9.9", [ep])]
+    )
     return module
 
 
@@ -84,7 +86,10 @@ def test_autoload_env_keeps_third_party_out(monkeypatch):
 
 
 def test_duplicate_name_names_both_packages(monkeypatch):
-    _install_fake_plugin(monkeypatch, "fake_dup_plugin", """
+    _install_fake_plugin(
+        monkeypatch,
+        "fake_dup_plugin",
+        """
 from anomaly3d_core import hookimpl
 from anomaly3d_plugins.thresholds.statistical import SigmaThreshold
 
@@ -94,7 +99,9 @@ class Clash(SigmaThreshold):
 @hookimpl
 def anomaly3d_register_thresholds():
     return [Clash]
-""", dist_name="clashing-pkg")
+""",
+        dist_name="clashing-pkg",
+    )
     with pytest.raises(PluginError) as err:
         Registry(get_plugin_manager())
     msg = str(err.value)
@@ -104,19 +111,25 @@ def anomaly3d_register_thresholds():
 def test_broken_plugin_reports_package(monkeypatch):
     ep = importlib.metadata.EntryPoint(name="broken", value="no_such_module_xyz", group="anomaly3d")
     real = list(importlib.metadata.distributions())
-    monkeypatch.setattr(reg_mod.importlib.metadata, "distributions", lambda: [*real, _FakeDist("broken-pkg", "0.1", [ep])])
+    monkeypatch.setattr(
+        reg_mod.importlib.metadata, "distributions", lambda: [*real, _FakeDist("broken-pkg", "0.1", [ep])]
+    )
     with pytest.raises(PluginError, match="broken-pkg"):
         get_plugin_manager()
 
 
 def test_misspelt_hook_fails_loudly(monkeypatch):
-    _install_fake_plugin(monkeypatch, "fake_typo_plugin", """
+    _install_fake_plugin(
+        monkeypatch,
+        "fake_typo_plugin",
+        """
 from anomaly3d_core import hookimpl
 
 @hookimpl
 def anomaly3d_register_thresold():
     return []
-""")
+""",
+    )
     from pluggy import PluginValidationError
 
     with pytest.raises(PluginValidationError):

@@ -35,7 +35,9 @@ def write_itk(ext: str):
     return write
 
 
-def write_dicom_series(array, affine, folder: Path, name: str = "series", series_uid: str = "1.2.826.0.1.3680043.2.1125.1") -> Path:
+def write_dicom_series(
+    array, affine, folder: Path, name: str = "series", series_uid: str = "1.2.826.0.1.3680043.2.1125.1"
+) -> Path:
     """One file per slice with the geometry tags a scanner would write (int16 pixels)."""
     out = folder / name
     out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +56,10 @@ def write_dicom_series(array, affine, folder: Path, name: str = "series", series
             "0020|000e": series_uid,
             "0020|0013": str(k + 1),
             "0020|0032": "\\".join(f"{v:.6f}" for v in origin),
-            "0020|0037": "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])),
+            "0020|0037": "\\".join(
+                f"{v:.6f}"
+                for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])
+            ),
             "0028|0030": f"{image.GetSpacing()[1]:.6f}\\{image.GetSpacing()[0]:.6f}",
             "0018|0050": f"{image.GetSpacing()[2]:.6f}",
         }

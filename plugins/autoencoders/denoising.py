@@ -39,6 +39,10 @@ class DenoisingAutoencoder(StandardAutoencoder):
         if self.spatial_shape is not None and int(torch.tensor(self.spatial_shape).prod()) == x.shape[1]:
             c, *size = self.spatial_shape
             noise = torch.randn(n, c, s, s, s, device=x.device, dtype=x.dtype)
-            return F.interpolate(noise, size=tuple(size), mode="trilinear", align_corners=False).reshape(n, -1)
-        noise = torch.randn(n, 1, s, device=x.device, dtype=x.dtype)  # no spatial layout: smooth along features
+            return F.interpolate(noise, size=tuple(size), mode="trilinear", align_corners=False).reshape(
+                n, -1
+            )
+        noise = torch.randn(
+            n, 1, s, device=x.device, dtype=x.dtype
+        )  # no spatial layout: smooth along features
         return F.interpolate(noise, size=x.shape[1], mode="linear", align_corners=False).reshape(n, -1)

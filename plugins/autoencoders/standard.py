@@ -42,7 +42,9 @@ class StandardAutoencoder(Autoencoder):
         super().__init__(input_dim, params, **kwargs)
         p = self.params
         if p.input_dim is not None and p.input_dim != self.input_dim:
-            raise ValueError(f"autoencoder.args.input_dim={p.input_dim} but the embedding gives {self.input_dim}")
+            raise ValueError(
+                f"autoencoder.args.input_dim={p.input_dim} but the embedding gives {self.input_dim}"
+            )
         self.encoder = mlp([self.input_dim, *p.hidden_dims, self.code_dim()], p.dropout)
         self.decoder = mlp([p.latent_dim, *reversed(p.hidden_dims), self.input_dim], p.dropout)
 

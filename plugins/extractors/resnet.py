@@ -98,7 +98,7 @@ class ResNet3D(FeatureExtractor):
     def forward(self, x: torch.Tensor, layers=("layer1", "layer2")) -> dict[str, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         out, last = {}, max(self.layers.index(name) for name in layers)
-        for i, name in enumerate(self.layers[: last + 1]):
+        for name in self.layers[: last + 1]:
             x = getattr(self, name)(x)
             if name in layers:
                 out[name] = x

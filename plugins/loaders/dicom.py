@@ -42,7 +42,10 @@ class DicomLoader(VolumeLoader):
         uid = self.params.series_uid
         if uid is None:
             if len(series) > 1:
-                raise DataError(folder, f"{len(series)} DICOM series in one folder; choose one with series_uid: {', '.join(series)}")
+                raise DataError(
+                    folder,
+                    f"{len(series)} DICOM series in one folder; choose one with series_uid: {', '.join(series)}",
+                )
             uid = series[0]
         elif uid not in series:
             raise DataError(folder, f"series_uid '{uid}' not found; series here: {', '.join(series)}")
@@ -52,7 +55,9 @@ class DicomLoader(VolumeLoader):
         try:
             image = reader.Execute()
         except RuntimeError as exc:
-            raise DataError(folder, f"DICOM series {uid} cannot be read ({str(exc).strip().splitlines()[-1]})") from None
+            raise DataError(
+                folder, f"DICOM series {uid} cannot be read ({str(exc).strip().splitlines()[-1]})"
+            ) from None
         volume = image_to_volume(image, str(folder))
         volume.meta.update({"format": "dicom", "series_uid": uid, "n_slices": len(files)})
         return volume

@@ -23,7 +23,10 @@ class ItkLoader(VolumeLoader):
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
             raise DataError(path, f"corrupt or unreadable ITK image ({reason})") from None
         if image.GetNumberOfComponentsPerPixel() != 1:
-            raise DataError(path, f"{image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is needed")
+            raise DataError(
+                path,
+                f"{image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar volume is needed",
+            )
         volume = image_to_volume(image, str(path))
         volume.meta["format"] = "itk"
         return volume

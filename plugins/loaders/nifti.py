@@ -20,7 +20,7 @@ class NiftiLoader(VolumeLoader):
     @classmethod
     def sniff(cls, path: Path) -> bool:
         try:
-            with (gzip.open(path, "rb") if path.read_bytes()[:2] == b"\x1f\x8b" else open(path, "rb")) as f:
+            with gzip.open(path, "rb") if path.read_bytes()[:2] == b"\x1f\x8b" else open(path, "rb") as f:
                 header = f.read(348)
         except OSError:
             return False
@@ -31,5 +31,7 @@ class NiftiLoader(VolumeLoader):
             img = nib.load(str(path))
             data = np.asanyarray(img.dataobj)
         except Exception as exc:
-            raise DataError(path, f"corrupt or truncated NIfTI ({exc.__class__.__name__}: {exc})".replace("\n", " ")) from None
+            raise DataError(
+                path, f"corrupt or truncated NIfTI ({exc.__class__.__name__}: {exc})".replace("\n", " ")
+            ) from None
         return Volume(data, img.affine, str(path), {"format": "nifti"})

@@ -41,11 +41,16 @@ class NumpyLoader(VolumeLoader):
         except DataError:
             raise
         except Exception as exc:
-            raise DataError(path, f"corrupt or truncated NumPy file ({exc.__class__.__name__}: {exc})") from None
+            raise DataError(
+                path, f"corrupt or truncated NumPy file ({exc.__class__.__name__}: {exc})"
+            ) from None
         if affine is None:
             affine, source = self._sidecar(path.parent, stem)
         if affine is None:
-            warnings.warn(f"{path}: no affine sidecar ({stem}.affine.npy or {stem}.json); using identity (1 mm voxels)", stacklevel=2)
+            warnings.warn(
+                f"{path}: no affine sidecar ({stem}.affine.npy or {stem}.json); using identity (1 mm voxels)",
+                stacklevel=2,
+            )
             affine, source = np.eye(4), "identity"
         affine = np.asarray(affine, dtype=np.float64)
         if affine.shape != (4, 4):

@@ -1,0 +1,152 @@
+"""Networks and training: regularisers, reproducibility, save/load, dense scoring geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST
+
+from anomaly3d_core.embedding import FeatureEmbedding
+from anomaly3d_core.io import list_inputs
+from anomaly3d_core.network import gaussian_kernel
+from anomaly3d_core.pipeline import AnomalyDetectionPipeline, create_resnet_pipeline, create_simple_pipeline
+from anomaly3d_core.training import train_autoencoder
+from anomaly3d_plugins.autoencoders import (
+    ContractiveAutoencoder,
+    DenoisingAutoencoder,
+    VariationalAutoencoder,
+)
+
+
+def test_vae_kl_positive_and_in_score():
+    torch.manual_seed(0)
+    vae = VariationalAutoencoder(input_dim=32, hidden_dims=[16], latent_dim=4, beta=1.0, kl_in_score=1.0)
+    x = torch.randn(64, 32) * 3
+    out = vae(x)
+    kl = vae.kl_divergence(out)
+    assert (kl > 0).all()
+    _, parts = vae.loss(x, out)
+    assert parts["kl"] > 0
+    vae.eval()
+    with torch.no_grad():
+        o = vae(x)
+        plain = ((o["recon"] - x) ** 2).mean(1)
+        assert (vae.anomaly_score(x, o) > plain).all()
+
+
+def test_contractive_penalty_positive_and_trains():
+    torch.manual_seed(0)
+    cae = ContractiveAutoencoder(input_dim=16, hidden_dims=[8], latent_dim=4, jacobian_weight=0.1)
+    x = torch.randn(32, 16)
+    assert float(cae.contractive_penalty(x).detach()) > 0
+    loss, parts = cae.loss(x, cae(x))
+    assert parts["jacobian"] > 0
+    loss.backward()
+    assert cae.encoder[0].weight.grad.abs().sum() > 0
+
+
+def test_denoising_noise_forms():
+    torch.manual_seed(0)
+    x = torch.zeros(4, 2 * 4 * 4 * 4)
+    gauss = DenoisingAutoencoder(x.shape[1], noise_factor=0.5, noise_type="gaussian").corrupt(x)
+    coarse_ae = DenoisingAutoencoder(x.shape[1], noise_factor=0.5, noise_type="coarse")
+    coarse_ae.spatial_shape = (2, 4, 4, 4)
+    coarse = coarse_ae.corrupt(x).reshape(4, 2, 4, 4, 4)
+    assert gauss.std() == pytest.approx(0.5, rel=0.2)
+    # coarse noise is smooth: neighbouring voxels differ far less than i.i.d. noise does
+    g = gauss.reshape(4, 2, 4, 4, 4)
+    assert (coarse.diff(dim=2).abs().mean() / coarse.abs().mean()) < 0.5 * (
+        g.diff(dim=2).abs().mean() / g.abs().mean()
+    )
+
+
+@pytest.mark.parametrize("method", ["flatten", "avg", "max", "adaptive", "mlp"])
+def test_embedding_methods(method):
+    patches = torch.randn(200, 3, 4, 4, 4)
+    emb = FeatureEmbedding(3, (4, 4, 4), method, [32], output_dim=8).fit(patches, epochs=2)
+    out = emb(patches)
+    assert out.shape == (200, emb.output_dim)
+    assert out.mean(0).abs().max() < 1e-3 and (out.std(0) - 1).abs().max() < 1e-2
+
+
+def test_training_is_seeded_and_early_stops(tmp_path):
+    data = torch.randn(512, 12)
+
+    def run():
+        torch.manual_seed(123)
+        ae = VariationalAutoencoder(12, hidden_dims=[8], latent_dim=3)
+        hist = train_autoencoder(
+            ae, data, data[:64], num_epochs=4, batch_size=64, seed=7, show_progress=False
+        )
+        return ae, hist
+
+    (a, ha), (b, hb) = run(), run()
+    assert ha == hb
+    assert all(
+        torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    assert ha["train_loss"][-1] < ha["train_loss"][0]
+    flat = torch.zeros(256, 12)
+    ae = VariationalAutoencoder(12, hidden_dims=[8], latent_dim=3)
+    hist = train_autoencoder(
+        ae, flat, flat, num_epochs=50, learning_rate=1e-9, early_stopping_patience=2, show_progress=False
+    )
+    assert len(hist["train_loss"]) < 50
+
+
+def test_training_resumes_from_checkpoint(tmp_path):
+    data = torch.randn(256, 10)
+    kw = dict(
+        batch_size=64, seed=1, checkpoint_dir=tmp_path, show_progress=False, early_stopping_patience=100
+    )
+    ae = VariationalAutoencoder(10, hidden_dims=[8], latent_dim=2)
+    train_autoencoder(ae, data, num_epochs=2, **kw)
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
+    ae2 = VariationalAutoencoder(10, hidden_dims=[8], latent_dim=2)
+    hist = train_autoencoder(ae2, data, num_epochs=4, resume=True, **kw)
+    assert len(hist["train_loss"]) == 4
+
+
+def test_gaussian_kernel_peak_and_symmetry():
+    k = gaussian_kernel((5, 5, 5))
+    assert k.max() == 1 and k[2, 2, 2] == 1 and torch.allclose(k, k.flip(0))
+
+
+def test_save_load_bit_identical(fitted, saved_model, demo_dir):
+    scan = list_inputs(demo_dir / "test")[-1]
+    loaded = AnomalyDetectionPipeline.load(saved_model)
+    a, meta_a = fitted.score_map(scan)
+    b, meta_b = loaded.score_map(scan)
+    assert np.array_equal(a, b)
+    assert loaded.threshold_ == fitted.threshold_ and meta_a["volume_score"] == meta_b["volume_score"]
+    assert (saved_model / "MLmodel").is_file()
+
+
+def test_fixed_seed_identical_pipelines(demo_dir):
+    train = list_inputs(demo_dir / "train")[:3]
+    cfg = {**FAST, "training": {"num_epochs": 2}}
+    a = AnomalyDetectionPipeline(cfg).fit(train, show_progress=False)
+    b = AnomalyDetectionPipeline(cfg).fit(train, show_progress=False)
+    scan = list_inputs(demo_dir / "test")[0]
+    assert np.array_equal(a.score_map(scan)[0], b.score_map(scan)[0])
+
+
+@pytest.mark.parametrize("factory", [create_simple_pipeline, create_resnet_pipeline])
+def test_seed_factories_fit_and_score(factory, demo_dir):
+    pipe = factory(
+        patch_size=(8, 8, 8),
+        training={"num_epochs": 1},
+        patches={"max_patches": 100},
+        tracking={"enabled": False},
+    )
+    if factory is create_resnet_pipeline:
+        pipe = factory(
+            extractor={"args": {"width": 8}}, training={"num_epochs": 1}, patches={"max_patches": 100}
+        )
+    pipe.fit(list_inputs(demo_dir / "train")[:3], show_progress=False)
+    scan = list_inputs(demo_dir / "test")[0]
+    scores, meta = pipe.score_map(scan)
+    mask = pipe.predict(scan)
+    assert scores.shape == mask.shape == pipe.prepare(scan).source.shape
+    assert np.isfinite(scores).all() and mask.dtype == bool
