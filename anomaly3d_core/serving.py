@@ -5,8 +5,6 @@ Request rows: ``{"volume": "<base64 of a .nii or .nii.gz file>"}``. Response row
 input's grid).
 """
 
-from __future__ import annotations
-
 import base64
 import binascii
 import gzip
@@ -14,25 +12,20 @@ import importlib.metadata
 import logging
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import mlflow.pyfunc
 import nibabel as nib
 import numpy as np
+import pandas as pd
 
 from anomaly3d_core.errors import Anomaly3DError
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
-import mlflow.pyfunc
-
 logging.getLogger("mlflow").setLevel(logging.WARNING)
-# our predict() takes and returns DataFrames with an explicit signature; MLflow's type-hint nudge is noise
-warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
 
 
 def encode_nifti(array: np.ndarray, affine: np.ndarray) -> str:
@@ -59,7 +52,7 @@ def decode_nifti(text: str) -> nib.Nifti1Image:
         raise ValueError(f"'volume' is not a NIfTI-1 file ({exc})") from None
 
 
-def _requirements(pipeline: AnomalyDetectionPipeline) -> list[str]:
+def _requirements(pipeline: "AnomalyDetectionPipeline") -> list[str]:
     """The project itself plus every third-party package whose plugins this model uses."""
     reg = pipeline._registry()
     cfg = pipeline.config
@@ -144,10 +137,8 @@ def signature() -> Any:
     )
 
 
-def save_pyfunc(pipeline: AnomalyDetectionPipeline, path: str | Path) -> Path:
+def save_pyfunc(pipeline: "AnomalyDetectionPipeline", path: str | Path) -> Path:
     """Write ``pipeline`` as an MLflow model folder at ``path`` (replacing an older one)."""
-    import pandas as pd
-
     out = Path(path)
     if out.exists():
         if not (out / "MLmodel").is_file() and any(out.iterdir()):
@@ -168,10 +159,8 @@ def save_pyfunc(pipeline: AnomalyDetectionPipeline, path: str | Path) -> Path:
     return out
 
 
-def log_pyfunc(pipeline: AnomalyDetectionPipeline, registered_model_name: str | None = None) -> Any:
+def log_pyfunc(pipeline: "AnomalyDetectionPipeline", registered_model_name: str | None = None) -> Any:
     """Log ``pipeline`` to the active MLflow run (and optionally register it)."""
-    import pandas as pd
-
     with tempfile.TemporaryDirectory() as tmp:
         files = pipeline.save_files(Path(tmp) / "pipeline")
         return mlflow.pyfunc.log_model(

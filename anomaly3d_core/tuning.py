@@ -1,0 +1,256 @@
+"""Optuna tuning: search space from the YAML, TPE + median pruning, nested MLflow runs.
+
+Several ``anomaly3d tune`` workers on different machines share one study through an RDB storage
+URL; trial numbers are handed out by the storage, and a worker whose trial number reaches
+``n_trials`` stops, so the study ends with exactly ``n_trials`` finished trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import optuna
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from anomaly3d_core.config import PipelineConfig, apply_overrides, build_config
+from anomaly3d_core.errors import ConfigError, DataError, did_you_mean
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("voxel_ap", "voxel_auroc")
+
+
+class _Param(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Categorical(_Param):
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+
+
+class FloatRange(_Param):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+
+
+class IntRange(_Param):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = 1
+    log: bool = False
+
+
+SearchParam = Annotated[Categorical | FloatRange | IntRange, Field(discriminator="type")]
+_SPACE = TypeAdapter(dict[str, SearchParam])
+
+
+def parse_search_space(config: PipelineConfig) -> dict[str, Categorical | FloatRange | IntRange]:
+    """Validate ``tuning.search_space``: parameter specs and that every key is a real config key."""
+    try:
+        space = _SPACE.validate_python(config.tuning.search_space)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"] if p not in ("categorical", "float", "int"))
+        raise ConfigError(f"tuning.search_space.{loc}: {first['msg']}") from None
+    if not space:
+        raise ConfigError(
+            "tuning.search_space is empty; add e.g. 'training.learning_rate: {type: float, low: 1e-4, high: 1e-2, log: true}'"
+        )
+    base = config.model_dump(mode="json")
+    for key, spec in space.items():
+        if isinstance(spec, FloatRange | IntRange) and spec.low >= spec.high:
+            raise ConfigError(f"tuning.search_space.{key}: low ({spec.low}) must be below high ({spec.high})")
+        sample = spec.choices[0] if isinstance(spec, Categorical) else spec.low
+        try:  # an unknown key or a bad value fails here, with its dotted path
+            build_config(apply_overrides(_copy(base), [f"{key}={json.dumps(sample)}"]))
+        except ConfigError as exc:
+            raise ConfigError(f"tuning.search_space.{key}: {exc}") from None
+    return space
+
+
+def _copy(tree: Any) -> Any:
+    return json.loads(json.dumps(tree))
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, Any]) -> list[str]:
+    """Overrides ``key=value`` for one trial."""
+    out = []
+    for key, spec in space.items():
+        if isinstance(spec, Categorical):
+            # Optuna stores categoricals as JSON-able scalars; lists go through their JSON text
+            choices = [json.dumps(c) if isinstance(c, list | dict) else c for c in spec.choices]
+            value = trial.suggest_categorical(key, choices)
+            value = json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
+        elif isinstance(spec, FloatRange):
+            value = trial.suggest_float(key, spec.low, spec.high, log=spec.log)
+        else:
+            value = trial.suggest_int(key, spec.low, spec.high, step=spec.step, log=spec.log)
+        out.append(f"{key}={json.dumps(value)}")
+    return out
+
+
+def make_storage(url: str | None) -> Any:
+    """``None`` -> in memory; ``*.log``/``*.journal`` -> a journal file; else an RDB URL (sqlite, postgresql, mysql)."""
+    if url is None:
+        return None
+    if url.endswith((".log", ".journal")) and "://" not in url:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(url))
+    return optuna.storages.RDBStorage(url)
+
+
+class ValidationSet:
+    """Held-out scans with masks: labelled ones, or normal ones with injected anomalies."""
+
+    def __init__(self, volumes: list[Any], masks: list[np.ndarray], source: str) -> None:
+        self.volumes, self.masks, self.source = volumes, masks, source
+
+    @classmethod
+    def build(
+        cls, normals: Sequence[Path], val: Sequence[Path] | None, val_masks: Path | None, seed: int
+    ) -> ValidationSet:
+        from anomaly3d_core.io import load_volume
+        from anomaly3d_core.runner import find_mask
+        from anomaly3d_core.synthetic import inject_anomalies
+
+        if val:
+            if val_masks is None:
+                raise ConfigError(
+                    "--val needs --val-masks (a folder of ground-truth masks with the same file names)"
+                )
+            vols = [load_volume(p) for p in val]
+            masks = [load_volume(find_mask(p, val_masks), allow_constant=True).array > 0 for p in val]
+            return cls(vols, masks, "labelled")
+        rng = np.random.default_rng(seed)
+        pairs = [inject_anomalies(load_volume(p), rng) for p in normals]
+        return cls([v for v, _ in pairs], [m for _, m in pairs], "synthetic")
+
+    def metrics(self, pipeline: Any) -> dict[str, float]:
+        """Pooled voxel AP and AUROC inside each scan's foreground (works mid-training: no threshold needed)."""
+        from anomaly3d_core.preprocessing import Preprocessor, foreground_mask
+
+        truths, scores = [], []
+        for vol, mask in zip(self.volumes, self.masks, strict=True):
+            prep = pipeline.prepare(vol)
+            native = Preprocessor.invert(pipeline._prepared_scores(prep), prep.record)
+            fg = foreground_mask(vol.array, pipeline.config.data.preprocessing.foreground)
+            truths.append(mask[fg])
+            scores.append(native[fg])
+        y, s = np.concatenate(truths), np.concatenate(scores)
+        return {"voxel_ap": float(average_precision_score(y, s)), "voxel_auroc": float(roc_auc_score(y, s))}
+
+
+def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
+    """The ``anomaly3d tune`` command."""
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+    from anomaly3d_core.runner import resolve_inputs
+    from anomaly3d_core.tracking import log_metrics, mlflow_run
+
+    space = parse_search_space(config)
+    metric = config.tuning.metric
+    if metric not in OBJECTIVES:
+        raise ConfigError("tuning.metric: " + did_you_mean(metric, OBJECTIVES, "metric"))
+    n_trials = args.n_trials or config.tuning.n_trials
+    inputs = resolve_inputs(args.train)
+    if len(inputs) < 3:
+        raise DataError(
+            args.train, f"{len(inputs)} scan(s); tuning needs at least 3 normal scans (train + held-out)"
+        )
+    n_hold = 0 if args.val else max(1, int(round(len(inputs) * 0.25)))
+    train, held = inputs[n_hold:], inputs[:n_hold]
+    val = ValidationSet.build(
+        held,
+        resolve_inputs(args.val) if args.val else None,
+        Path(args.val_masks) if args.val_masks else None,
+        config.training.seed,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=args.study_name,
+        storage=make_storage(args.storage),
+        load_if_exists=True,
+        direction=config.tuning.direction,
+        sampler=optuna.samplers.TPESampler(seed=None),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2),
+    )
+    base = config.model_dump(mode="json")
+
+    def objective(trial: optuna.Trial) -> float:
+        if trial.number >= n_trials:
+            trial.set_user_attr("overflow", True)
+            trial.study.stop()
+            raise optuna.TrialPruned("study already has the requested number of trials")
+        overrides = suggest(trial, space)
+        cfg = build_config(apply_overrides(_copy(base), overrides))
+        pipe = AnomalyDetectionPipeline(cfg)
+        with mlflow_run(
+            cfg,
+            f"trial-{trial.number}",
+            nested=True,
+            tags={"optuna.trial": str(trial.number), "optuna.study": args.study_name},
+        ):
+
+            def report(epoch: int, values: dict[str, float]) -> None:
+                value = val.metrics(pipe)[metric]
+                log_metrics({"val_loss": values["val_loss"], f"val_{metric}": value}, step=epoch)
+                trial.report(value, epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
+
+            pipe.fit(train, callbacks=[report])
+            value = val.metrics(pipe)[metric]
+            log_metrics({metric: value, "fit_seconds": pipe.fit_seconds_})
+            pipe.save(out / "trials" / f"{trial.number:04d}")
+        return value
+
+    with mlflow_run(config, f"tune-{args.study_name}", tags={"optuna.study": args.study_name}):
+        study.optimize(objective, n_trials=n_trials, timeout=args.timeout, catch=(DataError,))
+        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not finished:
+            raise ConfigError(
+                "no tuning trial finished (all pruned or failed); widen the search space or raise --n-trials"
+            )
+        best = study.best_trial
+        best_cfg = build_config(
+            apply_overrides(_copy(base), [f"{k}={json.dumps(v)}" for k, v in _decoded(best.params).items()])
+        )
+        best_cfg.save(out / "best_config.yaml")
+        log_metrics({f"best_{metric}": best.value})
+        model_dir = out / "trials" / f"{best.number:04d}"
+        if model_dir.is_dir():
+            if (out / "best_model").exists():
+                shutil.rmtree(out / "best_model")
+            shutil.copytree(model_dir, out / "best_model")
+            if config.tracking.enabled:
+                from anomaly3d_core.pipeline import AnomalyDetectionPipeline as Pipe
+                from anomaly3d_core.tracking import log_pyfunc_if_active
+
+                log_pyfunc_if_active(
+                    Pipe.load(model_dir), registered_model_name=f"anomaly3d-{args.study_name}"
+                )
+    print(
+        f"{len(finished)} trial(s) finished in study '{args.study_name}'; best #{best.number}: {metric} = {best.value:.4f}"
+    )
+    print(
+        f"best config: {out / 'best_config.yaml'}; best model: {out / 'best_model'} (validation: {val.source} anomalies)"
+    )
+    return 0
+
+
+def _decoded(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v for k, v in params.items()}

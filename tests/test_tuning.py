@@ -1,0 +1,117 @@
+"""Optuna tuning: validated search space, nested MLflow runs, and two workers sharing one study."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from anomaly3d_core.config import build_config
+from anomaly3d_core.errors import ConfigError
+from anomaly3d_core.tuning import parse_search_space
+
+SPACE = {
+    "training.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    "autoencoder.type": {"type": "categorical", "choices": ["standard", "denoising"]},
+    "autoencoder.args.latent_dim": {"type": "int", "low": 4, "high": 16},
+}
+
+
+def _config(tmp_path, n_trials=2):
+    cfg = {
+        "data": {"preprocessing": {"target_spacing": 4.0}},
+        "patches": {"patch_size": 4, "stride": 2, "max_patches": 300},
+        "training": {"num_epochs": 3},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}", "experiment_name": "tune-test"},
+        "tuning": {"n_trials": n_trials, "search_space": SPACE},
+    }
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_search_space_is_validated():
+    assert set(parse_search_space(build_config({"tuning": {"search_space": SPACE}}))) == set(SPACE)
+    bad = {"training.learnig_rate": {"type": "float", "low": 0.1, "high": 1.0}}
+    with pytest.raises(
+        ConfigError, match="tuning.search_space.training.learnig_rate: .*did you mean 'learning_rate'"
+    ):
+        parse_search_space(build_config({"tuning": {"search_space": bad}}))
+    with pytest.raises(ConfigError, match="unknown autoencoder 'stnadard'"):
+        parse_search_space(
+            build_config(
+                {
+                    "tuning": {
+                        "search_space": {"autoencoder.type": {"type": "categorical", "choices": ["stnadard"]}}
+                    }
+                }
+            )
+        )
+    with pytest.raises(ConfigError, match="low .* must be below high"):
+        parse_search_space(
+            build_config(
+                {
+                    "tuning": {
+                        "search_space": {"training.learning_rate": {"type": "float", "low": 1, "high": 0.1}}
+                    }
+                }
+            )
+        )
+    with pytest.raises(ConfigError, match="tuning.search_space"):
+        parse_search_space(
+            build_config(
+                {
+                    "tuning": {
+                        "search_space": {"training.num_epochs": {"type": "integer", "low": 1, "high": 3}}
+                    }
+                }
+            )
+        )
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(tmp_path, demo_dir):
+    cfg = _config(tmp_path, n_trials=4)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    # workers on one machine share a SQLite MLflow store: create its schema once, before they start
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    mlflow.search_experiments()
+    cmd = [
+        sys.executable,
+        "-m",
+        "anomaly3d_core",
+        "tune",
+        "--config",
+        str(cfg),
+        "--train",
+        str(demo_dir / "train"),
+        "--storage",
+        storage,
+        "--study-name",
+        "shared",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    workers = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
+    ]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    study = optuna.load_study(study_name="shared", storage=storage)
+    counted = [t for t in study.trials if not t.user_attrs.get("overflow")]
+    assert sorted(t.number for t in counted) == [0, 1, 2, 3]  # none lost, none duplicated
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in counted)
+    assert (tmp_path / "out" / "best_config.yaml").is_file() and (
+        tmp_path / "out" / "best_model" / "MLmodel"
+    ).is_file()
+    runs = mlflow.search_runs(experiment_names=["tune-test"], output_format="list")
+    trial_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len([r for r in runs if r.info.run_name.startswith("tune-")]) == 2
+    assert len(trial_runs) >= 4 and all("params" not in r.data.params for r in trial_runs)
+    assert any("voxel_ap" in r.data.metrics for r in trial_runs)
+    versions = mlflow.MlflowClient().search_model_versions("name='anomaly3d-shared'")
+    assert versions
