@@ -96,6 +96,11 @@ class EmbeddingConfig(Section):
     adaptive_size: int = Field(2, ge=1)
     mlp_hidden_dims: list[int] = Field(default_factory=lambda: [256])
     output_dim: int = Field(64, ge=1)
+    positional_weight: float = Field(
+        0.0,
+        ge=0,
+        description="append the patch centre's normalised (x, y, z) times this weight; for aligned scans",
+    )
     input_channels: int | None = Field(
         None, description="derived from the extractor; accepted for seed configs"
     )

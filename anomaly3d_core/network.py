@@ -42,8 +42,10 @@ class AnomalyNet(nn.Module):
         autoencoder: Autoencoder,
         patch_size: tuple[int, int, int],
         stride: tuple[int, int, int],
+        positional_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        self.positional_weight = float(positional_weight)
         self.extractor = extractor.requires_grad_(False).eval()
         self.layers = list(layers)
         self.embedding = embedding
@@ -109,8 +111,34 @@ class AnomalyNet(nn.Module):
         grid = tuple(view.shape[1:4])
         return view.permute(1, 2, 3, 0, 4, 5, 6), grid  # type: ignore[return-value]
 
-    def score_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        vectors = self.embedding(patches)
+    @property
+    def vector_dim(self) -> int:
+        """Width of the autoencoder's input: the embedding, plus 3 coordinates when positional."""
+        return self.embedding.output_dim + (3 if self.positional_weight else 0)
+
+    @staticmethod
+    def patch_centres(
+        grid: tuple[int, int, int],
+        feat_shape: tuple[int, ...],
+        patch: tuple[int, ...],
+        stride: tuple[int, ...],
+    ) -> torch.Tensor:
+        """Centres of all grid patches, normalised to [-1, 1] per axis of the (cropped) map: ``(n0, n1, n2, 3)``."""
+        axes = [
+            ((torch.arange(g) * s + p / 2) / n) * 2 - 1
+            for g, n, p, s in zip(grid, feat_shape, patch, stride, strict=True)
+        ]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).float()
+
+    def vectors(self, patches: torch.Tensor, centres: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedding vectors, with the weighted patch centres appended when positional."""
+        v = self.embedding(patches)
+        if self.positional_weight and centres is not None:
+            v = torch.cat([v, self.positional_weight * centres.to(v)], dim=1)
+        return v
+
+    def score_patches(self, patches: torch.Tensor, centres: torch.Tensor | None = None) -> torch.Tensor:
+        vectors = self.vectors(patches, centres)
         return self.autoencoder.anomaly_score(vectors, self.autoencoder(vectors))
 
     @torch.no_grad()
@@ -119,13 +147,15 @@ class AnomalyNet(nn.Module):
         with torch.autocast(x.device.type, enabled=amp and x.device.type == "cuda"):
             feat = self.features(x)
         view, grid = self.grid_patches(feat.float())
+        centres = self.patch_centres(grid, feat.shape[2:], self.patch_f, self.stride_f).to(x.device)
         per_slab = max(1, max_batch // (grid[1] * grid[2]))
         out = []
         for start in range(0, grid[0], per_slab):
             slab = view[start : start + per_slab]
             flat = slab.reshape(-1, *slab.shape[3:])
+            where = centres[start : start + per_slab].reshape(-1, 3)
             with torch.autocast(x.device.type, enabled=amp and x.device.type == "cuda"):
-                out.append(self.score_patches(flat).float().reshape(slab.shape[:3]))
+                out.append(self.score_patches(flat, where).float().reshape(slab.shape[:3]))
         return torch.cat(out)
 
     def blend(self, grid_scores: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -158,10 +188,11 @@ class AnomalyNet(nn.Module):
         strategy: str,
         generator: torch.Generator,
         device: torch.device,
-    ) -> torch.Tensor:
-        """Training patches ``(n, C, p, p, p)`` from one preprocessed volume, mostly inside the foreground."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training patches ``(n, C, p, p, p)`` and their centres ``(n, 3)``, mostly inside the foreground."""
         x = torch.from_numpy(array)[None, None].to(device)
-        view, grid = self.grid_patches(self.features(x).float())
+        feat = self.features(x).float()
+        view, grid = self.grid_patches(feat)
         size = tuple(pf * self.feature_stride for pf in self.patch_f)
         step = tuple(sf * self.feature_stride for sf in self.stride_f)
         fg = torch.from_numpy(mask.astype(np.float32))[None, None]
@@ -177,7 +208,8 @@ class AnomalyNet(nn.Module):
             else:
                 candidates = candidates[torch.randperm(candidates.numel(), generator=generator)[:max_patches]]
         flat = view.reshape(-1, *view.shape[3:])
-        return flat[candidates.to(flat.device)].cpu().clone()
+        centres = self.patch_centres(grid, feat.shape[2:], self.patch_f, self.stride_f).reshape(-1, 3)
+        return flat[candidates.to(flat.device)].cpu().clone(), centres[candidates]
 
 
 def feature_units(voxels: tuple[int, int, int], stride: int) -> tuple[int, int, int]:

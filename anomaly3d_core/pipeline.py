@@ -156,16 +156,21 @@ class AnomalyDetectionPipeline:
         embedding = FeatureEmbedding.from_config(
             cfg.embedding, channels, feature_units(cfg.patches.patch_size, stride)
         )
+        vector_dim = embedding.output_dim + (3 if cfg.embedding.positional_weight else 0)
         try:
-            autoencoder = reg.get("autoencoders", cfg.autoencoder.type)(
-                embedding.output_dim, cfg.autoencoder.args
-            )
+            autoencoder = reg.get("autoencoders", cfg.autoencoder.type)(vector_dim, cfg.autoencoder.args)
         except ValueError as exc:
             raise Anomaly3DError(str(exc)) from None
         if hasattr(autoencoder, "spatial_shape"):
             autoencoder.spatial_shape = embedding.spatial_shape
         return AnomalyNet(
-            extractor, layers, embedding, autoencoder, cfg.patches.patch_size, cfg.patches.stride
+            extractor,
+            layers,
+            embedding,
+            autoencoder,
+            cfg.patches.patch_size,
+            cfg.patches.stride,
+            cfg.embedding.positional_weight,
         )
 
     def prepare(self, item: VolumeLike, mask: np.ndarray | None = None) -> Prepared:
@@ -197,10 +202,10 @@ class AnomalyDetectionPipeline:
         if cfg.data.augmentation.enabled:
             train = train + self._augmented(train)
         self.model_ = self.build_network().to(self.device)
-        patches = self._collect(train, gen)
-        val_patches = self._collect(val, gen)
+        patches, centres = self._collect(train, gen)
+        val_patches, val_centres = self._collect(val, gen)
         self.model_.embedding.fit(patches.float(), seed=cfg.training.seed)
-        train_vec, val_vec = self._embed(patches), self._embed(val_patches)
+        train_vec, val_vec = self._embed(patches, centres), self._embed(val_patches, val_centres)
         t = cfg.training
         self.history_ = train_autoencoder(
             self.model_.autoencoder,
@@ -260,7 +265,7 @@ class AnomalyDetectionPipeline:
                 out.append(Prepared(array, prep.mask, prep.affine, prep.record, prep.source))
         return out
 
-    def _collect(self, prepared: list[Prepared], gen: torch.Generator) -> torch.Tensor:
+    def _collect(self, prepared: list[Prepared], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.config.patches
         chunks = [
             self.model_.sample_patches(
@@ -268,12 +273,17 @@ class AnomalyDetectionPipeline:
             )
             for prep in prepared
         ]
-        return torch.cat(chunks)
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
-    def _embed(self, patches: torch.Tensor) -> torch.Tensor:
-        emb = self.model_.embedding.to(self.device)
+    def _embed(self, patches: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        net = self.model_
         with torch.no_grad():
-            return torch.cat([emb(chunk.to(self.device).float()).cpu() for chunk in patches.split(8192)])
+            return torch.cat(
+                [
+                    net.vectors(p.to(self.device).float(), c.to(self.device)).cpu()
+                    for p, c in zip(patches.split(8192), centres.split(8192), strict=True)
+                ]
+            )
 
     # ---------------------------------------------------------------- calibration
     def calibrate(self, normal: Sequence[Prepared | VolumeLike]) -> AnomalyDetectionPipeline:
