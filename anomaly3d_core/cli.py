@@ -101,9 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from anomaly3d_core.config import load_config
+    from anomaly3d_core.ensemble import load_any_config
 
-    return load_config(getattr(args, "config", None), args.overrides)
+    return load_any_config(getattr(args, "config", None), args.overrides)
+
+
+def _new_model(config: Any) -> Any:
+    """A pipeline, or an ensemble for a config with an ``ensemble`` section."""
+    from anomaly3d_core.ensemble import EnsembleConfig, EnsemblePipeline
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+
+    return (
+        EnsemblePipeline(config) if isinstance(config, EnsembleConfig) else AnomalyDetectionPipeline(config)
+    )
 
 
 def _report(failures: Any, what: str) -> int:
@@ -135,14 +145,13 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
     from anomaly3d_core.runner import resolve_inputs
     from anomaly3d_core.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run
 
     config = _config(args)
     train = resolve_inputs(args.train)
     val = resolve_inputs(args.val) if args.val else None
-    pipe = AnomalyDetectionPipeline(config)
+    pipe = _new_model(config)
     with mlflow_run(config, "fit"):
         pipe.fit(train, val, callbacks=[epoch_logger()] if config.tracking.enabled else ())
         out = pipe.save(args.out)
@@ -171,10 +180,10 @@ def _log_fit(pipe: Any, out: Path) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+    from anomaly3d_core.ensemble import load_model
     from anomaly3d_core.runner import resolve_inputs, score_files
 
-    pipe = AnomalyDetectionPipeline.load(args.model)
+    pipe = load_model(args.model)
     if args.overrides:
         raise ConfigError(
             "score uses the saved model's config; --set is not applied here (refit with --set instead)"
@@ -188,11 +197,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+    from anomaly3d_core.ensemble import load_model
     from anomaly3d_core.runner import evaluate_files, resolve_inputs, summary_table
     from anomaly3d_core.tracking import log_artifact, log_metrics, mlflow_run
 
-    pipe = AnomalyDetectionPipeline.load(args.model)
+    pipe = load_model(args.model)
     with mlflow_run(pipe.config, "evaluate"):
         metrics, failures = evaluate_files(pipe, resolve_inputs(args.input), Path(args.masks), Path(args.out))
         log_metrics(metrics)
@@ -203,7 +212,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from anomaly3d_core.datasets import make_demo_dataset
-    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
     from anomaly3d_core.runner import evaluate_files, resolve_inputs, score_files, summary_table
     from anomaly3d_core.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run, ui_command
 
@@ -216,7 +224,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         make_demo_dataset(data, args.size, args.seed)
     else:
         print(f"[1/4] using demo data in {data}", flush=True)
-    pipe = AnomalyDetectionPipeline(config)
+    pipe = _new_model(config)
     with mlflow_run(config, "demo", tags={"data": str(data)}) as run:
         print("[2/4] fitting on normal subjects ...", flush=True)
         pipe.fit(
@@ -249,10 +257,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from anomaly3d_core.config import load_config
     from anomaly3d_core.tuning import run_tuning
 
-    config = _config(args)
-    return run_tuning(config, args)
+    return run_tuning(load_config(args.config, args.overrides), args)
 
 
 COMMANDS = {

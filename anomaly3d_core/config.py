@@ -199,13 +199,26 @@ class PipelineConfig(Section):
         """Dotted-key view (``training.num_epochs``), for MLflow params."""
         return flatten(self.model_dump(mode="json"))
 
+    def plugin_specs(self) -> list[tuple[str, str]]:
+        """``(family, name)`` of every plugin this config uses."""
+        return [
+            ("extractors", self.extractor.type),
+            ("autoencoders", self.autoencoder.type),
+            ("thresholds", self.threshold.type),
+            ("thresholds", self.threshold.volume.method.type),
+        ]
+
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys for nested mappings; lists of mappings get their index (``members.0.training``)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
             out.update(flatten(value, name + "."))
+        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{name}.{i}."))
         else:
             out[name] = value
     return out

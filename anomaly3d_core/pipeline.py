@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ class ScoreResult:
     prepared: Prepared | None = None
     prepared_scores: np.ndarray | None = None
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    foreground: np.ndarray | None = None
 
 
 def _seed_sections(
@@ -173,6 +173,12 @@ class AnomalyDetectionPipeline:
             cfg.embedding.positional_weight,
         )
 
+    def read(self, path: str | Path) -> Volume:
+        """Read one scan with this pipeline's loader setting."""
+        from anomaly3d_core.io import load_volume
+
+        return load_volume(path, self.config.data.loader, self.registry)
+
     def prepare(self, item: VolumeLike, mask: np.ndarray | None = None) -> Prepared:
         """Load (if needed) and preprocess one scan."""
         return self.preprocessor(as_volume(item, self.config.data.loader, self.registry), mask)
@@ -232,6 +238,7 @@ class AnomalyDetectionPipeline:
         self.model_.eval()
         self.calibrate(val)
         self.n_train_volumes_, self.n_val_volumes_ = len(train), len(val)
+        self.val_volumes_ = [p.source for p in val]
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -348,6 +355,7 @@ class AnomalyDetectionPipeline:
             prep,
             scores,
             time.perf_counter() - t0,
+            native_fg,
         )
 
     def score_map(self, item: VolumeLike) -> tuple[np.ndarray, dict[str, Any]]:
@@ -439,14 +447,17 @@ class AnomalyDetectionPipeline:
         return pipe
 
     @classmethod
-    def load(
-        cls, path: str | Path, device: str | None = None, registry: Any = None
-    ) -> AnomalyDetectionPipeline:
-        """Load a model saved by :meth:`save` (an MLflow model folder) or :meth:`save_files`."""
-        folder = Path(path)
-        if (folder / "MLmodel").is_file():
-            folder = folder / "artifacts" / "pipeline"
-        return cls.load_files(folder, device, registry)
+    def load(cls, path: str | Path, device: str | None = None, registry: Any = None) -> Any:
+        """Load a model saved by :meth:`save` (an MLflow model folder) or :meth:`save_files`.
+
+        A saved ensemble comes back as an :class:`~anomaly3d_core.ensemble.EnsemblePipeline`.
+        """
+        from anomaly3d_core.ensemble import load_model
+
+        return load_model(path, device, registry)
+
+    def plugin_specs(self) -> list[tuple[str, str]]:
+        return self.config.plugin_specs()
 
 
 def _mask_array(item: VolumeLike, registry: Any) -> np.ndarray:

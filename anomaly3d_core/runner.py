@@ -19,7 +19,6 @@ from anomaly3d_core.data import BatchFailures
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.io import atomic_write, list_inputs, load_volume, save_nifti
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline, ScoreResult
-from anomaly3d_core.preprocessing import Preprocessor
 from anomaly3d_core.progress import progress
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ def score_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in progress(inputs, desc="scoring", total=len(inputs)):
         try:
-            result = pipeline.score(load_volume(path, pipeline.config.data.loader, pipeline.registry))
+            result = pipeline.score(pipeline.read(path))
         except DataError as exc:
             batch.failures.add(exc)
             continue
@@ -123,7 +122,7 @@ def evaluate_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in progress(inputs, desc="evaluating", total=len(inputs)):
         try:
-            volume = load_volume(path, pipeline.config.data.loader, pipeline.registry)
+            volume = pipeline.read(path)
             truth = (
                 load_volume(find_mask(path, masks_dir), registry=pipeline.registry, allow_constant=True).array
                 > 0
@@ -137,14 +136,10 @@ def evaluate_files(
             )
             continue
         result = pipeline.score(volume)
-        fg = (
-            Preprocessor.invert(result.prepared.mask.astype(np.float32), result.prepared.record, order=0)
-            > 0.5
-        )
-        result.prepared_scores = None
+        result.prepared = result.prepared_scores = None  # keep only what the metrics need
         results.append(result)
         truths.append(truth)
-        foregrounds.append(fg)
+        foregrounds.append(result.foreground)
     if not results:
         raise DataError(None, "no volume could be evaluated:\n" + failures.report())
     metrics = comprehensive_evaluation(

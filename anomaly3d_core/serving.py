@@ -13,7 +13,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow.pyfunc
 import nibabel as nib
@@ -21,9 +21,6 @@ import numpy as np
 import pandas as pd
 
 from anomaly3d_core.errors import Anomaly3DError
-
-if TYPE_CHECKING:
-    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 
@@ -52,18 +49,13 @@ def decode_nifti(text: str) -> nib.Nifti1Image:
         raise ValueError(f"'volume' is not a NIfTI-1 file ({exc})") from None
 
 
-def _requirements(pipeline: "AnomalyDetectionPipeline") -> list[str]:
+def _requirements(model: Any) -> list[str]:
     """The project itself plus every third-party package whose plugins this model uses."""
-    reg = pipeline._registry()
-    cfg = pipeline.config
-    used = [
-        ("extractors", cfg.extractor.type),
-        ("autoencoders", cfg.autoencoder.type),
-        ("thresholds", cfg.threshold.type),
-        ("thresholds", cfg.threshold.volume.method.type),
-    ]
+    from anomaly3d_core.registry import get_registry
+
+    reg = model.registry or get_registry()
     reqs = {f"anomaly3d=={importlib.metadata.version('anomaly3d')}"}
-    for family, name in used:
+    for family, name in model.plugin_specs():
         info = reg.info(family, name)
         if info.package != "anomaly3d":
             reqs.add(f"{info.package}=={info.version}")
@@ -74,9 +66,9 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper around a saved :class:`AnomalyDetectionPipeline`."""
 
     def load_context(self, context: Any) -> None:
-        from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+        from anomaly3d_core.ensemble import load_model
 
-        self.pipeline = AnomalyDetectionPipeline.load_files(context.artifacts["pipeline"])
+        self.pipeline = load_model(context.artifacts["pipeline"])
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -137,7 +129,7 @@ def signature() -> Any:
     )
 
 
-def save_pyfunc(pipeline: "AnomalyDetectionPipeline", path: str | Path) -> Path:
+def save_pyfunc(pipeline: Any, path: str | Path) -> Path:
     """Write ``pipeline`` as an MLflow model folder at ``path`` (replacing an older one)."""
     out = Path(path)
     if out.exists():
@@ -159,7 +151,7 @@ def save_pyfunc(pipeline: "AnomalyDetectionPipeline", path: str | Path) -> Path:
     return out
 
 
-def log_pyfunc(pipeline: "AnomalyDetectionPipeline", registered_model_name: str | None = None) -> Any:
+def log_pyfunc(pipeline: Any, registered_model_name: str | None = None) -> Any:
     """Log ``pipeline`` to the active MLflow run (and optionally register it)."""
     with tempfile.TemporaryDirectory() as tmp:
         files = pipeline.save_files(Path(tmp) / "pipeline")

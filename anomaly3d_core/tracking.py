@@ -39,19 +39,13 @@ def _experiment(name: str, uri: str) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
-def plugin_versions(config: PipelineConfig, registry: Any = None) -> dict[str, str]:
+def plugin_versions(config: Any, registry: Any = None) -> dict[str, str]:
     """``plugin.<family>.<name>`` -> ``package==version`` for every plugin the config uses."""
     from anomaly3d_core.registry import get_registry
 
     reg = registry or get_registry()
-    used = {
-        ("extractors", config.extractor.type),
-        ("autoencoders", config.autoencoder.type),
-        ("thresholds", config.threshold.type),
-        ("thresholds", config.threshold.volume.method.type),
-    }
     out = {}
-    for family, name in sorted(used):
+    for family, name in sorted(set(config.plugin_specs())):
         info = reg.info(family, name)
         out[f"plugin.{family}.{name}"] = f"{info.package}=={info.version}"
     return out
@@ -59,7 +53,7 @@ def plugin_versions(config: PipelineConfig, registry: Any = None) -> dict[str, s
 
 @contextlib.contextmanager
 def mlflow_run(
-    config: PipelineConfig,
+    config: Any,
     run_name: str,
     *,
     nested: bool = False,
