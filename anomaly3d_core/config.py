@@ -81,6 +81,11 @@ class PatchConfig(Section):
     max_patches: int = Field(4000, ge=1, description="training patches sampled per volume")
     sampling_strategy: Literal["random", "uniform"] = "random"
     min_foreground: float = Field(0.5, ge=0, le=1, description="foreground fraction a training patch needs")
+    score_mode: Literal["auto", "voxel", "patch"] = Field(
+        "auto",
+        description="voxel: blend each patch's per-voxel residuals (flatten embedding only); "
+        "patch: blend one error per patch; auto: voxel when possible",
+    )
 
     _triple = field_validator("patch_size", "stride", mode="before")(_triple)
 

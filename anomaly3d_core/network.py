@@ -43,9 +43,17 @@ class AnomalyNet(nn.Module):
         patch_size: tuple[int, int, int],
         stride: tuple[int, int, int],
         positional_weight: float = 0.0,
+        score_mode: str = "auto",
     ) -> None:
         super().__init__()
         self.positional_weight = float(positional_weight)
+        voxel_ok = embedding.method == "flatten"
+        if score_mode == "voxel" and not voxel_ok:
+            raise ConfigError(
+                f"patches.score_mode: 'voxel' needs embedding_method 'flatten' (per-voxel residuals), "
+                f"not '{embedding.method}'; use 'patch' or 'auto'"
+            )
+        self.voxel_residuals = voxel_ok and score_mode != "patch"
         self.extractor = extractor.requires_grad_(False).eval()
         self.layers = list(layers)
         self.embedding = embedding
@@ -172,9 +180,67 @@ class AnomalyNet(nn.Module):
         return out[0, 0, : shape[0], : shape[1], : shape[2]]
 
     @torch.no_grad()
+    def score_voxels(self, x: torch.Tensor, max_batch: int = 16384, amp: bool = False) -> torch.Tensor:
+        """Per-voxel residuals of every patch, overlap-added with Gaussian weights; shape of ``x``.
+
+        Each patch contributes its own squared reconstruction residual at each of its voxels
+        (channel mean, in standardised units) plus any per-patch extra of the autoencoder's score
+        (the VAE's KL term), so the map is as sharp as the residuals rather than one value per patch.
+        """
+        with torch.autocast(x.device.type, enabled=amp and x.device.type == "cuda"):
+            feat = self.features(x)
+        view, grid = self.grid_patches(feat.float())
+        centres = self.patch_centres(grid, feat.shape[2:], self.patch_f, self.stride_f).to(x.device)
+        p, s = self.patch_f, self.stride_f
+        size = [(g - 1) * st + pk for g, st, pk in zip(grid, s, p, strict=True)]
+        num = torch.zeros(size, device=x.device)
+        weight = gaussian_kernel(p).to(x.device)
+        per_slab = max(1, max_batch // (grid[1] * grid[2]))
+        width = self.embedding.output_dim
+        for start in range(0, grid[0], per_slab):
+            slab = view[start : start + per_slab]
+            k = slab.shape[0]
+            flat = slab.reshape(-1, *slab.shape[3:])
+            with torch.autocast(x.device.type, enabled=amp and x.device.type == "cuda"):
+                v = self.vectors(flat, centres[start : start + per_slab].reshape(-1, 3))
+                out = self.autoencoder(v)
+                extra = self.autoencoder.anomaly_score(v, out).float() - (
+                    (out["recon"].float() - v.float()) ** 2
+                ).mean(1)
+            res = (
+                ((out["recon"][:, :width].float() - v[:, :width].float()) ** 2)
+                .reshape(-1, *slab.shape[3:])
+                .mean(1)
+            )
+            res = (res + extra[:, None, None, None]).reshape(k, grid[1], grid[2], *p) * weight
+            r0 = start * s[0]
+            for u in range(p[0]):
+                for w in range(p[1]):
+                    for z in range(p[2]):
+                        num[
+                            r0 + u : r0 + u + k * s[0] : s[0],
+                            w : w + grid[1] * s[1] : s[1],
+                            z : z + grid[2] * s[2] : s[2],
+                        ] += res[..., u, w, z]
+        ones = torch.ones(grid, device=x.device)[None, None]
+        den = F.conv_transpose3d(ones, weight[None, None], stride=s)[0, 0]
+        fmap = (num / den.clamp_min(1e-6))[: feat.shape[2], : feat.shape[3], : feat.shape[4]]
+        if self.feature_stride > 1:
+            fmap = F.interpolate(
+                fmap[None, None], scale_factor=self.feature_stride, mode="trilinear", align_corners=False
+            )[0, 0]
+        shape = x.shape[2:]
+        pads = [max(0, t - o) for t, o in zip(shape, fmap.shape, strict=True)]
+        if any(pads):
+            fmap = F.pad(fmap[None, None], (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")[0, 0]
+        return fmap[: shape[0], : shape[1], : shape[2]]
+
+    @torch.no_grad()
     def score_map(self, array: np.ndarray, device: torch.device, amp: bool = False) -> np.ndarray:
         """Dense voxel score map of a preprocessed array, same shape."""
         x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
+        if self.voxel_residuals:
+            return self.score_voxels(x, amp=amp).cpu().numpy()
         grid = self.score_grid(x, amp=amp)
         return self.blend(grid, tuple(array.shape)).cpu().numpy()
 

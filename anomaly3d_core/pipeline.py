@@ -171,6 +171,7 @@ class AnomalyDetectionPipeline:
             cfg.patches.patch_size,
             cfg.patches.stride,
             cfg.embedding.positional_weight,
+            cfg.patches.score_mode,
         )
 
     def read(self, path: str | Path) -> Volume:

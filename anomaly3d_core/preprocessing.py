@@ -90,22 +90,27 @@ def foreground_mask(array: np.ndarray, method: str) -> np.ndarray:
 def normalize(
     array: np.ndarray, mask: np.ndarray, method: str, clip: tuple[float, float] | None
 ) -> np.ndarray:
-    """Normalise with statistics taken inside ``mask``; the background gets the lowest value."""
+    """Normalise with robust statistics taken inside ``mask``; the background gets the lowest value.
+
+    ``clip`` percentiles bound the values the statistics are computed from; the data itself is
+    not clipped, so a lesion brighter than any normal tissue keeps its contrast.
+    """
     values = array[mask]
     out = array.astype(np.float32, copy=True)
     if clip is not None:
         lo, hi = np.percentile(values, clip)
-        out = np.clip(out, lo, hi)
-        values = np.clip(values, lo, hi)
+        values = values[(values >= lo) & (values <= hi)]
     if method == "z_score":
         std = float(values.std())
         out = (out - float(values.mean())) / (std if std > 0 else 1.0)
-    elif method == "min_max":
-        lo, hi = float(values.min()), float(values.max())
+    elif method in ("min_max", "percentile"):
+        # min_max: the (robust) extremes map to 0 and 1; percentile: the clip percentiles do
+        lo, hi = (
+            (float(values.min()), float(values.max()))
+            if method == "min_max"
+            else np.percentile(array[mask], clip or (1.0, 99.0))
+        )
         out = (out - lo) / ((hi - lo) or 1.0)
-    elif method == "percentile":
-        lo, hi = np.percentile(values, clip or (1.0, 99.0))
-        out = np.clip((out - lo) / ((hi - lo) or 1.0), 0.0, 1.0)
     if method != "none":
         out[~mask] = out[mask].min()
     return out.astype(np.float32)

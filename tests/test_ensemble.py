@@ -39,12 +39,16 @@ def test_ensemble_combines_normalised_scores(demo_dir, combine):
 def test_ensemble_config_errors_and_yaml(tmp_path):
     with pytest.raises(ConfigError, match="ensemble.members"):
         build_ensemble_config({"members": [MEMBERS[0]]})
-    with pytest.raises(ConfigError, match=r"ensemble.members.1: autoencoder.type: unknown autoencoder 'denosing'"):
+    with pytest.raises(
+        ConfigError, match=r"ensemble.members.1: autoencoder.type: unknown autoencoder 'denosing'"
+    ):
         build_ensemble_config({"members": [MEMBERS[0], {"autoencoder": {"type": "denosing"}}]})
     member_file = tmp_path / "member.yaml"
     member_file.write_text(yaml.safe_dump(MEMBERS[1]))
     path = tmp_path / "ens.yaml"
-    path.write_text(yaml.safe_dump({"ensemble": {"combine": "max", "members": [MEMBERS[0], str(member_file)]}}))
+    path.write_text(
+        yaml.safe_dump({"ensemble": {"combine": "max", "members": [MEMBERS[0], str(member_file)]}})
+    )
     cfg = load_any_config(path, ["training.num_epochs=1"])
     assert cfg.combine == "max" and [m.training.num_epochs for m in cfg.members] == [1, 1]
     assert cfg.members[1].autoencoder.type == "denoising"
@@ -54,8 +58,28 @@ def test_ensemble_cli_fit_score_and_pyfunc(demo_dir, tmp_path):
     path = tmp_path / "ens.yaml"
     path.write_text(yaml.safe_dump({"ensemble": {"members": MEMBERS, "tracking": {"enabled": False}}}))
     model = tmp_path / "model"
-    assert main(["fit", "--config", str(path), "--train", str(demo_dir / "train"), "--out", str(model), "--set", "training.num_epochs=2"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(path),
+                "--train",
+                str(demo_dir / "train"),
+                "--out",
+                str(model),
+                "--set",
+                "training.num_epochs=2",
+            ]
+        )
+        == 0
+    )
     loaded = load_model(model)
     assert isinstance(loaded, EnsemblePipeline) and len(loaded.members) == 2
-    assert main(["score", "--model", str(model), "--input", str(demo_dir / "test"), "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            ["score", "--model", str(model), "--input", str(demo_dir / "test"), "--out", str(tmp_path / "s")]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "s").glob("*_score.nii.gz"))) == 4

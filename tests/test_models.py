@@ -150,3 +150,33 @@ def test_seed_factories_fit_and_score(factory, demo_dir):
     mask = pipe.predict(scan)
     assert scores.shape == mask.shape == pipe.prepare(scan).source.shape
     assert np.isfinite(scores).all() and mask.dtype == bool
+
+
+def test_score_modes_and_positional(demo_dir):
+    from anomaly3d_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="score_mode: 'voxel' needs embedding_method 'flatten'"):
+        AnomalyDetectionPipeline(
+            {**FAST, "patches": {"score_mode": "voxel"}, "embedding": {"embedding_method": "avg"}}
+        ).build_network()
+    train = list_inputs(demo_dir / "train")
+    scan = list_inputs(demo_dir / "test")[0]
+    from anomaly3d_core.io import load_volume
+
+    vol = load_volume(scan)
+    brain = np.argwhere(vol.array > 0)
+    centre = brain[len(brain) // 2]
+    cube = tuple(slice(c - 2, c + 2) for c in centre)
+    vol.array[cube] = 2.0 * np.percentile(vol.array[vol.array > 0], 99)  # a bright 4-voxel cube
+    inside = np.zeros(vol.array.shape, bool)
+    inside[cube] = True
+    for mode in ("voxel", "patch"):
+        cfg = {
+            **FAST,
+            "patches": {**FAST["patches"], "score_mode": mode},
+            "embedding": {"positional_weight": 1.0},
+        }
+        pipe = AnomalyDetectionPipeline(cfg).fit(train, show_progress=False)
+        assert pipe.model_.vector_dim == pipe.model_.embedding.output_dim + 3
+        scores = pipe.score(vol).score_map
+        assert scores[inside].mean() > np.percentile(scores[(vol.array > 0) & ~inside], 99), mode
