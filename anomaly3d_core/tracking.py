@@ -10,6 +10,8 @@ import contextlib
 import logging
 import math
 import os
+import random
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,14 @@ def mlflow_run(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri(config)
     mlflow.set_tracking_uri(uri)
-    exp_id = _experiment(config.tracking.experiment_name, uri)
+    for attempt in range(5):  # processes sharing a new SQLite store race to create its schema
+        try:
+            exp_id = _experiment(config.tracking.experiment_name, uri)
+            break
+        except Exception:
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())
     with mlflow.start_run(
         run_name=run_name, experiment_id=exp_id, nested=nested, tags=dict(tags or {})
     ) as run:

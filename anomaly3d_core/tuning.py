@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -109,7 +111,15 @@ def make_storage(url: str | None) -> Any:
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(url))
-    return optuna.storages.RDBStorage(url)
+    # Workers started together may race to create the schema; the loser retries and finds it made.
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception:  # sqlalchemy IntegrityError/OperationalError from the race
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
 
 
 class ValidationSet:
