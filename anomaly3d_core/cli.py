@@ -151,7 +151,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     config = _config(args)
     train = resolve_inputs(args.train)
     val = resolve_inputs(args.val) if args.val else None
+    from anomaly3d_core import distributed
+
+    distributed.init_from_env()
     pipe = _new_model(config)
+    if not distributed.is_main():  # other torchrun ranks train alongside; rank 0 writes and logs
+        pipe.fit(train, val, show_progress=False)
+        return EXIT_OK
     with mlflow_run(config, "fit"):
         pipe.fit(train, val, callbacks=[epoch_logger()] if config.tracking.enabled else ())
         out = pipe.save(args.out)

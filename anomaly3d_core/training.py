@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from anomaly3d_core import distributed
 from anomaly3d_core.progress import progress
 
 log = logging.getLogger(__name__)
@@ -95,12 +97,20 @@ def train_autoencoder(
     epoch and ``resume=True`` continues from ``last.pt``. ``use_amp`` runs CUDA autocast with a
     gradient scaler; it is ignored on the CPU.
     """
-    dev = resolve_device(device)
+    dev = distributed.local_device() or resolve_device(device)
     gen = seed_everything(seed)
     amp = bool(use_amp and dev.type == "cuda")
     if use_amp and not amp:
         log.info("use_amp ignored: mixed precision needs CUDA, running on %s", dev)
     model = autoencoder.to(dev)
+    rank, world = distributed.rank(), distributed.world_size()
+    # Under torchrun, DDP broadcasts rank 0's weights and averages gradients; `forward` goes through it.
+    forward = (
+        DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if world > 1
+        else model
+    )
+    ckpt_writer = distributed.is_main()
     opt = make_optimizer(model.parameters(), optimizer, learning_rate, weight_decay)
     sched = make_scheduler(opt, scheduler_type, num_epochs, step_size, gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -130,10 +140,13 @@ def train_autoencoder(
     for epoch in bar:
         model.train()
         running, seen = 0.0, 0
-        for idx in torch.randperm(len(train_features), generator=gen).split(batch_size):
+        order = torch.randperm(len(train_features), generator=gen)  # the same on every rank
+        if world > 1:  # equal shards, so every rank runs the same number of steps
+            order = order[: len(order) // world * world][rank::world]
+        for idx in order.split(batch_size):
             x = train_features[idx].to(dev, non_blocking=True)
             with torch.autocast(dev.type, enabled=amp):
-                loss, _ = model.loss(x, model(model.corrupt(x)))
+                loss, _ = model.loss(x, forward(model.corrupt(x)))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if grad_clip:
@@ -155,12 +168,12 @@ def train_autoencoder(
         if val_loss < best - 1e-6:
             best, bad_epochs = val_loss, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            if ckpt:
+            if ckpt and ckpt_writer:
                 ckpt.mkdir(parents=True, exist_ok=True)
                 torch.save(best_state, ckpt / "best.pt")
         else:
             bad_epochs += 1
-        if ckpt:
+        if ckpt and ckpt_writer:
             ckpt.mkdir(parents=True, exist_ok=True)
             torch.save(
                 {
@@ -187,6 +200,6 @@ def train_autoencoder(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    if ckpt:
+    if ckpt and ckpt_writer:
         (ckpt / "history.json").write_text(json.dumps(history))
     return history
