@@ -71,6 +71,7 @@ class AugmentationConfig(Section):
 
 class DataConfig(Section):
     loader: str = "auto"
+    cache: bool = Field(True, description="cache preprocessed volumes on disk (see anomaly3d_core.cache)")
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
 
@@ -172,6 +173,7 @@ class TuningConfig(Section):
     n_trials: int = Field(10, ge=1)
     metric: str = "voxel_ap"
     direction: Literal["maximize", "minimize"] = "maximize"
+    report_every: int = Field(5, ge=1, description="epochs between validation reports to the pruner")
     search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 

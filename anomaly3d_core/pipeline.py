@@ -247,10 +247,27 @@ class AnomalyDetectionPipeline:
         out = []
         for item in items or []:
             try:
-                out.append(self.prepare(item))
+                out.append(self._prepare_cached(item))
             except DataError as exc:
                 self.failures_.add(exc)
         return out
+
+    def _prepare_cached(self, item: VolumeLike) -> Prepared:
+        """:meth:`prepare`, through the on-disk cache for files (see :mod:`anomaly3d_core.cache`)."""
+        if not self.config.data.cache or not isinstance(item, str | Path) or not Path(item).exists():
+            return self.prepare(item)
+        from anomaly3d_core import cache
+
+        settings = {
+            "loader": self.config.data.loader,
+            "preprocessing": self.config.data.preprocessing.model_dump(mode="json"),
+        }
+        key = cache.content_key(item, settings)
+        prepared = cache.load(key)
+        if prepared is None:
+            prepared = self.prepare(item)
+            cache.store(key, prepared)
+        return prepared
 
     def _split(self, prepared: list[Prepared], gen: torch.Generator) -> tuple[list[Prepared], list[Prepared]]:
         n_val = int(round(len(prepared) * self.config.training.val_fraction))

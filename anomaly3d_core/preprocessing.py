@@ -38,6 +38,12 @@ class PreprocessRecord:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> PreprocessRecord:
+        """Inverse of :meth:`to_dict` after a JSON round trip (lists back to tuples)."""
+        matrices = ("original_affine", "to_canonical")
+        return cls(**{k: v if k in matrices else tuple(v) for k, v in data.items()})
+
 
 @dataclass
 class Prepared:

@@ -216,6 +216,8 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
         ):
 
             def report(epoch: int, values: dict[str, float]) -> None:
+                if (epoch + 1) % config.tuning.report_every:
+                    return
                 value = val.metrics(pipe)[metric]
                 log_metrics({"val_loss": values["val_loss"], f"val_{metric}": value}, step=epoch)
                 trial.report(value, epoch)

@@ -54,3 +54,10 @@ def blob_volume(shape=(28, 32, 20), seed: int = 0) -> np.ndarray:
     grid = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
     inside = sum(g**2 for g in grid) < 0.7
     return np.where(inside, 100 + 10 * rng.standard_normal(shape), 0).astype(np.float32)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Tests never read or fill the user's preprocessing cache."""
+    os.environ["ANOMALY3D_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield

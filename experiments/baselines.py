@@ -1,0 +1,99 @@
+"""Two reference methods for the benchmark, fitted on the same normal scans.
+
+* ``atlas_zscore``: a voxel-wise normative model. Each scan is z-scored inside its brain; the
+  score is |x - mean| / std against the training normals at the same voxel. It needs scans on
+  one common grid (true for the demo data, which lies in MNI space; real data needs registration).
+* ``intensity_mad``: no training. |I - median| / MAD of the scan's own brain intensities.
+
+Both smooth their maps like the pipeline does and take the 99.5th percentile of the training
+normals' brain voxels as their threshold (leave-one-out for the atlas).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from anomaly3d_core.thresholding import volume_score
+from anomaly3d_core.volume import Volume
+
+
+def _brain(v: Volume) -> np.ndarray:
+    return v.array > 0
+
+
+def _zscore(v: Volume) -> np.ndarray:
+    b = _brain(v)
+    vals = v.array[b]
+    return np.where(b, (v.array - vals.mean()) / (vals.std() or 1.0), 0.0).astype(np.float32)
+
+
+class AtlasZScore:
+    name = "atlas_zscore"
+
+    def __init__(
+        self, smoothing_sigma: float = 1.0, percentile: float = 99.5, top_k_fraction: float = 0.01
+    ) -> None:
+        self.smoothing_sigma, self.percentile, self.top_k_fraction = (
+            smoothing_sigma,
+            percentile,
+            top_k_fraction,
+        )
+
+    def fit(self, volumes: Sequence[Volume]) -> AtlasZScore:
+        shapes = {v.shape for v in volumes}
+        if len(shapes) != 1:
+            raise ValueError(f"the atlas baseline needs scans on one grid, got shapes {sorted(shapes)}")
+        stack = np.stack([_zscore(v) for v in volumes])
+        total, total_sq, n = stack.sum(0), (stack**2).sum(0), len(stack)
+        self.mean_ = total / n
+        self.std_ = np.sqrt(np.maximum(total_sq / n - self.mean_**2, 0)) + 0.1
+        normal = []
+        for i, v in enumerate(volumes):  # leave-one-out scores for the threshold
+            mean = (total - stack[i]) / (n - 1)
+            std = np.sqrt(np.maximum((total_sq - stack[i] ** 2) / (n - 1) - mean**2, 0)) + 0.1
+            normal.append(self._smooth(np.abs(stack[i] - mean) / std, _brain(v))[_brain(v)])
+        self.threshold_ = float(np.percentile(np.concatenate(normal), self.percentile))
+        return self
+
+    def _smooth(self, s: np.ndarray, brain: np.ndarray) -> np.ndarray:
+        s = ndimage.gaussian_filter(s, self.smoothing_sigma) if self.smoothing_sigma else s
+        return np.where(brain, s, 0.0).astype(np.float32)
+
+    def score(self, v: Volume) -> tuple[np.ndarray, float]:
+        s = self._smooth(np.abs(_zscore(v) - self.mean_) / self.std_, _brain(v))
+        return s, volume_score(s, _brain(v), self.top_k_fraction)
+
+
+class IntensityMAD:
+    name = "intensity_mad"
+
+    def __init__(
+        self, smoothing_sigma: float = 1.0, percentile: float = 99.5, top_k_fraction: float = 0.01
+    ) -> None:
+        self.smoothing_sigma, self.percentile, self.top_k_fraction = (
+            smoothing_sigma,
+            percentile,
+            top_k_fraction,
+        )
+
+    def _raw(self, v: Volume) -> np.ndarray:
+        b = _brain(v)
+        vals = v.array[b]
+        med = np.median(vals)
+        mad = 1.4826 * np.median(np.abs(vals - med)) or 1.0
+        s = np.abs(v.array - med) / mad
+        s = ndimage.gaussian_filter(s, self.smoothing_sigma) if self.smoothing_sigma else s
+        return np.where(b, s, 0.0).astype(np.float32)
+
+    def fit(self, volumes: Sequence[Volume]) -> IntensityMAD:
+        self.threshold_ = float(
+            np.percentile(np.concatenate([self._raw(v)[_brain(v)] for v in volumes]), self.percentile)
+        )
+        return self
+
+    def score(self, v: Volume) -> tuple[np.ndarray, float]:
+        s = self._raw(v)
+        return s, volume_score(s, _brain(v), self.top_k_fraction)

@@ -1,0 +1,144 @@
+"""Speed and memory of the brain preset: fit 16 volumes on a 2 mm grid, score a 128³ volume.
+
+    python experiments/bench_speed.py [--config experiments/configs/brain_mri.yaml] [--out experiments/results]
+
+Scoring runs in a fresh child process so its peak RSS is the scoring's own. Figures are printed
+and written to ``bench_speed.json`` and ``bench_speed.md`` in ``--out``.
+Targets (2 CPU cores): scoring <= 5 s median and <= 2 GiB peak RSS; fitting <= 10 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIG = HERE / "configs" / "brain_mri.yaml"
+
+
+def make_128_volume(path: Path, seed: int = 7) -> Path:
+    """A demo subject on a 1.5 mm grid, centre-cropped/padded to exactly 128³."""
+    from anomaly3d_core.datasets import make_subject, mni_atlas
+    from anomaly3d_core.io import save_nifti
+
+    atlas = mni_atlas(1.5)
+    image, _ = make_subject(atlas, np.random.default_rng(seed), "tumour", voxel_size=1.5)
+    out = np.zeros((128, 128, 128), np.float32)
+    src, dst = [], []
+    for n in image.shape:
+        if n >= 128:
+            a = (n - 128) // 2
+            src.append(slice(a, a + 128))
+            dst.append(slice(0, 128))
+        else:
+            a = (128 - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(a, a + n))
+    out[tuple(dst)] = image[tuple(src)]
+    affine = atlas.affine.copy()
+    affine[:3, 3] -= affine[:3, :3] @ np.array([s.start - d.start for s, d in zip(src, dst, strict=True)])
+    return save_nifti(out, affine, path)
+
+
+def child_score(model: str, volume: str, repeats: int) -> None:
+    from anomaly3d_core.ensemble import load_model
+
+    pipe = load_model(model)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pipe.score(volume)
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    print(json.dumps({"times": times, "peak_rss_mib": peak}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--n-train", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--child-score", nargs=2, metavar=("MODEL", "VOLUME"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_score:
+        child_score(*args.child_score, args.repeats)
+        return
+    from anomaly3d_core.config import load_config
+    from anomaly3d_core.datasets import make_demo_dataset
+    from anomaly3d_core.io import list_inputs
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        make_demo_dataset(work / "data", seed=11, n_train=args.n_train, n_test_normal=0, n_test_anomalous=0)
+        vol128 = make_128_volume(work / "vol128.nii.gz")
+        config = load_config(args.config, ["tracking.enabled=false"])
+        pipe = AnomalyDetectionPipeline(config)
+        t0 = time.perf_counter()
+        pipe.fit(list_inputs(work / "data" / "train"), show_progress=False)
+        fit_s = time.perf_counter() - t0
+        pipe.save(work / "model")
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child-score",
+                str(work / "model"),
+                str(vol128),
+                "--repeats",
+                str(args.repeats),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        scored = json.loads(child.stdout.strip().splitlines()[-1])
+    result = {
+        "config": str(
+            args.config.relative_to(HERE.parent) if args.config.is_relative_to(HERE.parent) else args.config
+        ),
+        "fit_volumes": args.n_train,
+        "fit_seconds": round(fit_s, 1),
+        "epochs": len(pipe.history_["train_loss"]),
+        "score_128_median_seconds": round(statistics.median(scored["times"]), 3),
+        "score_128_all_seconds": [round(t, 3) for t in scored["times"]],
+        "score_peak_rss_mib": round(scored["peak_rss_mib"], 1),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}",
+        "targets": {"score_128_median_seconds": 5.0, "score_peak_rss_mib": 2048, "fit_seconds": 600},
+    }
+    result["meets_targets"] = {k: result[k] <= v for k, v in result["targets"].items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| fit {args.n_train} volumes (2 mm grid) | {result['fit_seconds']} s ({result['epochs']} epochs) | <= 600 s |",
+        f"| score one 128³ volume, median of {args.repeats} | {result['score_128_median_seconds']} s | <= 5 s |",
+        f"| peak RSS while scoring | {result['score_peak_rss_mib']} MiB | <= 2048 MiB |",
+        "",
+        f"{result['machine']}; {result['cpu_cores']} CPU cores, device {result['device']}.",
+    ]
+    (args.out / "bench_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The demo benchmark: the brain preset against the seed's configuration families, an ensemble and
+two baselines, on accuracy and speed. Every figure in README's benchmark table comes from here.
+
+    make bench            # or: python experiments/benchmark.py [--data DIR] [--out DIR] [--only NAME ...]
+
+Data: ``bench_data.make_benchmark_data`` with fixed seeds (16 training normals; a test set of 8
+normals and 16 lesioned subjects, four lesion kinds). ``ms`` and ``haemorrhage`` were held out of
+tuning the preset and get their own columns. Each entry runs in its own process so its peak RSS
+is its own. Results: ``benchmark.json`` and ``benchmark.md`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
+
+
+def family(extractor: str, autoencoder: str) -> dict[str, Any]:
+    """A seed configuration family: CNN features pooled per patch into an autoencoder."""
+    return {
+        "extractor": {"type": extractor, "layers": ["layer1", "layer2"]},
+        "embedding": {"embedding_method": "adaptive", "adaptive_size": 2},
+        "autoencoder": {"type": autoencoder},
+        "patches": {"patch_size": 8, "stride": 4, "score_mode": "patch"},
+    }
+
+
+ENTRIES: dict[str, Any] = {
+    "preset (brain_mri.yaml)": HERE / "configs" / "brain_mri.yaml",
+    **{
+        f"{e}+{a}": family(e, a)
+        for e in ("simple", "resnet18")
+        for a in ("standard", "variational", "denoising", "contractive")
+    },
+    "ensemble (brain_ensemble.yaml)": HERE / "configs" / "brain_ensemble.yaml",
+    "baseline: atlas z-score": "atlas_zscore",
+    "baseline: intensity |I-median|/MAD": "intensity_mad",
+}
+
+
+def _metrics(truths, maps, fgs, vscores, threshold, vthreshold=None) -> dict[str, float]:
+    from anomaly3d_core.evaluation import comprehensive_evaluation
+
+    m = comprehensive_evaluation(
+        truths,
+        maps,
+        threshold,
+        foreground_masks=fgs,
+        volume_scores=vscores,
+        volume_threshold=vthreshold,
+        n_bootstrap=200,
+    )
+    keys = ("pixel_ap", "pixel_auc", "pixel_best_dice", "pixel_dice", "volume_auroc", "pixel_ap_ci")
+    return {k: m[k] for k in keys if k in m}
+
+
+def run_one(name: str, data: Path) -> dict[str, Any]:
+    """Fit and score one entry in this process; returns its figures."""
+    from anomaly3d_core.io import list_inputs, load_volume
+
+    entry = ENTRIES[name]
+    train = list_inputs(data / "train")
+    tests = list_inputs(data / "test")
+    kinds = {
+        row["file"].split("/")[-1]: row["lesion_kind"]
+        for row in csv.DictReader(open(data / "test_manifest.csv"))
+    }
+    t0 = time.perf_counter()
+    if isinstance(entry, str):
+        import baselines
+
+        model = {"atlas_zscore": baselines.AtlasZScore, "intensity_mad": baselines.IntensityMAD}[entry]()
+        model.fit([load_volume(p) for p in train])
+        fit_s = time.perf_counter() - t0
+
+        def score(path: Path) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+            v = load_volume(path)
+            s, vs = model.score(v)
+            return s, v.array > 0, vs, model.threshold_, float("nan")
+    else:
+        from anomaly3d_core.cli import _new_model
+        from anomaly3d_core.config import build_config
+        from anomaly3d_core.ensemble import load_any_config
+
+        config = (
+            load_any_config(entry, ["tracking.enabled=false"])
+            if isinstance(entry, Path)
+            else build_config({**entry, "tracking": {"enabled": False}})
+        )
+        pipe = _new_model(config).fit(train, show_progress=False)
+        fit_s = time.perf_counter() - t0
+
+        def score(path: Path) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+            r = pipe.score(path)
+            return r.score_map, r.foreground, r.volume_score, r.threshold, pipe.volume_threshold_
+
+    truths, maps, fgs, vscores, seconds, names = [], [], [], [], [], []
+    threshold = vthreshold = None
+    for path in tests:
+        t1 = time.perf_counter()
+        s, fg, vs, threshold, vthreshold = score(path)
+        seconds.append(time.perf_counter() - t1)
+        truths.append(load_volume(data / "test_masks" / path.name, allow_constant=True).array > 0)
+        maps.append(s)
+        fgs.append(fg)
+        vscores.append(vs)
+        names.append(path.name)
+    vthreshold = None if vthreshold is None or np.isnan(vthreshold) else vthreshold
+    result = {
+        "name": name,
+        "fit_seconds": round(fit_s, 1),
+        "seconds_per_volume": round(float(np.median(seconds)), 3),
+    }
+    result["all"] = _metrics(truths, maps, fgs, vscores, threshold, vthreshold)
+    held = [i for i, n in enumerate(names) if kinds.get(n, "") in HELD_OUT_KINDS or not kinds.get(n)]
+    result["held_out_kinds"] = _metrics(
+        *([x[i] for i in held] for x in (truths, maps, fgs, vscores)), threshold
+    )
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    atlas = next((r for r in results if "atlas" in r["name"]), None)
+    head = (
+        "| method | voxel AP | AP / atlas | voxel AUROC | best Dice | Dice @ own threshold | sample AUROC "
+        "| AP held-out kinds | sample AUROC held-out | fit (s) | s / volume | peak RSS (MiB) |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        a, h = r["all"], r["held_out_kinds"]
+        ratio = (
+            a["pixel_ap"] / atlas["all"]["pixel_ap"]
+            if atlas and atlas["all"].get("pixel_ap")
+            else float("nan")
+        )
+        lines.append(
+            f"| {r['name']} | {a['pixel_ap']:.3f} | {ratio:.1f}x | {a['pixel_auc']:.3f} | {a['pixel_best_dice']:.3f} | {a['pixel_dice']:.3f} "
+            f"| {a.get('volume_auroc', float('nan')):.3f} | {h['pixel_ap']:.3f} | {h.get('volume_auroc', float('nan')):.3f} "
+            f"| {r['fit_seconds']:.0f} | {r['seconds_per_volume']:.2f} | {r['peak_rss_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=Path("bench_output/data"))
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--only", nargs="*", help="entry names (substring match)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        args.result_file.write_text(json.dumps(run_one(args.one, args.data)))
+        return
+    print(f"benchmark data in {make_benchmark_data(args.data)}", flush=True)
+    names = [n for n in ENTRIES if not args.only or any(o in n for o in args.only)]
+    results = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        print(f"-- {name}", flush=True)
+        out = args.out / ".one.json"
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", name, "--data", str(args.data), "--result-file", str(out)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode:
+            print(
+                f"   failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}",
+                flush=True,
+            )
+            continue
+        results.append(json.loads(out.read_text()))
+        out.unlink()
+        r = results[-1]
+        print(
+            f"   voxel AP {r['all']['pixel_ap']:.3f}, sample AUROC {r['all'].get('volume_auroc', float('nan')):.3f}, fit {r['fit_seconds']} s",
+            flush=True,
+        )
+    text = table(results)
+    (args.out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "benchmark.md").write_text(text + "\n")
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
