@@ -34,6 +34,8 @@ class PreprocessRecord:
     crop_stop: tuple[int, int, int]
     pad_before: tuple[int, int, int]
     pad_after: tuple[int, int, int]
+    registration: list[float] | None = None  # template -> scan affine transform, when registered
+    reference_affine: list[list[float]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,7 +43,7 @@ class PreprocessRecord:
     @classmethod
     def from_dict(cls, data: dict) -> PreprocessRecord:
         """Inverse of :meth:`to_dict` after a JSON round trip (lists back to tuples)."""
-        matrices = ("original_affine", "to_canonical")
+        matrices = ("original_affine", "to_canonical", "registration", "reference_affine")
         return cls(**{k: v if k in matrices else tuple(v) for k, v in data.items()})
 
 
@@ -136,9 +138,18 @@ class Preprocessor:
             raise DataError(
                 volume.path, f"mask grid {tuple(mask.shape)} differs from the scan's {tuple(arr.shape)}"
             )
+        registration, reference_affine = None, None
+        if cfg.register_to != "none":
+            from anomaly3d_core import registration as reg
+
+            ref = reg.reference(cfg.register_to)
+            arr, registration = reg.register(volume, ref)
+            affine, reference_affine = ref.affine.copy(), ref.affine.tolist()
+            if mask is not None:
+                mask = reg.register_mask(mask, volume.affine, ref, registration)
         transform = (
             ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))
-            if cfg.reorient
+            if cfg.reorient and registration is None
             else None
         )
         if transform is None or np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
@@ -193,6 +204,8 @@ class Preprocessor:
             crop_stop=tuple(int(s) for s in stop),
             pad_before=before,
             pad_after=after,
+            registration=registration,
+            reference_affine=reference_affine,
         )
         prepared = Prepared(np.ascontiguousarray(arr, dtype=np.float32), fg, affine, record, volume)
         prepared.target = mask  # type: ignore[attr-defined]
@@ -218,6 +231,17 @@ class Preprocessor:
         full = np.full(record.resampled_shape, fill, dtype=np.float32)
         full[tuple(slice(a, b) for a, b in zip(record.crop_start, record.crop_stop, strict=True))] = arr
         full = resize(full, record.canonical_shape, order=order)
+        if record.registration is not None:
+            from anomaly3d_core.registration import to_native
+
+            return to_native(
+                full,
+                np.asarray(record.reference_affine),
+                record.registration,
+                record.original_shape,
+                np.asarray(record.original_affine),
+                order,
+            )
         back = ornt.ornt_transform(
             ornt.axcodes2ornt("RAS"), ornt.io_orientation(np.asarray(record.original_affine))
         )

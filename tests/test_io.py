@@ -167,3 +167,35 @@ def test_list_inputs_finds_scans_and_dicom_dirs(tmp_path):
     write_dicom_series(np.round(blob_volume()), np.eye(4), tmp_path, "dcm")
     names = [p.name for p in list_inputs(tmp_path)]
     assert names == ["a.nii.gz", "b.npy", "dcm"]
+
+
+def test_registration_to_mni_and_back(demo_dir):
+    from anomaly3d_core.registration import mni152_reference
+    from anomaly3d_core.volume import Volume
+
+    src = load_volume(sorted((demo_dir / "train").iterdir())[0])
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = src.shape[0] - 1
+    theta = np.deg2rad(12)
+    rot = np.eye(4)
+    rot[:2, :2] = [[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]
+    moved = Volume(
+        src.array[::-1].copy(), rot @ src.affine @ flip, "moved.nii.gz"
+    )  # non-canonical, rotated in the world
+    prep = Preprocessor(
+        PreprocessingConfig(register_to="mni152", target_spacing=None, crop_foreground=False, pad_multiple=1)
+    )(moved)
+    ref = mni152_reference()
+    assert prep.array.shape == ref.shape and np.allclose(prep.affine, ref.affine)
+    brain = ref.array > 0
+    assert np.corrcoef(prep.array[brain], ref.array[brain])[0, 1] > 0.7
+    back = Preprocessor.invert(prep.array, prep.record)
+    inside = ndimage_erode(moved.array > 0)
+    assert back.shape == moved.shape
+    assert np.corrcoef(back[inside], moved.array[inside])[0, 1] > 0.9
+
+
+def ndimage_erode(mask):
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, iterations=2)
