@@ -32,8 +32,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check anomaly3d_core plugins experiments tests
 	$(BIN)/ruff format --check anomaly3d_core plugins experiments tests
 
+# The benchmark table and the speed figures in README (about 20 minutes on 2 CPU cores).
 bench: $(STAMP)
-	$(BIN)/python experiments/bench_speed.py
+	$(BIN)/python experiments/benchmark.py --data bench_output/data --out experiments/results
+	$(BIN)/python experiments/bench_speed.py --out experiments/results
 
 clean:
-	rm -rf demo_output mlruns.db mlartifacts .pytest_cache
+	rm -rf demo_output bench_output mlruns.db mlartifacts .pytest_cache
