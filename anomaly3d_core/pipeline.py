@@ -209,6 +209,13 @@ class AnomalyDetectionPipeline:
         if cfg.data.augmentation.enabled:
             train = train + self._augmented(train)
         self.model_ = self.build_network().to(self.device)
+        if cfg.extractor.pretrain_epochs:
+            from anomaly3d_core.pretrain import pretrain_extractor
+
+            self.pretrain_history_ = pretrain_extractor(
+                self.model_.extractor, self.model_.layers, [p.array for p in train], cfg.extractor.pretrain_epochs,
+                crop=cfg.extractor.pretrain_crop, seed=cfg.training.seed, device=self.device,
+            )
         patches, centres = self._collect(train, gen)
         val_patches, val_centres = self._collect(val, gen)
         self.model_.embedding.fit(patches.float(), seed=cfg.training.seed)

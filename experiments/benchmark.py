@@ -47,6 +47,9 @@ ENTRIES: dict[str, Any] = {
         for a in ("standard", "variational", "denoising", "contractive")
     },
     "ensemble (brain_ensemble.yaml)": HERE / "configs" / "brain_ensemble.yaml",
+    # the default-weights question: the same family with a self-supervised pretrained extractor
+    "simple (pretrained)+standard": {**family("simple", "standard"), "extractor": {"type": "simple", "layers": ["layer1", "layer2"], "pretrain_epochs": 20}},
+    "simple (pretrained)+denoising": {**family("simple", "denoising"), "extractor": {"type": "simple", "layers": ["layer1", "layer2"], "pretrain_epochs": 20}},
     "baseline: atlas z-score": "atlas_zscore",
     "baseline: intensity |I-median|/MAD": "intensity_mad",
 }

@@ -180,3 +180,18 @@ def test_score_modes_and_positional(demo_dir):
         assert pipe.model_.vector_dim == pipe.model_.embedding.output_dim + 3
         scores = pipe.score(vol).score_map
         assert scores[inside].mean() > np.percentile(scores[(vol.array > 0) & ~inside], 99), mode
+
+
+def test_extractor_pretraining_changes_and_freezes_weights(demo_dir):
+    cfg = {**FAST, "extractor": {"type": "simple", "args": {"feature_dims": [4, 8]}, "pretrain_epochs": 2, "pretrain_crop": 16},
+           "embedding": {"embedding_method": "avg"}, "training": {"num_epochs": 1}}
+    pipe = AnomalyDetectionPipeline(cfg)
+    from anomaly3d_core.training import seed_everything
+
+    seed_everything(pipe.config.training.seed)  # the same initial weights fit() starts from
+    before = {k: v.clone() for k, v in pipe.build_network().extractor.state_dict().items()}
+    pipe.fit(list_inputs(demo_dir / "train"), show_progress=False)
+    after = pipe.model_.extractor.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert len(pipe.pretrain_history_) == 2 and all(np.isfinite(pipe.pretrain_history_))
+    assert not any(p.requires_grad for p in pipe.model_.extractor.parameters())
