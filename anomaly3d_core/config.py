@@ -98,7 +98,9 @@ class ExtractorConfig(ComponentSpec):
     type: str = "identity"
     layers: list[str] | None = None
     checkpoint: str | None = None
-    pretrain_epochs: int = Field(0, ge=0, description="self-supervised pretraining on the training normals; 0 = random frozen")
+    pretrain_epochs: int = Field(
+        0, ge=0, description="self-supervised pretraining on the training normals; 0 = random frozen"
+    )
     pretrain_crop: int = Field(32, ge=8)
 
 

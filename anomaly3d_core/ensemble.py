@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from anomaly3d_core import thresholding
 from anomaly3d_core.config import (
     PipelineConfig,
     Section,
@@ -36,9 +37,8 @@ from anomaly3d_core.config import (
 )
 from anomaly3d_core.data import VolumeLike, as_volume
 from anomaly3d_core.errors import Anomaly3DError, ConfigError
-from anomaly3d_core.pipeline import AnomalyDetectionPipeline, ScoreResult
+from anomaly3d_core.pipeline import AnomalyDetectionPipeline, Calibrated, ScoreResult
 from anomaly3d_core.preprocessing import Preprocessor, foreground_mask
-from anomaly3d_core.thresholding import make_threshold, postprocess_mask, volume_score
 
 ENSEMBLE_FILE = "ensemble.json"
 
@@ -97,7 +97,7 @@ def build_ensemble_config(
     return cfg
 
 
-class EnsemblePipeline:
+class EnsemblePipeline(Calibrated):
     """Several :class:`AnomalyDetectionPipeline` members scored together."""
 
     def __init__(self, config: EnsembleConfig, device: str | None = None, registry: Any = None) -> None:
@@ -137,27 +137,20 @@ class EnsemblePipeline:
         return combined.astype(np.float32), fg
 
     def calibrate(self, normal: Sequence[VolumeLike]) -> EnsemblePipeline:
-        cfg = self.config.threshold
         maps = [self._combined(as_volume(v)) for v in normal]
-        voxels = np.concatenate([m[fg] for m, fg in maps]).astype(np.float64)
-        self.score_stats_ = {"mean": float(voxels.mean()), "std": float(voxels.std() or 1.0)}
-        self.threshold_ = float(make_threshold(cfg.type, cfg.args, self.registry).fit(voxels).threshold_)
-        self.normal_volume_scores_ = [volume_score(m, fg, cfg.volume.top_k_fraction) for m, fg in maps]
-        method = make_threshold(cfg.volume.method.type, cfg.volume.method.args, self.registry)
-        self.volume_threshold_ = float(method.fit(np.array(self.normal_volume_scores_)).threshold_)
+        state = thresholding.calibrate(
+            [m for m, _ in maps], [fg for _, fg in maps], self.config.threshold, self.registry
+        )
+        self._set_calibration(state)
         return self
 
     def score(self, item: VolumeLike) -> ScoreResult:
         t0 = time.perf_counter()
         volume = as_volume(item)
         scores, fg = self._combined(volume)
-        cfg = self.config.threshold
-        threshold = self.threshold_
-        method = make_threshold(cfg.type, cfg.args, self.registry)
-        if method.calibration == "adaptive":
-            threshold = float(method.fit(scores[fg]).threshold_)
-        mask = postprocess_mask(scores > threshold, cfg.postprocess, fg, volume.spacing)
-        vscore = volume_score(scores, fg, cfg.volume.top_k_fraction)
+        threshold, mask, vscore = thresholding.decide(
+            scores, fg, volume.spacing, self.config.threshold, self.threshold_, self.registry
+        )
         return ScoreResult(
             volume,
             scores,
@@ -219,8 +212,7 @@ class EnsemblePipeline:
         )
         ens = cls.__new__(cls)
         ens.config, ens.registry, ens.members = config, registry, members
-        ens.threshold_, ens.volume_threshold_ = state["threshold"], state["volume_threshold"]
-        ens.score_stats_, ens.normal_volume_scores_ = state["score_stats"], state["normal_volume_scores"]
+        ens._set_calibration(state)
         return ens
 
     def plugin_specs(self) -> list[tuple[str, str]]:

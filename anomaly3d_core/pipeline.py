@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from anomaly3d_core import thresholding
 from anomaly3d_core.augmentation import augment_from_config
 from anomaly3d_core.config import PipelineConfig, build_config
 from anomaly3d_core.data import BatchFailures, VolumeLike, as_volume
@@ -25,7 +26,6 @@ from anomaly3d_core.embedding import FeatureEmbedding
 from anomaly3d_core.errors import Anomaly3DError, DataError
 from anomaly3d_core.network import AnomalyNet, feature_units
 from anomaly3d_core.preprocessing import Prepared, Preprocessor, foreground_mask
-from anomaly3d_core.thresholding import make_threshold, postprocess_mask, volume_score
 from anomaly3d_core.training import EpochCallback, resolve_device, seed_everything, train_autoencoder
 from anomaly3d_core.volume import Volume
 
@@ -95,7 +95,24 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class AnomalyDetectionPipeline:
+class Calibrated:
+    """Fitted decision state shared by pipelines and ensembles (see :func:`thresholding.calibrate`)."""
+
+    threshold_: float
+    volume_threshold_: float
+    score_stats_: dict[str, float]
+    normal_volume_scores_: list[float]
+
+    def _set_calibration(self, state: dict[str, Any]) -> None:
+        self.threshold_, self.volume_threshold_ = state["threshold"], state["volume_threshold"]
+        self.score_stats_, self.normal_volume_scores_ = state["score_stats"], state["normal_volume_scores"]
+
+    def normalized(self, scores: np.ndarray) -> np.ndarray:
+        """Scores as z-values against the normal-validation statistics (for ensembles)."""
+        return (scores - self.score_stats_["mean"]) / self.score_stats_["std"]
+
+
+class AnomalyDetectionPipeline(Calibrated):
     """Unsupervised voxel-wise anomaly detection for 3D scans.
 
     ``config`` is a :class:`PipelineConfig`, a nested dict or a YAML path; the seed's
@@ -213,8 +230,13 @@ class AnomalyDetectionPipeline:
             from anomaly3d_core.pretrain import pretrain_extractor
 
             self.pretrain_history_ = pretrain_extractor(
-                self.model_.extractor, self.model_.layers, [p.array for p in train], cfg.extractor.pretrain_epochs,
-                crop=cfg.extractor.pretrain_crop, seed=cfg.training.seed, device=self.device,
+                self.model_.extractor,
+                self.model_.layers,
+                [p.array for p in train],
+                cfg.extractor.pretrain_epochs,
+                crop=cfg.extractor.pretrain_crop,
+                seed=cfg.training.seed,
+                device=self.device,
             )
         patches, centres = self._collect(train, gen)
         val_patches, val_centres = self._collect(val, gen)
@@ -323,17 +345,12 @@ class AnomalyDetectionPipeline:
         self._check_fitted("calibrate")
         cfg = self.config.threshold
         prepared = [n if isinstance(n, Prepared) else self.prepare(n) for n in normal]
-        maps = [self._prepared_scores(p) for p in prepared]
-        voxels = np.concatenate([m[p.mask] for m, p in zip(maps, prepared, strict=True)]).astype(np.float64)
-        self.score_stats_ = {"mean": float(voxels.mean()), "std": float(voxels.std() or 1.0)}
-        method = make_threshold(cfg.type, cfg.args, self._registry())
-        self.threshold_ = float(method.fit(voxels).threshold_)
-        self.normal_volume_scores_ = [
-            volume_score(m, p.mask, cfg.volume.top_k_fraction) for m, p in zip(maps, prepared, strict=True)
-        ]
-        vol_method = make_threshold(cfg.volume.method.type, cfg.volume.method.args, self._registry())
-        self.volume_threshold_ = float(vol_method.fit(np.array(self.normal_volume_scores_)).threshold_)
+        fitted = thresholding.calibrate(
+            [self._prepared_scores(p) for p in prepared], [p.mask for p in prepared], cfg, self._registry()
+        )
+        self._set_calibration(fitted)
         return self
+
 
     # ---------------------------------------------------------------- scoring
     def _check_fitted(self, what: str) -> None:
@@ -357,12 +374,9 @@ class AnomalyDetectionPipeline:
         prep = self.prepare(item)
         scores = self._prepared_scores(prep)
         cfg = self.config.threshold
-        threshold = self.threshold_
-        method = make_threshold(cfg.type, cfg.args, self._registry())
-        if method.calibration == "adaptive":
-            threshold = float(method.fit(scores[prep.mask]).threshold_)
-        mask = postprocess_mask(scores > threshold, cfg.postprocess, prep.mask, prep.spacing)
-        vscore = volume_score(scores, prep.mask, cfg.volume.top_k_fraction)
+        threshold, mask, vscore = thresholding.decide(
+            scores, prep.mask, prep.spacing, cfg, self.threshold_, self._registry()
+        )
         native_scores = Preprocessor.invert(scores, prep.record, order=1)
         native_mask = Preprocessor.invert(mask.astype(np.float32), prep.record, order=0) > 0.5
         # interpolation back to the native grid must not leak scores outside the scan's own foreground
@@ -403,10 +417,6 @@ class AnomalyDetectionPipeline:
     def get_threshold(self) -> float:
         self._check_fitted("get_threshold")
         return self.threshold_
-
-    def normalized(self, scores: np.ndarray) -> np.ndarray:
-        """Scores as z-values against this model's normal-validation statistics (for ensembles)."""
-        return (scores - self.score_stats_["mean"]) / self.score_stats_["std"]
 
     def evaluate(
         self, volumes: Sequence[VolumeLike], ground_truth: Sequence[np.ndarray | VolumeLike]
@@ -466,8 +476,7 @@ class AnomalyDetectionPipeline:
         pipe.model_.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
         pipe.model_.to(pipe.device).eval()
         state = json.loads((folder / STATE_FILE).read_text())
-        pipe.threshold_, pipe.volume_threshold_ = state["threshold"], state["volume_threshold"]
-        pipe.score_stats_, pipe.normal_volume_scores_ = state["score_stats"], state["normal_volume_scores"]
+        pipe._set_calibration(state)
         pipe.history_ = state.get("history", {})
         return pipe
 

@@ -22,10 +22,18 @@ class _Decoder(nn.Module):
     def __init__(self, channels: int, stride: int, out_channels: int) -> None:
         super().__init__()
         self.stride = stride
-        self.body = nn.Sequential(nn.Conv3d(channels, 32, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv3d(32, out_channels, 3, padding=1))
+        self.body = nn.Sequential(
+            nn.Conv3d(channels, 32, 3, padding=1),
+            nn.LeakyReLU(0.1),
+            nn.Conv3d(32, out_channels, 3, padding=1),
+        )
 
     def forward(self, feat: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-        return self.body(F.interpolate(feat, size=size, mode="trilinear", align_corners=False)) if self.stride > 1 else self.body(feat)
+        return (
+            self.body(F.interpolate(feat, size=size, mode="trilinear", align_corners=False))
+            if self.stride > 1
+            else self.body(feat)
+        )
 
 
 def _crops(arrays: list[np.ndarray], size: int, n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -56,7 +64,9 @@ def pretrain_extractor(
     if not any(p.numel() for p in extractor.parameters()):
         return []
     deepest = max(layers, key=lambda name: extractor.layer_strides[name])
-    decoder = _Decoder(extractor.layer_channels[deepest], extractor.layer_strides[deepest], extractor.params.in_channels)
+    decoder = _Decoder(
+        extractor.layer_channels[deepest], extractor.layer_strides[deepest], extractor.params.in_channels
+    )
     extractor.requires_grad_(True).train().to(device)
     decoder.to(device)
     opt = torch.optim.Adam([*extractor.parameters(), *decoder.parameters()], lr=lr)
@@ -67,7 +77,12 @@ def pretrain_extractor(
         total = 0.0
         for _ in range(steps_per_epoch):
             x = _crops(arrays, crop, batch_size, rng).to(device)
-            coarse = F.interpolate(torch.randn(x.shape[0], 1, 4, 4, 4, device=device), size=x.shape[2:], mode="trilinear", align_corners=False)
+            coarse = F.interpolate(
+                torch.randn(x.shape[0], 1, 4, 4, 4, device=device),
+                size=x.shape[2:],
+                mode="trilinear",
+                align_corners=False,
+            )
             noisy = x + noise * coarse
             recon = decoder(extractor(noisy, [deepest])[deepest], tuple(x.shape[2:]))
             loss = F.mse_loss(recon, x)

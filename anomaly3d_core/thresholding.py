@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from anomaly3d_core.config import PostprocessConfig
+from anomaly3d_core.config import PostprocessConfig, ThresholdConfig
 from anomaly3d_core.interfaces import ThresholdMethod
 
 
@@ -107,3 +107,37 @@ def multi_threshold_analysis(
             rec.append(tp / max(gt.sum(), 1))
         result.update(dice=np.array(dice), precision=np.array(prec), recall=np.array(rec))
     return result
+
+
+def calibrate(
+    maps: list[np.ndarray], foregrounds: list[np.ndarray], cfg: ThresholdConfig, registry: Any = None
+) -> dict[str, Any]:
+    """Voxel threshold, volume threshold and score statistics from score maps of normal scans."""
+    voxels = np.concatenate([m[fg] for m, fg in zip(maps, foregrounds, strict=True)]).astype(np.float64)
+    normal_volume_scores = [
+        volume_score(m, fg, cfg.volume.top_k_fraction) for m, fg in zip(maps, foregrounds, strict=True)
+    ]
+    vol_method = make_threshold(cfg.volume.method.type, cfg.volume.method.args, registry)
+    return {
+        "threshold": float(make_threshold(cfg.type, cfg.args, registry).fit(voxels).threshold_),
+        "volume_threshold": float(vol_method.fit(np.array(normal_volume_scores)).threshold_),
+        "score_stats": {"mean": float(voxels.mean()), "std": float(voxels.std() or 1.0)},
+        "normal_volume_scores": normal_volume_scores,
+    }
+
+
+def decide(
+    scores: np.ndarray,
+    foreground: np.ndarray,
+    spacing: tuple[float, float, float],
+    cfg: ThresholdConfig,
+    calibrated: float,
+    registry: Any = None,
+) -> tuple[float, np.ndarray, float]:
+    """The threshold used (calibrated, or per map for adaptive methods), the post-processed mask and the volume score."""
+    threshold = calibrated
+    method = make_threshold(cfg.type, cfg.args, registry)
+    if method.calibration == "adaptive":
+        threshold = float(method.fit(scores[foreground]).threshold_)
+    mask = postprocess_mask(scores > threshold, cfg.postprocess, foreground, spacing)
+    return threshold, mask, volume_score(scores, foreground, cfg.volume.top_k_fraction)

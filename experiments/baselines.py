@@ -24,6 +24,12 @@ def _brain(v: Volume) -> np.ndarray:
     return v.array > 0
 
 
+def _finish(s: np.ndarray, brain: np.ndarray, sigma: float) -> np.ndarray:
+    """Smooth like the pipeline does, and zero outside the brain."""
+    s = ndimage.gaussian_filter(s, sigma) if sigma else s
+    return np.where(brain, s, 0.0).astype(np.float32)
+
+
 def _zscore(v: Volume) -> np.ndarray:
     b = _brain(v)
     vals = v.array[b]
@@ -54,16 +60,12 @@ class AtlasZScore:
         for i, v in enumerate(volumes):  # leave-one-out scores for the threshold
             mean = (total - stack[i]) / (n - 1)
             std = np.sqrt(np.maximum((total_sq - stack[i] ** 2) / (n - 1) - mean**2, 0)) + 0.1
-            normal.append(self._smooth(np.abs(stack[i] - mean) / std, _brain(v))[_brain(v)])
+            normal.append(_finish(np.abs(stack[i] - mean) / std, _brain(v), self.smoothing_sigma)[_brain(v)])
         self.threshold_ = float(np.percentile(np.concatenate(normal), self.percentile))
         return self
 
-    def _smooth(self, s: np.ndarray, brain: np.ndarray) -> np.ndarray:
-        s = ndimage.gaussian_filter(s, self.smoothing_sigma) if self.smoothing_sigma else s
-        return np.where(brain, s, 0.0).astype(np.float32)
-
     def score(self, v: Volume) -> tuple[np.ndarray, float]:
-        s = self._smooth(np.abs(_zscore(v) - self.mean_) / self.std_, _brain(v))
+        s = _finish(np.abs(_zscore(v) - self.mean_) / self.std_, _brain(v), self.smoothing_sigma)
         return s, volume_score(s, _brain(v), self.top_k_fraction)
 
 
@@ -84,9 +86,7 @@ class IntensityMAD:
         vals = v.array[b]
         med = np.median(vals)
         mad = 1.4826 * np.median(np.abs(vals - med)) or 1.0
-        s = np.abs(v.array - med) / mad
-        s = ndimage.gaussian_filter(s, self.smoothing_sigma) if self.smoothing_sigma else s
-        return np.where(b, s, 0.0).astype(np.float32)
+        return _finish(np.abs(v.array - med) / mad, b, self.smoothing_sigma)
 
     def fit(self, volumes: Sequence[Volume]) -> IntensityMAD:
         self.threshold_ = float(
