@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/anomaly3d demo --out demo_output
+	$(BIN)/anomaly3d demo --out demo_output --config experiments/configs/brain_mri.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

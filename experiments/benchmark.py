@@ -48,11 +48,24 @@ ENTRIES: dict[str, Any] = {
     },
     "ensemble (brain_ensemble.yaml)": HERE / "configs" / "brain_ensemble.yaml",
     # the default-weights question: the same family with a self-supervised pretrained extractor
-    "simple (pretrained)+standard": {**family("simple", "standard"), "extractor": {"type": "simple", "layers": ["layer1", "layer2"], "pretrain_epochs": 20}},
-    "simple (pretrained)+denoising": {**family("simple", "denoising"), "extractor": {"type": "simple", "layers": ["layer1", "layer2"], "pretrain_epochs": 20}},
+    "simple (pretrained)+standard": {
+        **family("simple", "standard"),
+        "extractor": {"type": "simple", "layers": ["layer1", "layer2"], "pretrain_epochs": 20},
+    },
+    "simple (pretrained)+denoising": {
+        **family("simple", "denoising"),
+        "extractor": {"type": "simple", "layers": ["layer1", "layer2"], "pretrain_epochs": 20},
+    },
     "baseline: atlas z-score": "atlas_zscore",
     "baseline: intensity |I-median|/MAD": "intensity_mad",
 }
+try:
+    import monai_baseline
+
+    if monai_baseline.available():
+        ENTRIES["MONAI AutoEncoder, sliding window"] = "monai_autoencoder"
+except ImportError:
+    pass
 
 
 def _metrics(truths, maps, fgs, vscores, threshold, vthreshold=None) -> dict[str, float]:
@@ -85,8 +98,13 @@ def run_one(name: str, data: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     if isinstance(entry, str):
         import baselines
+        import monai_baseline
 
-        model = {"atlas_zscore": baselines.AtlasZScore, "intensity_mad": baselines.IntensityMAD}[entry]()
+        model = {
+            "atlas_zscore": baselines.AtlasZScore,
+            "intensity_mad": baselines.IntensityMAD,
+            "monai_autoencoder": monai_baseline.MonaiAutoEncoder,
+        }[entry]()
         model.fit([load_volume(p) for p in train])
         fit_s = time.perf_counter() - t0
 
