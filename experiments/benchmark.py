@@ -215,6 +215,13 @@ def main() -> None:
             f"   voxel AP {r['all']['pixel_ap']:.3f}, sample AUROC {r['all'].get('volume_auroc', float('nan')):.3f}, fit {r['fit_seconds']} s",
             flush=True,
         )
+    previous = args.out / "benchmark.json"
+    if args.only and previous.is_file():  # a partial rerun updates its rows and keeps the others
+        fresh = {r["name"]: r for r in results}
+        old = json.loads(previous.read_text())
+        results = [fresh.pop(r["name"], r) for r in old] + list(fresh.values())
+        order = list(ENTRIES)
+        results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     text = table(results)
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "benchmark.md").write_text(text + "\n")
