@@ -351,7 +351,6 @@ class AnomalyDetectionPipeline(Calibrated):
         self._set_calibration(fitted)
         return self
 
-
     # ---------------------------------------------------------------- scoring
     def _check_fitted(self, what: str) -> None:
         if not hasattr(self, "model_"):

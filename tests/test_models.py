@@ -183,8 +183,17 @@ def test_score_modes_and_positional(demo_dir):
 
 
 def test_extractor_pretraining_changes_and_freezes_weights(demo_dir):
-    cfg = {**FAST, "extractor": {"type": "simple", "args": {"feature_dims": [4, 8]}, "pretrain_epochs": 2, "pretrain_crop": 16},
-           "embedding": {"embedding_method": "avg"}, "training": {"num_epochs": 1}}
+    cfg = {
+        **FAST,
+        "extractor": {
+            "type": "simple",
+            "args": {"feature_dims": [4, 8]},
+            "pretrain_epochs": 2,
+            "pretrain_crop": 16,
+        },
+        "embedding": {"embedding_method": "avg"},
+        "training": {"num_epochs": 1},
+    }
     pipe = AnomalyDetectionPipeline(cfg)
     from anomaly3d_core.training import seed_everything
 
