@@ -94,28 +94,42 @@ class FeatureEmbedding(nn.Module):
         flat = patches.reshape(n, -1)
         return flat if self.projection is None else self.projection(flat)
 
+    def standardize(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.mean) / self.std
+
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return (self.raw(patches) - self.mean) / self.std
+        return self.standardize(self.raw(patches))
+
+    def fit_projection(
+        self, patches: torch.Tensor, epochs: int = 20, batch_size: int = 512, lr: float = 1e-3, seed: int = 0
+    ) -> FeatureEmbedding:
+        """Fit the MLP projection by reconstruction of the flattened patches (no-op for other methods)."""
+        if self.projection is None:
+            return self
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam([*self.projection.parameters(), *self.reconstruction.parameters()], lr=lr)
+        flat = patches.reshape(patches.shape[0], -1)
+        mu, sd = flat.mean(dim=0), flat.std(dim=0).clamp_min(1e-6)
+        for _ in range(epochs):
+            for idx in torch.randperm(flat.shape[0], generator=gen).split(batch_size):
+                x = flat[idx]
+                loss = F.mse_loss((self.reconstruction(self.projection(x)) - mu) / sd, (x - mu) / sd)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.projection.requires_grad_(False)
+        return self
+
+    def fit_standardization(self, raw: torch.Tensor) -> FeatureEmbedding:
+        """Per-dimension mean and std of unstandardised vectors of normal data."""
+        self.mean.copy_(raw.mean(dim=0))
+        self.std.copy_(raw.std(dim=0).clamp_min(1e-3 * float(raw.std()) + 1e-8))
+        return self
 
     def fit(
         self, patches: torch.Tensor, epochs: int = 20, batch_size: int = 512, lr: float = 1e-3, seed: int = 0
     ) -> FeatureEmbedding:
-        """Fit the MLP projection (if any) by reconstruction, then the standardisation."""
-        if self.projection is not None:
-            gen = torch.Generator().manual_seed(seed)
-            opt = torch.optim.Adam([*self.projection.parameters(), *self.reconstruction.parameters()], lr=lr)
-            flat = patches.reshape(patches.shape[0], -1)
-            mu, sd = flat.mean(dim=0), flat.std(dim=0).clamp_min(1e-6)
-            for _ in range(epochs):
-                for idx in torch.randperm(flat.shape[0], generator=gen).split(batch_size):
-                    x = flat[idx]
-                    loss = F.mse_loss((self.reconstruction(self.projection(x)) - mu) / sd, (x - mu) / sd)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-            self.projection.requires_grad_(False)
+        """Fit the MLP projection (if any), then the standardisation."""
+        self.fit_projection(patches, epochs, batch_size, lr, seed)
         with torch.no_grad():
-            vectors = torch.cat([self.raw(chunk) for chunk in patches.split(4096)])
-        self.mean.copy_(vectors.mean(dim=0))
-        self.std.copy_(vectors.std(dim=0).clamp_min(1e-3 * float(vectors.std()) + 1e-8))
-        return self
+            return self.fit_standardization(torch.cat([self.raw(chunk) for chunk in patches.split(4096)]))

@@ -105,6 +105,15 @@ class AnomalyNet(nn.Module):
         ]
         return torch.cat(fused, dim=1) if len(fused) > 1 else fused[0]
 
+    @staticmethod
+    def _rows_per_slab(
+        view: torch.Tensor, grid: tuple[int, int, int], max_batch: int, budget_bytes: int = 256 << 20
+    ) -> int:
+        """Grid rows scored at once: at most ``max_batch`` patches and ``budget_bytes`` of copied patch data."""
+        per_patch = 4 * int(np.prod(view.shape[3:]))
+        patches = max(1, min(max_batch, budget_bytes // per_patch))
+        return max(1, patches // (grid[1] * grid[2]))
+
     def grid_patches(self, feat: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """All patches on the strided grid as a view ``(n0, n1, n2, C, p, p, p)``; pads so the grid covers the map."""
         p, s = self.patch_f, self.stride_f
@@ -140,7 +149,11 @@ class AnomalyNet(nn.Module):
 
     def vectors(self, patches: torch.Tensor, centres: torch.Tensor | None = None) -> torch.Tensor:
         """Embedding vectors, with the weighted patch centres appended when positional."""
-        v = self.embedding(patches)
+        return self.finish(self.embedding.raw(patches), centres)
+
+    def finish(self, raw: torch.Tensor, centres: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardise unstandardised embedding vectors and append the positions when positional."""
+        v = self.embedding.standardize(raw)
         if self.positional_weight and centres is not None:
             v = torch.cat([v, self.positional_weight * centres.to(v)], dim=1)
         return v
@@ -156,7 +169,7 @@ class AnomalyNet(nn.Module):
             feat = self.features(x)
         view, grid = self.grid_patches(feat.float())
         centres = self.patch_centres(grid, feat.shape[2:], self.patch_f, self.stride_f).to(x.device)
-        per_slab = max(1, max_batch // (grid[1] * grid[2]))
+        per_slab = self._rows_per_slab(view, grid, max_batch)
         out = []
         for start in range(0, grid[0], per_slab):
             slab = view[start : start + per_slab]
@@ -195,7 +208,7 @@ class AnomalyNet(nn.Module):
         size = [(g - 1) * st + pk for g, st, pk in zip(grid, s, p, strict=True)]
         num = torch.zeros(size, device=x.device)
         weight = gaussian_kernel(p).to(x.device)
-        per_slab = max(1, max_batch // (grid[1] * grid[2]))
+        per_slab = self._rows_per_slab(view, grid, max_batch)
         width = self.embedding.output_dim
         for start in range(0, grid[0], per_slab):
             slab = view[start : start + per_slab]
@@ -273,9 +286,11 @@ class AnomalyNet(nn.Module):
                 candidates = candidates[torch.linspace(0, candidates.numel() - 1, max_patches).long()]
             else:
                 candidates = candidates[torch.randperm(candidates.numel(), generator=generator)[:max_patches]]
-        flat = view.reshape(-1, *view.shape[3:])
         centres = self.patch_centres(grid, feat.shape[2:], self.patch_f, self.stride_f).reshape(-1, 3)
-        return flat[candidates.to(flat.device)].cpu().clone(), centres[candidates]
+        # gather only the chosen patches: reshaping the overlapping view would copy every patch
+        i, j, k = candidates // (grid[1] * grid[2]), (candidates // grid[2]) % grid[1], candidates % grid[2]
+        picked = view[i.to(view.device), j.to(view.device), k.to(view.device)]
+        return picked.cpu().clone(), centres[candidates]
 
 
 def feature_units(voxels: tuple[int, int, int], stride: int) -> tuple[int, int, int]:

@@ -238,10 +238,17 @@ class AnomalyDetectionPipeline(Calibrated):
                 seed=cfg.training.seed,
                 device=self.device,
             )
-        patches, centres = self._collect(train, gen)
-        val_patches, val_centres = self._collect(val, gen)
-        self.model_.embedding.fit(patches.float(), seed=cfg.training.seed)
-        train_vec, val_vec = self._embed(patches, centres), self._embed(val_patches, val_centres)
+        emb = self.model_.embedding
+        if emb.projection is not None:  # the MLP projection learns from a bounded sample of raw patches
+            per_volume = max(1, min(cfg.patches.max_patches, 20000 // len(train)))
+            emb.fit_projection(
+                self._collect(train, gen, per_volume, raw=False)[0].float(), seed=cfg.training.seed
+            )
+        # volumes are reduced to embedding vectors one at a time, so raw patches never pile up in memory
+        raw, centres = self._collect(train, gen)
+        val_raw, val_centres = self._collect(val, gen)
+        emb.fit_standardization(raw)
+        train_vec, val_vec = self._finish(raw, centres), self._finish(val_raw, val_centres)
         t = cfg.training
         self.history_ = train_autoencoder(
             self.model_.autoencoder,
@@ -319,23 +326,38 @@ class AnomalyDetectionPipeline(Calibrated):
                 out.append(Prepared(array, prep.mask, prep.affine, prep.record, prep.source))
         return out
 
-    def _collect(self, prepared: list[Prepared], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _collect(
+        self, prepared: list[Prepared], gen: torch.Generator, max_patches: int | None = None, raw: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training patches of every volume and their centres; ``raw=True`` returns unstandardised embeddings."""
         p = self.config.patches
-        chunks = [
-            self.model_.sample_patches(
-                prep.array, prep.mask, p.max_patches, p.min_foreground, p.sampling_strategy, gen, self.device
+        emb = self.model_.embedding
+        items, centres = [], []
+        for prep in prepared:
+            patches, where = self.model_.sample_patches(
+                prep.array,
+                prep.mask,
+                max_patches or p.max_patches,
+                p.min_foreground,
+                p.sampling_strategy,
+                gen,
+                self.device,
             )
-            for prep in prepared
-        ]
-        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+            if raw:
+                with torch.no_grad():
+                    patches = torch.cat(
+                        [emb.raw(c.to(self.device).float()).cpu() for c in patches.split(4096)]
+                    )
+            items.append(patches)
+            centres.append(where)
+        return torch.cat(items), torch.cat(centres)
 
-    def _embed(self, patches: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-        net = self.model_
+    def _finish(self, raw: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return torch.cat(
                 [
-                    net.vectors(p.to(self.device).float(), c.to(self.device)).cpu()
-                    for p, c in zip(patches.split(8192), centres.split(8192), strict=True)
+                    self.model_.finish(r.to(self.device), c.to(self.device)).cpu()
+                    for r, c in zip(raw.split(8192), centres.split(8192), strict=True)
                 ]
             )
 
