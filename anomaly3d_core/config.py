@@ -165,6 +165,11 @@ class ThresholdConfig(ComponentSpec):
     type: str = "percentile"
     args: dict[str, Any] = Field(default_factory=lambda: {"percentile": 99.5})
     smoothing_sigma: float = Field(1.0, ge=0, description="Gaussian smoothing of score maps, in voxels")
+    normative: bool = Field(
+        False,
+        description="score each voxel against the normal scores at the same location (z-value); "
+        "scans must share one grid: template-space or registered data with crop_foreground off",
+    )
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     volume: VolumeDecisionConfig = Field(default_factory=VolumeDecisionConfig)
 

@@ -23,14 +23,19 @@ from anomaly3d_core.augmentation import augment_from_config
 from anomaly3d_core.config import PipelineConfig, build_config
 from anomaly3d_core.data import BatchFailures, VolumeLike, as_volume
 from anomaly3d_core.embedding import FeatureEmbedding
-from anomaly3d_core.errors import Anomaly3DError, DataError
+from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
 from anomaly3d_core.network import AnomalyNet, feature_units
 from anomaly3d_core.preprocessing import Prepared, Preprocessor, foreground_mask
 from anomaly3d_core.training import EpochCallback, resolve_device, seed_everything, train_autoencoder
 from anomaly3d_core.volume import Volume
 
 log = logging.getLogger(__name__)
-STATE_FILE, WEIGHTS_FILE, CONFIG_FILE = "state.json", "weights.pt", "config.yaml"
+STATE_FILE, WEIGHTS_FILE, CONFIG_FILE, NORMATIVE_FILE = (
+    "state.json",
+    "weights.pt",
+    "config.yaml",
+    "normative.npz",
+)
 
 
 @dataclass
@@ -273,6 +278,7 @@ class AnomalyDetectionPipeline(Calibrated):
             show_progress=show_progress,
         )
         self.model_.eval()
+        self.normative_ = self._fit_normative(train) if cfg.threshold.normative else None
         self.calibrate(val)
         self.n_train_volumes_, self.n_val_volumes_ = len(train), len(val)
         self.val_volumes_ = [p.source for p in val]
@@ -380,13 +386,37 @@ class AnomalyDetectionPipeline(Calibrated):
                 f"pipeline is not fitted; call fit(volumes) or AnomalyDetectionPipeline.load(path) before {what}()"
             )
 
-    def _prepared_scores(self, prep: Prepared) -> np.ndarray:
+    def _raw_scores(self, prep: Prepared) -> np.ndarray:
         scores = self.model_.score_map(prep.array, self.device, amp=self.config.training.use_amp)
         sigma = self.config.threshold.smoothing_sigma
-        if sigma > 0:
-            scores = ndimage.gaussian_filter(scores, sigma)
+        return ndimage.gaussian_filter(scores, sigma) if sigma > 0 else scores
+
+    def _prepared_scores(self, prep: Prepared) -> np.ndarray:
+        scores = self._raw_scores(prep)
+        normative = getattr(self, "normative_", None)
+        if normative is not None:
+            if scores.shape != normative["mean"].shape:
+                raise DataError(
+                    prep.source.path,
+                    f"preprocessed grid {scores.shape} differs from the normative grid "
+                    f"{normative['mean'].shape}; normative scoring needs every scan on one grid",
+                )
+            scores = np.maximum((scores - normative["mean"]) / normative["std"], 0.0)
         scores[~prep.mask] = 0.0
         return scores
+
+    def _fit_normative(self, train: list[Prepared]) -> dict[str, np.ndarray]:
+        """Per-voxel mean and std of the training normals' scores, smoothed (2 voxels) to steady them."""
+        shapes = {p.array.shape for p in train}
+        if len(shapes) != 1:
+            raise ConfigError(
+                f"threshold.normative needs every scan on one grid after preprocessing, got {len(shapes)} shapes; "
+                "use template-space or registered scans (data.preprocessing.register_to) with crop_foreground: false"
+            )
+        maps = np.stack([self._raw_scores(p) for p in train])
+        mean = ndimage.gaussian_filter(maps.mean(0), 2.0)
+        std = ndimage.gaussian_filter(maps.std(0), 2.0) + 0.05 * float(maps.mean())
+        return {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
 
     def score(self, item: VolumeLike) -> ScoreResult:
         """Score one scan: score map, binary mask, volume score and decision, on the input's grid."""
@@ -476,6 +506,8 @@ class AnomalyDetectionPipeline(Calibrated):
         self.config.save(out / CONFIG_FILE)
         torch.save({k: v.cpu() for k, v in self.model_.state_dict().items()}, out / WEIGHTS_FILE)
         (out / STATE_FILE).write_text(json.dumps(self.state_dict(), indent=2))
+        if getattr(self, "normative_", None) is not None:
+            np.savez_compressed(out / NORMATIVE_FILE, **self.normative_)
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -499,6 +531,10 @@ class AnomalyDetectionPipeline(Calibrated):
         state = json.loads((folder / STATE_FILE).read_text())
         pipe._set_calibration(state)
         pipe.history_ = state.get("history", {})
+        pipe.normative_ = None
+        if (folder / NORMATIVE_FILE).is_file():
+            with np.load(folder / NORMATIVE_FILE) as z:
+                pipe.normative_ = {"mean": z["mean"], "std": z["std"]}
         return pipe
 
     @classmethod

@@ -10,12 +10,16 @@ import binascii
 import gzip
 import importlib.metadata
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
+# MLflow validates the input example by reloading the model; its download bar is noise here
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow.pyfunc  # noqa: E402
 import nibabel as nib
 import numpy as np
 import pandas as pd

@@ -41,6 +41,7 @@ def family(extractor: str, autoencoder: str) -> dict[str, Any]:
 
 ENTRIES: dict[str, Any] = {
     "preset (brain_mri.yaml)": HERE / "configs" / "brain_mri.yaml",
+    "native preset (brain_mri_native.yaml)": HERE / "configs" / "brain_mri_native.yaml",
     **{
         f"{e}+{a}": family(e, a)
         for e in ("simple", "resnet18")
@@ -57,7 +58,7 @@ ENTRIES: dict[str, Any] = {
         "extractor": {"type": "simple", "layers": ["layer1", "layer2"], "pretrain_epochs": 20},
     },
     "baseline: atlas z-score": "atlas_zscore",
-    "baseline: intensity |I-median|/MAD": "intensity_mad",
+    "baseline: intensity MAD z-score": "intensity_mad",
 }
 try:
     import monai_baseline
@@ -117,11 +118,10 @@ def run_one(name: str, data: Path) -> dict[str, Any]:
         from anomaly3d_core.config import build_config
         from anomaly3d_core.ensemble import load_any_config
 
-        config = (
-            load_any_config(entry, ["tracking.enabled=false"])
-            if isinstance(entry, Path)
-            else build_config({**entry, "tracking": {"enabled": False}})
-        )
+        if isinstance(entry, Path):
+            config = load_any_config(entry, ["tracking.enabled=false"])
+        else:
+            config = build_config({**entry, "tracking": {"enabled": False}})
         pipe = _new_model(config).fit(train, show_progress=False)
         fit_s = time.perf_counter() - t0
 
