@@ -226,6 +226,8 @@ class AnomalyDetectionPipeline(Calibrated):
                 None,
                 "no usable training volumes" + (f":\n{self.failures_.report()}" if self.failures_ else ""),
             )
+        if cfg.threshold.normative:
+            self._check_shared_grid(train + val)
         if not val:
             train, val = self._split(train, gen)
         if cfg.data.augmentation.enabled:
@@ -405,14 +407,18 @@ class AnomalyDetectionPipeline(Calibrated):
         scores[~prep.mask] = 0.0
         return scores
 
+    @staticmethod
+    def _check_shared_grid(prepared: list[Prepared]) -> None:
+        shapes = {p.array.shape for p in prepared}
+        if len(shapes) > 1:
+            raise ConfigError(
+                f"threshold.normative needs every scan on one grid after preprocessing, got {len(shapes)} shapes "
+                f"({', '.join(str(s) for s in sorted(shapes))}); use template-space or registered scans "
+                "(data.preprocessing.register_to) with crop_foreground: false"
+            )
+
     def _fit_normative(self, train: list[Prepared]) -> dict[str, np.ndarray]:
         """Per-voxel mean and std of the training normals' scores, smoothed (2 voxels) to steady them."""
-        shapes = {p.array.shape for p in train}
-        if len(shapes) != 1:
-            raise ConfigError(
-                f"threshold.normative needs every scan on one grid after preprocessing, got {len(shapes)} shapes; "
-                "use template-space or registered scans (data.preprocessing.register_to) with crop_foreground: false"
-            )
         maps = np.stack([self._raw_scores(p) for p in train])
         mean = ndimage.gaussian_filter(maps.mean(0), 2.0)
         std = ndimage.gaussian_filter(maps.std(0), 2.0) + 0.05 * float(maps.mean())
