@@ -204,3 +204,40 @@ def test_extractor_pretraining_changes_and_freezes_weights(demo_dir):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert len(pipe.pretrain_history_) == 2 and all(np.isfinite(pipe.pretrain_history_))
     assert not any(p.requires_grad for p in pipe.model_.extractor.parameters())
+
+
+def test_extractor_checkpoint_in_medicalnet_layout(tmp_path):
+    from anomaly3d_core.errors import ConfigError
+    from anomaly3d_plugins.extractors import ResNet18
+
+    torch.manual_seed(5)
+    source = ResNet18(width=8)
+    ckpt = tmp_path / "resnet_18.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, ckpt)
+    pipe = AnomalyDetectionPipeline(
+        {
+            **FAST,
+            "extractor": {"type": "resnet18", "args": {"width": 8}, "checkpoint": str(ckpt)},
+            "embedding": {"embedding_method": "avg"},
+        }
+    )
+    loaded = pipe.build_network().extractor
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="has no weights matching 'resnet18'"):
+        AnomalyDetectionPipeline(
+            {
+                **FAST,
+                "extractor": {"type": "resnet18", "checkpoint": str(tmp_path / "other.pth")},
+                "embedding": {"embedding_method": "avg"},
+            }
+        ).build_network()
+    with pytest.raises(ConfigError, match="file not found"):
+        AnomalyDetectionPipeline(
+            {
+                **FAST,
+                "extractor": {"type": "resnet18", "checkpoint": str(tmp_path / "missing.pth")},
+                "embedding": {"embedding_method": "avg"},
+            }
+        ).build_network()
