@@ -108,8 +108,17 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=["volume_score", "is_anomalous", "threshold", "score_map"])
 
 
+def input_example(model: Any) -> pd.DataFrame:
+    """The model's input example: one of its own held-out normal scans when it still has them
+    (so the example is valid for models that need a particular grid), else a small synthetic scan."""
+    holder = model.members[0] if hasattr(model, "members") else model
+    volumes = getattr(holder, "val_volumes_", None)
+    text = encode_nifti(volumes[0].array, volumes[0].affine) if volumes else example_volume_b64()
+    return pd.DataFrame({"volume": [text]})
+
+
 def example_volume_b64(shape: tuple[int, int, int] = (24, 24, 24)) -> str:
-    """A small synthetic scan, base64 ``.nii.gz``, used as the model's input example."""
+    """A small synthetic scan, base64 ``.nii.gz``."""
     rng = np.random.default_rng(0)
     arr = np.zeros(shape, dtype=np.float32)
     arr[4:-4, 4:-4, 4:-4] = 1.0 + 0.1 * rng.standard_normal(tuple(s - 8 for s in shape))
@@ -149,7 +158,7 @@ def save_pyfunc(pipeline: Any, path: str | Path) -> Path:
             python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
             artifacts={"pipeline": str(files)},
             signature=signature(),
-            input_example=pd.DataFrame({"volume": [example_volume_b64()]}),
+            input_example=input_example(pipeline),
             pip_requirements=_requirements(pipeline),
         )
     return out
@@ -164,7 +173,7 @@ def log_pyfunc(pipeline: Any, registered_model_name: str | None = None) -> Any:
             python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
             artifacts={"pipeline": str(files)},
             signature=signature(),
-            input_example=pd.DataFrame({"volume": [example_volume_b64()]}),
+            input_example=input_example(pipeline),
             pip_requirements=_requirements(pipeline),
             registered_model_name=registered_model_name,
         )

@@ -69,13 +69,14 @@ except ImportError:
     pass
 
 
-def _metrics(truths, maps, fgs, vscores, threshold, vthreshold=None) -> dict[str, float]:
+def _metrics(truths, maps, fgs, vscores, preds, threshold, vthreshold=None) -> dict[str, float]:
     from anomaly3d_core.evaluation import comprehensive_evaluation
 
     m = comprehensive_evaluation(
         truths,
         maps,
         threshold,
+        predicted_masks=preds,
         foreground_masks=fgs,
         volume_scores=vscores,
         volume_threshold=vthreshold,
@@ -109,10 +110,10 @@ def run_one(name: str, data: Path) -> dict[str, Any]:
         model.fit([load_volume(p) for p in train])
         fit_s = time.perf_counter() - t0
 
-        def score(path: Path) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+        def score(path: Path) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, float, float]:
             v = load_volume(path)
             s, vs = model.score(v)
-            return s, v.array > 0, vs, model.threshold_, float("nan")
+            return s, v.array > 0, vs, s > model.threshold_, model.threshold_, float("nan")
     else:
         from anomaly3d_core.cli import _new_model
         from anomaly3d_core.config import build_config
@@ -125,20 +126,21 @@ def run_one(name: str, data: Path) -> dict[str, Any]:
         pipe = _new_model(config).fit(train, show_progress=False)
         fit_s = time.perf_counter() - t0
 
-        def score(path: Path) -> tuple[np.ndarray, np.ndarray, float, float, float]:
-            r = pipe.score(path)
-            return r.score_map, r.foreground, r.volume_score, r.threshold, pipe.volume_threshold_
+        def score(path: Path) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, float, float]:
+            r = pipe.score(path)  # r.mask: the model's own decision, post-processing included
+            return r.score_map, r.foreground, r.volume_score, r.mask, r.threshold, pipe.volume_threshold_
 
-    truths, maps, fgs, vscores, seconds, names = [], [], [], [], [], []
+    truths, maps, fgs, vscores, preds, seconds, names = [], [], [], [], [], [], []
     threshold = vthreshold = None
     for path in tests:
         t1 = time.perf_counter()
-        s, fg, vs, threshold, vthreshold = score(path)
+        s, fg, vs, pred, threshold, vthreshold = score(path)
         seconds.append(time.perf_counter() - t1)
         truths.append(load_volume(data / "test_masks" / path.name, allow_constant=True).array > 0)
         maps.append(s)
         fgs.append(fg)
         vscores.append(vs)
+        preds.append(pred)
         names.append(path.name)
     vthreshold = None if vthreshold is None or np.isnan(vthreshold) else vthreshold
     result = {
@@ -146,10 +148,10 @@ def run_one(name: str, data: Path) -> dict[str, Any]:
         "fit_seconds": round(fit_s, 1),
         "seconds_per_volume": round(float(np.median(seconds)), 3),
     }
-    result["all"] = _metrics(truths, maps, fgs, vscores, threshold, vthreshold)
+    result["all"] = _metrics(truths, maps, fgs, vscores, preds, threshold, vthreshold)
     held = [i for i, n in enumerate(names) if kinds.get(n, "") in HELD_OUT_KINDS or not kinds.get(n)]
     result["held_out_kinds"] = _metrics(
-        *([x[i] for i in held] for x in (truths, maps, fgs, vscores)), threshold
+        *([x[i] for i in held] for x in (truths, maps, fgs, vscores, preds)), threshold
     )
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
