@@ -85,6 +85,11 @@ class PatchConfig(Section):
     max_patches: int = Field(4000, ge=1, description="training patches sampled per volume")
     sampling_strategy: Literal["random", "uniform"] = "random"
     min_foreground: float = Field(0.5, ge=0, le=1, description="foreground fraction a training patch needs")
+    scales: list[int] = Field(
+        default_factory=lambda: [1],
+        description="multi-scale patches: context patches of patch_size*scale around each patch, "
+        "average-pooled back to patch_size, embedded side by side",
+    )
     score_mode: Literal["auto", "voxel", "patch"] = Field(
         "auto",
         description="voxel: blend each patch's per-voxel residuals (flatten embedding only); "
@@ -92,6 +97,13 @@ class PatchConfig(Section):
     )
 
     _triple = field_validator("patch_size", "stride", mode="before")(_triple)
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: list[int]) -> list[int]:
+        if not v or any(s < 1 for s in v) or len(set(v)) != len(v):
+            raise ValueError(f"scales must be distinct positive integers, got {v}")
+        return sorted(v)
 
 
 class ExtractorConfig(ComponentSpec):

@@ -26,8 +26,10 @@ class FeatureEmbedding(nn.Module):
         mlp_hidden_dims: list[int] | None = None,
         output_dim: int = 64,
         adaptive_size: int = 2,
+        scales: list[int] | tuple[int, ...] = (1,),
     ) -> None:
         super().__init__()
+        self.scales = tuple(sorted(scales))
         if embedding_method not in METHODS:
             from anomaly3d_core.errors import ConfigError, did_you_mean
 
@@ -49,9 +51,18 @@ class FeatureEmbedding(nn.Module):
         self.register_buffer("mean", torch.zeros(self.output_dim))
         self.register_buffer("std", torch.ones(self.output_dim))
 
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """Patch size the embedding takes: ``patch_size`` times the largest scale."""
+        return tuple(p * self.scales[-1] for p in self.patch_size)  # type: ignore[return-value]
+
     @classmethod
     def from_config(
-        cls, config: EmbeddingConfig, input_channels: int, patch_size: tuple[int, int, int]
+        cls,
+        config: EmbeddingConfig,
+        input_channels: int,
+        patch_size: tuple[int, int, int],
+        scales: list[int] = (1,),
     ) -> FeatureEmbedding:
         return cls(
             input_channels,
@@ -60,10 +71,16 @@ class FeatureEmbedding(nn.Module):
             config.mlp_hidden_dims,
             config.output_dim,
             config.adaptive_size,
+            scales,
         )
 
     @property
     def output_dim(self) -> int:
+        return self.scale_dim * len(self.scales)
+
+    @property
+    def scale_dim(self) -> int:
+        """Width of one scale's vector."""
         c, p = self.input_channels, self.patch_size
         if self.method in ("avg", "max"):
             return c
@@ -76,14 +93,31 @@ class FeatureEmbedding(nn.Module):
     @property
     def spatial_shape(self) -> tuple[int, int, int, int] | None:
         """Layout of the vector as ``(C, d, h, w)`` when it keeps one (for coarse noise)."""
+        channels = self.input_channels * len(self.scales)  # scales sit side by side like channels
         if self.method == "flatten":
-            return (self.input_channels, *self.patch_size)  # type: ignore[return-value]
+            return (channels, *self.patch_size)  # type: ignore[return-value]
         if self.method == "adaptive":
-            return (self.input_channels, *self.adaptive_size)  # type: ignore[return-value]
+            return (channels, *self.adaptive_size)  # type: ignore[return-value]
         return None
 
+    def per_scale(self, patches: torch.Tensor) -> list[torch.Tensor]:
+        """Patches ``(N, C, *input_size)`` as one ``(N, C, *patch_size)`` block per scale: centred crops
+        of ``patch_size * scale``, average-pooled by ``scale``."""
+        if self.scales == (1,):
+            return [patches]
+        big, blocks = self.input_size, []
+        for scale in self.scales:
+            size = [p * scale for p in self.patch_size]
+            a = [(b - z) // 2 for b, z in zip(big, size, strict=True)]
+            crop = patches[:, :, a[0] : a[0] + size[0], a[1] : a[1] + size[1], a[2] : a[2] + size[2]]
+            blocks.append(F.avg_pool3d(crop, scale) if scale > 1 else crop)
+        return blocks
+
     def raw(self, patches: torch.Tensor) -> torch.Tensor:
-        """Unstandardised vectors."""
+        """Unstandardised vectors, one block per scale side by side."""
+        return torch.cat([self._raw_one(block) for block in self.per_scale(patches)], dim=1)
+
+    def _raw_one(self, patches: torch.Tensor) -> torch.Tensor:
         n = patches.shape[0]
         if self.method == "avg":
             return patches.mean(dim=(2, 3, 4))
@@ -108,7 +142,8 @@ class FeatureEmbedding(nn.Module):
             return self
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam([*self.projection.parameters(), *self.reconstruction.parameters()], lr=lr)
-        flat = patches.reshape(patches.shape[0], -1)
+        # the projection is shared by all scales: every scale's block is a training row
+        flat = torch.cat([block.reshape(block.shape[0], -1) for block in self.per_scale(patches)])
         mu, sd = flat.mean(dim=0), flat.std(dim=0).clamp_min(1e-6)
         for _ in range(epochs):
             for idx in torch.randperm(flat.shape[0], generator=gen).split(batch_size):

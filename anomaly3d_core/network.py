@@ -47,11 +47,11 @@ class AnomalyNet(nn.Module):
     ) -> None:
         super().__init__()
         self.positional_weight = float(positional_weight)
-        voxel_ok = embedding.method == "flatten"
+        voxel_ok = embedding.method == "flatten" and embedding.scales == (1,)
         if score_mode == "voxel" and not voxel_ok:
             raise ConfigError(
-                f"patches.score_mode: 'voxel' needs embedding_method 'flatten' (per-voxel residuals), "
-                f"not '{embedding.method}'; use 'patch' or 'auto'"
+                "patches.score_mode: 'voxel' needs embedding_method 'flatten' and a single scale (per-voxel "
+                f"residuals), not '{embedding.method}' with scales {list(embedding.scales)}; use 'patch' or 'auto'"
             )
         self.voxel_residuals = voxel_ok and score_mode != "patch"
         self.extractor = extractor.requires_grad_(False).eval()
@@ -117,14 +117,15 @@ class AnomalyNet(nn.Module):
     def grid_patches(self, feat: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """All patches on the strided grid as a view ``(n0, n1, n2, C, p, p, p)``; pads so the grid covers the map."""
         p, s = self.patch_f, self.stride_f
-        pads = []
-        for n, pk, sk in zip(feat.shape[2:], p, s, strict=True):
+        big = self.embedding.input_size  # == p unless multi-scale: then a context patch centred on p
+        front = [(b - q) // 2 for b, q in zip(big, p, strict=True)]
+        back = []
+        for n, pk, sk, bk, fk in zip(feat.shape[2:], p, s, big, front, strict=True):
             covered = max(n, pk)
-            extra = (-(covered - pk)) % sk + (covered - n)
-            pads.append(extra)
-        if any(pads):
-            feat = F.pad(feat, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
-        view = feat[0].unfold(1, p[0], s[0]).unfold(2, p[1], s[1]).unfold(3, p[2], s[2])
+            back.append((-(covered - pk)) % sk + (covered - n) + bk - pk - fk)
+        if any(front) or any(back):
+            feat = F.pad(feat, (front[2], back[2], front[1], back[1], front[0], back[0]), mode="replicate")
+        view = feat[0].unfold(1, big[0], s[0]).unfold(2, big[1], s[1]).unfold(3, big[2], s[2])
         grid = tuple(view.shape[1:4])
         return view.permute(1, 2, 3, 0, 4, 5, 6), grid  # type: ignore[return-value]
 

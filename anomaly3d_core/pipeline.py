@@ -176,7 +176,7 @@ class AnomalyDetectionPipeline(Calibrated):
         channels = sum(extractor.layer_channels[name] for name in layers)
         stride = min(extractor.layer_strides[name] for name in layers)
         embedding = FeatureEmbedding.from_config(
-            cfg.embedding, channels, feature_units(cfg.patches.patch_size, stride)
+            cfg.embedding, channels, feature_units(cfg.patches.patch_size, stride), cfg.patches.scales
         )
         vector_dim = embedding.output_dim + (3 if cfg.embedding.positional_weight else 0)
         try:

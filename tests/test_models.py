@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -241,3 +242,40 @@ def test_extractor_checkpoint_in_medicalnet_layout(tmp_path):
                 "embedding": {"embedding_method": "avg"},
             }
         ).build_network()
+
+
+@pytest.mark.parametrize("method", ["flatten", "avg", "mlp"])
+def test_multiscale_embedding_blocks(method):
+    torch.manual_seed(0)
+    emb = FeatureEmbedding(2, (4, 4, 4), method, [16], output_dim=8, scales=[1, 2])
+    assert emb.input_size == (8, 8, 8) and emb.output_dim == 2 * emb.scale_dim
+    big = torch.randn(50, 2, 8, 8, 8)
+    fine, coarse = emb.per_scale(big)
+    assert torch.equal(fine, big[:, :, 2:6, 2:6, 2:6])  # the centred patch itself
+    assert torch.allclose(coarse, torch.nn.functional.avg_pool3d(big, 2))  # the whole context, pooled
+    emb.fit(big, epochs=1)
+    assert emb(big).shape == (50, emb.output_dim)
+
+
+def test_multiscale_pipeline_scores_on_the_same_grid(demo_dir):
+    from anomaly3d_core.errors import ConfigError
+
+    cfg = {**FAST, "patches": {**FAST["patches"], "scales": [1, 2]}}
+    pipe = AnomalyDetectionPipeline(cfg).fit(list_inputs(demo_dir / "train"), show_progress=False)
+    net = pipe.model_
+    assert not net.voxel_residuals and net.embedding.output_dim == 2 * 4**3
+    scan = list_inputs(demo_dir / "test")[-1]
+    single = AnomalyDetectionPipeline(FAST)
+    single.model_ = single.build_network()
+    x = torch.from_numpy(pipe.prepare(scan).array)[None, None]
+    grid_multi = net.grid_patches(net.features(x))[1]
+    grid_single = single.model_.grid_patches(single.model_.features(x))[1]
+    assert grid_multi == grid_single
+    scores = pipe.score(scan).score_map
+    assert scores.shape == nib.load(scan).shape and np.isfinite(scores).all() and scores.max() > 0
+    with pytest.raises(ConfigError, match="single scale"):
+        AnomalyDetectionPipeline(
+            {**FAST, "patches": {**FAST["patches"], "scales": [1, 2], "score_mode": "voxel"}}
+        ).build_network()
+    with pytest.raises(ConfigError, match="scales must be distinct positive integers"):
+        AnomalyDetectionPipeline({**FAST, "patches": {"scales": [0]}})
