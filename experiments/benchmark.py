@@ -48,6 +48,7 @@ ENTRIES: dict[str, Any] = {
         for a in ("standard", "variational", "denoising", "contractive")
     },
     "ensemble (brain_ensemble.yaml)": HERE / "configs" / "brain_ensemble.yaml",
+    "multi-scale (brain_mri_multiscale.yaml)": HERE / "configs" / "brain_mri_multiscale.yaml",
     # the default-weights question: the same family with a self-supervised pretrained extractor
     "simple (pretrained)+standard": {
         **family("simple", "standard"),

@@ -19,6 +19,9 @@ def test_shipped_configs_validate(monkeypatch):
     monkeypatch.chdir(ROOT)
     preset = load_config(ROOT / "experiments" / "configs" / "brain_mri.yaml")
     assert preset.autoencoder.type == "denoising"
+    assert preset.threshold.normative and not preset.data.preprocessing.crop_foreground
+    for name in ("brain_mri_native.yaml", "brain_mri_multiscale.yaml", "tune_brain.yaml"):
+        load_config(ROOT / "experiments" / "configs" / name)
     ens = load_any_config(ROOT / "experiments" / "configs" / "brain_ensemble.yaml")
     assert isinstance(ens, EnsembleConfig) and len(ens.members) == 2
 
