@@ -34,7 +34,9 @@ lint: $(STAMP)
 
 # The benchmark table and the speed figures in README (about 20 minutes on 2 CPU cores).
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python experiments/benchmark.py --data bench_output/data --out experiments/results
+	$(BIN)/python experiments/joint_training_check.py --data bench_output/data --out experiments/results
 	$(BIN)/python experiments/bench_speed.py --out experiments/results
 
 clean:
