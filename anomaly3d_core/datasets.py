@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from anomaly3d_core.augmentation import smooth_field
 from anomaly3d_core.io import save_nifti
+from anomaly3d_core.progress import progress
 
 LESION_KINDS: tuple[str, ...] = ("tumour", "infarct", "ms", "haemorrhage")
 SIZES = {"tiny": (4, 1, 3), "small": (12, 4, 8), "medium": (16, 6, 12), "large": (32, 10, 30)}
@@ -212,7 +213,7 @@ def make_demo_dataset(
     plan = [("train", None)] * n_train + [("test", None)] * n_test_normal
     plan += [("test", lesion_kinds[i % len(lesion_kinds)]) for i in range(n_test_anomalous)]
     test_index = 100
-    for i, (split, kind) in enumerate(plan):
+    for i, (split, kind) in enumerate(progress(plan, desc="demo subjects", total=len(plan))):
         rng = np.random.default_rng([seed, i])
         image, mask = make_subject(atlas, rng, kind, voxel_size)
         if split == "train":
