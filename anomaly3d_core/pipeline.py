@@ -30,12 +30,8 @@ from anomaly3d_core.training import EpochCallback, resolve_device, seed_everythi
 from anomaly3d_core.volume import Volume
 
 log = logging.getLogger(__name__)
-STATE_FILE, WEIGHTS_FILE, CONFIG_FILE, NORMATIVE_FILE = (
-    "state.json",
-    "weights.pt",
-    "config.yaml",
-    "normative.npz",
-)
+STATE_FILE, WEIGHTS_FILE, CONFIG_FILE = "state.json", "weights.pt", "config.yaml"
+NORMATIVE_FILE, EXAMPLE_FILE = "normative.npz", "example.nii.gz"
 
 
 @dataclass
@@ -514,7 +510,17 @@ class AnomalyDetectionPipeline(Calibrated):
         (out / STATE_FILE).write_text(json.dumps(self.state_dict(), indent=2))
         if getattr(self, "normative_", None) is not None:
             np.savez_compressed(out / NORMATIVE_FILE, **self.normative_)
+        example = self.example_volume()
+        if example is not None:  # a scan this model accepts, for the MLflow input example
+            from anomaly3d_core.io import save_nifti
+
+            save_nifti(example.array, example.affine, out / EXAMPLE_FILE)
         return out
+
+    def example_volume(self) -> Volume | None:
+        """A held-out normal scan this model was calibrated on (kept with a saved model), if any."""
+        volumes = getattr(self, "val_volumes_", None)
+        return volumes[0] if volumes else getattr(self, "example_", None)
 
     def save(self, path: str | Path) -> Path:
         """Save as an MLflow pyfunc model folder (servable with ``mlflow models serve``)."""
@@ -538,6 +544,10 @@ class AnomalyDetectionPipeline(Calibrated):
         pipe._set_calibration(state)
         pipe.history_ = state.get("history", {})
         pipe.normative_ = None
+        if (folder / EXAMPLE_FILE).is_file():
+            from anomaly3d_core.io import load_volume
+
+            pipe.example_ = load_volume(folder / EXAMPLE_FILE)
         if (folder / NORMATIVE_FILE).is_file():
             with np.load(folder / NORMATIVE_FILE) as z:
                 pipe.normative_ = {"mean": z["mean"], "std": z["std"]}

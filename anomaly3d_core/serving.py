@@ -112,8 +112,8 @@ def input_example(model: Any) -> pd.DataFrame:
     """The model's input example: one of its own held-out normal scans when it still has them
     (so the example is valid for models that need a particular grid), else a small synthetic scan."""
     holder = model.members[0] if hasattr(model, "members") else model
-    volumes = getattr(holder, "val_volumes_", None)
-    text = encode_nifti(volumes[0].array, volumes[0].affine) if volumes else example_volume_b64()
+    example = holder.example_volume()
+    text = encode_nifti(example.array, example.affine) if example is not None else example_volume_b64()
     return pd.DataFrame({"volume": [text]})
 
 
