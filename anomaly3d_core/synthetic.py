@@ -14,9 +14,13 @@ def inject_anomalies(
     rng: np.random.Generator,
     n_lesions: tuple[int, int] = (1, 3),
     radius_mm: tuple[float, float] = (4.0, 10.0),
-    contrast: tuple[float, float] = (0.35, 0.6),
+    contrast: tuple[float, float] = (0.2, 0.5),
 ) -> tuple[Volume, np.ndarray]:
-    """Blobs inside the foreground, each darker or brighter by ``contrast`` relative to the local median.
+    """Blobs inside the foreground, each darker or brighter than the scan's normal intensity range.
+
+    With ``lo, hi`` the 1st and 99th foreground percentiles and ``span = hi - lo``, a bright blob
+    gets ``hi + c * span`` and a dark one ``lo + (0.3 - c / 2) * span`` for ``c`` drawn from
+    ``contrast``; defined on the range, so it works for MRI and CT intensities alike.
 
     Shapes are ellipsoids with smoothly perturbed borders, sized in millimetres so the result
     does not depend on the voxel size. Returns the new volume and its ground-truth mask.
@@ -29,6 +33,8 @@ def inject_anomalies(
     mask = np.zeros(arr.shape, bool)
     out = arr.copy()
     candidates = np.argwhere(inner)
+    lo, hi = (float(v) for v in np.percentile(arr[fg], [1, 99]))
+    span = hi - lo
     for _ in range(int(rng.integers(n_lesions[0], n_lesions[1] + 1))):
         centre = candidates[rng.integers(len(candidates))]
         radii = rng.uniform(*radius_mm, 3) / spacing
@@ -36,8 +42,8 @@ def inject_anomalies(
         blob = (dist < 1.0 + 0.3 * smooth_field(arr.shape, rng, control=6)) & fg
         if not blob.any():
             continue
-        level = float(np.median(arr[fg]))
-        factor = 1.0 + rng.choice([-1.0, 1.0]) * rng.uniform(*contrast)
-        out[blob] = out[blob] * 0.3 + level * factor * 0.7
+        c = rng.uniform(*contrast)
+        target = hi + c * span if rng.random() < 0.5 else lo + (0.3 - c / 2) * span
+        out[blob] = 0.2 * out[blob] + 0.8 * target * (1.0 + 0.05 * rng.standard_normal(int(blob.sum())))
         mask |= blob
     return Volume(out, volume.affine.copy(), volume.path, dict(volume.meta)), mask

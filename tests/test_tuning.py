@@ -115,3 +115,20 @@ def test_two_workers_share_one_study(tmp_path, demo_dir):
     assert any("voxel_ap" in r.data.metrics for r in trial_runs)
     versions = mlflow.MlflowClient().search_model_versions("name='anomaly3d-shared'")
     assert versions
+
+
+def test_synthetic_anomalies_are_visible_and_found(fitted, demo_dir):
+    import numpy as np
+
+    from anomaly3d_core.io import list_inputs, load_volume
+    from anomaly3d_core.synthetic import inject_anomalies
+    from anomaly3d_core.tuning import ValidationSet
+
+    vol = load_volume(list_inputs(demo_dir / "train")[0])
+    lo, hi = np.percentile(vol.array[vol.array > 0], [1, 99])
+    out, mask = inject_anomalies(vol, np.random.default_rng(0), radius_mm=(8.0, 12.0))
+    assert mask.any() and np.array_equal(out.array[~mask], vol.array[~mask])
+    changed = out.array[mask]
+    assert ((changed > hi) | (changed < lo + 0.35 * (hi - lo))).mean() > 0.9  # outside normal tissue values
+    val = ValidationSet.build(list_inputs(demo_dir / "train")[:2], None, None, seed=0)
+    assert val.source == "synthetic" and val.metrics(fitted)["voxel_auroc"] > 0.7
