@@ -74,6 +74,9 @@ class AugmentationConfig(Section):
 
 class DataConfig(Section):
     loader: str = "auto"
+    loader_args: dict[str, Any] = Field(
+        default_factory=dict, description="the loader's parameters, e.g. {series_uid: ...} for dicom"
+    )
     cache: bool = Field(True, description="cache preprocessed volumes on disk (see anomaly3d_core.cache)")
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
@@ -333,9 +336,19 @@ def validate_plugins(config: PipelineConfig, registry: Any = None) -> PipelineCo
             raise ConfigError(format_validation_error(exc, cls.Params, prefix=f"{key}.args.")) from None
     if config.data.loader != "auto":
         try:
-            registry.get("loaders", config.data.loader)
+            loader = registry.get("loaders", config.data.loader)
         except PluginError as exc:
             raise ConfigError(f"data.loader: {exc}") from None
+        try:
+            config.data.loader_args = loader.Params(**config.data.loader_args).model_dump(
+                mode="json", exclude_unset=True
+            )
+        except ValidationError as exc:
+            raise ConfigError(
+                format_validation_error(exc, loader.Params, prefix="data.loader_args.")
+            ) from None
+    elif config.data.loader_args:
+        raise ConfigError("data.loader_args needs a named data.loader (loader arguments differ per format)")
     return config
 
 

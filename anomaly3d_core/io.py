@@ -84,15 +84,19 @@ def check_volume(volume: Volume, allow_constant: bool = False) -> Volume:
 
 
 def load_volume(
-    path: str | Path, loader: str = "auto", registry: Any = None, allow_constant: bool = False
+    path: str | Path,
+    loader: str = "auto",
+    registry: Any = None,
+    allow_constant: bool = False,
+    loader_args: dict[str, Any] | None = None,
 ) -> Volume:
-    """Read one scan with the right loader plugin and check it."""
+    """Read one scan with the right loader plugin (and its ``loader_args``) and check it."""
     p = Path(path)
     if not p.exists():
         raise DataError(p, "file not found")
     cls = find_loader(p, loader, registry)
     try:
-        volume = cls().load(p)
+        volume = cls(**(loader_args or {})).load(p)
     except DataError:
         raise
     except Exception as exc:  # loaders wrap library errors, but never let one escape raw

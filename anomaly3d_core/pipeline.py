@@ -196,11 +196,14 @@ class AnomalyDetectionPipeline(Calibrated):
         """Read one scan with this pipeline's loader setting."""
         from anomaly3d_core.io import load_volume
 
-        return load_volume(path, self.config.data.loader, self.registry)
+        return load_volume(
+            path, self.config.data.loader, self.registry, loader_args=self.config.data.loader_args
+        )
 
     def prepare(self, item: VolumeLike, mask: np.ndarray | None = None) -> Prepared:
         """Load (if needed) and preprocess one scan."""
-        return self.preprocessor(as_volume(item, self.config.data.loader, self.registry), mask)
+        volume = self.read(item) if isinstance(item, str | Path) else as_volume(item)
+        return self.preprocessor(volume, mask)
 
     # ---------------------------------------------------------------- fitting
     def fit(
@@ -300,6 +303,7 @@ class AnomalyDetectionPipeline(Calibrated):
 
         settings = {
             "loader": self.config.data.loader,
+            "loader_args": self.config.data.loader_args,
             "preprocessing": self.config.data.preprocessing.model_dump(mode="json"),
         }
         key = cache.content_key(item, settings)

@@ -199,3 +199,23 @@ def ndimage_erode(mask):
     from scipy import ndimage
 
     return ndimage.binary_erosion(mask, iterations=2)
+
+
+def test_dicom_series_chosen_from_config(tmp_path):
+    from anomaly3d_core.config import build_config
+    from anomaly3d_core.errors import ConfigError
+
+    array, affine = np.round(blob_volume()), oblique_affine()
+    folder = write_dicom_series(array, affine, tmp_path, "mixed", series_uid="1.2.3.4")
+    write_dicom_series(array + 5, affine, tmp_path, "mixed", series_uid="1.2.3.5")
+    cfg = build_config({"data": {"loader": "dicom", "loader_args": {"series_uid": "1.2.3.5"}}})
+    assert cfg.data.loader_args == {"series_uid": "1.2.3.5"}
+    with pytest.raises(ConfigError, match=r"data.loader_args.series_id: unknown key .*did you mean 'series_uid'"):
+        build_config({"data": {"loader": "dicom", "loader_args": {"series_id": "1"}}})
+    with pytest.raises(ConfigError, match="needs a named data.loader"):
+        build_config({"data": {"loader_args": {"series_uid": "1"}}})
+    vol = load_volume(folder, "dicom", loader_args={"series_uid": "1.2.3.5"})
+    assert vol.meta["series_uid"] == "1.2.3.5"
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+
+    assert AnomalyDetectionPipeline(cfg).read(folder).meta["series_uid"] == "1.2.3.5"
