@@ -110,7 +110,7 @@ def evaluate_files(
     inputs: list[Path],
     masks_dir: Path,
     out_dir: Path,
-    n_overlays: int = 6,
+    n_overlays: int | None = None,
 ) -> tuple[dict[str, Any], BatchFailures]:
     """Score ``inputs``, compare with masks, write ``metrics.json``, ``summary.txt`` and plots."""
     from anomaly3d_core import plotting
@@ -177,7 +177,7 @@ def evaluate_files(
         )
         analysis = multi_threshold_analysis(s, (0.0, float(np.percentile(s, 99.99))), 60, ground_truth=g)
         plotting.visualize_threshold_analysis(analysis, out_dir / "threshold_analysis.png")
-    order = np.argsort([-r.volume_score for r in results])[:n_overlays]
+    order = np.argsort([-r.volume_score for r in results])[:n_overlays]  # None: every volume
     for i in order:
         r = results[i]
         plotting.plot_overlay(
