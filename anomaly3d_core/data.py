@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,19 +50,6 @@ def as_volume(item: VolumeLike, loader: str = "auto", registry: Any = None) -> V
 
         return check_volume(Volume.from_array(item))
     return load_volume(item, loader, registry)
-
-
-def load_volumes(
-    items: Iterable[VolumeLike], failures: BatchFailures, loader: str = "auto", registry: Any = None
-) -> list[Volume]:
-    """Load every item; bad ones go to ``failures`` and the rest carry on."""
-    out = []
-    for item in items:
-        try:
-            out.append(as_volume(item, loader, registry))
-        except DataError as exc:
-            failures.add(exc)
-    return out
 
 
 def load_and_normalize_volume(

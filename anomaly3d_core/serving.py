@@ -177,7 +177,3 @@ def log_pyfunc(pipeline: Any, registered_model_name: str | None = None) -> Any:
             pip_requirements=_requirements(pipeline),
             registered_model_name=registered_model_name,
         )
-
-
-def read_bytes_b64(path: str | Path) -> str:
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")

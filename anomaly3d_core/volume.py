@@ -53,7 +53,3 @@ class Volume:
         cls, array: np.ndarray, affine: np.ndarray | None = None, path: str | None = None
     ) -> Volume:
         return cls(np.asarray(array), np.eye(4) if affine is None else affine, path)
-
-    def with_array(self, array: np.ndarray) -> Volume:
-        """Same geometry, new data (a score map or mask on this volume's grid)."""
-        return Volume(array, self.affine.copy(), self.path, dict(self.meta))

@@ -210,7 +210,9 @@ def test_dicom_series_chosen_from_config(tmp_path):
     write_dicom_series(array + 5, affine, tmp_path, "mixed", series_uid="1.2.3.5")
     cfg = build_config({"data": {"loader": "dicom", "loader_args": {"series_uid": "1.2.3.5"}}})
     assert cfg.data.loader_args == {"series_uid": "1.2.3.5"}
-    with pytest.raises(ConfigError, match=r"data.loader_args.series_id: unknown key .*did you mean 'series_uid'"):
+    with pytest.raises(
+        ConfigError, match=r"data.loader_args.series_id: unknown key .*did you mean 'series_uid'"
+    ):
         build_config({"data": {"loader": "dicom", "loader_args": {"series_id": "1"}}})
     with pytest.raises(ConfigError, match="needs a named data.loader"):
         build_config({"data": {"loader_args": {"series_uid": "1"}}})
