@@ -25,7 +25,21 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        from anomaly3d_core.errors import ConfigError
+
+        raise ConfigError(
+            f"training.device: '{device}' is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from anomaly3d_core.errors import ConfigError
+
+        raise ConfigError(
+            f"training.device: '{device}' requested but CUDA is not available here; use auto or cpu"
+        )
+    return dev
 
 
 def seed_everything(seed: int) -> torch.Generator:

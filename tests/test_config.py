@@ -117,3 +117,16 @@ def test_seed_dict_configs_are_accepted():
 def test_seed_dict_typo_is_caught():
     with pytest.raises(ConfigError, match="training.num_epoch: unknown key"):
         AnomalyDetectionPipeline(training_config={"num_epoch": 3})
+
+
+def test_device_errors_are_clear():
+    import torch
+
+    from anomaly3d_core.training import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="'gpu0' is not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available here"):
+            AnomalyDetectionPipeline(device="cuda")
