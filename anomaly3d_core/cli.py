@@ -145,12 +145,12 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from anomaly3d_core.runner import resolve_inputs
+    from anomaly3d_core.io import list_inputs
     from anomaly3d_core.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run
 
     config = _config(args)
-    train = resolve_inputs(args.train)
-    val = resolve_inputs(args.val) if args.val else None
+    train = list_inputs(args.train)
+    val = list_inputs(args.val) if args.val else None
     from anomaly3d_core import distributed
 
     distributed.init_from_env()
@@ -187,14 +187,15 @@ def _log_fit(pipe: Any, out: Path) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from anomaly3d_core.ensemble import load_model
-    from anomaly3d_core.runner import resolve_inputs, score_files
+    from anomaly3d_core.io import list_inputs
+    from anomaly3d_core.runner import score_files
 
     pipe = load_model(args.model)
     if args.overrides:
         raise ConfigError(
             "score uses the saved model's config; --set is not applied here (refit with --set instead)"
         )
-    batch = score_files(pipe, resolve_inputs(args.input), Path(args.out))
+    batch = score_files(pipe, list_inputs(args.input), Path(args.out))
     flagged = sum(bool(r["is_anomalous"]) for r in batch.rows)
     print(
         f"scored {len(batch.rows)} volume(s), {flagged} flagged anomalous; maps and scores.csv in {args.out}"
@@ -204,12 +205,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from anomaly3d_core.ensemble import load_model
-    from anomaly3d_core.runner import evaluate_files, resolve_inputs, summary_table
+    from anomaly3d_core.io import list_inputs
+    from anomaly3d_core.runner import evaluate_files, summary_table
     from anomaly3d_core.tracking import log_artifact, log_metrics, mlflow_run
 
     pipe = load_model(args.model)
     with mlflow_run(pipe.config, "evaluate"):
-        metrics, failures = evaluate_files(pipe, resolve_inputs(args.input), Path(args.masks), Path(args.out))
+        metrics, failures = evaluate_files(pipe, list_inputs(args.input), Path(args.masks), Path(args.out))
         log_metrics(metrics)
         log_artifact(args.out, "evaluation")
     print(summary_table(metrics) + f"metrics.json, summary.txt and plots in {args.out}")
@@ -218,7 +220,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from anomaly3d_core.datasets import make_demo_dataset
-    from anomaly3d_core.runner import evaluate_files, resolve_inputs, score_files, summary_table
+    from anomaly3d_core.io import list_inputs
+    from anomaly3d_core.runner import evaluate_files, score_files, summary_table
     from anomaly3d_core.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run, ui_command
 
     config = _config(args)
@@ -234,14 +237,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with mlflow_run(config, "demo", tags={"data": str(data)}) as run:
         print("[2/4] fitting on normal subjects ...", flush=True)
         pipe.fit(
-            resolve_inputs(str(data / "train")), callbacks=[epoch_logger()] if config.tracking.enabled else ()
+            list_inputs(str(data / "train")), callbacks=[epoch_logger()] if config.tracking.enabled else ()
         )
         pipe.save(out / "model")
         _log_fit(pipe, out / "model")
         log_artifact(out / "model" / "training_curves.png", "plots")
         print(f"      {pipe.fit_seconds_:.1f} s, {len(pipe.history_['train_loss'])} epochs", flush=True)
         print("[3/4] scoring test subjects ...", flush=True)
-        tests = resolve_inputs(str(data / "test"))
+        tests = list_inputs(str(data / "test"))
         batch = score_files(pipe, tests, out / "scores")
         print("[4/4] evaluating against ground truth ...", flush=True)
         metrics, failures = evaluate_files(pipe, tests, data / "test_masks", out / "evaluation")

@@ -17,7 +17,7 @@ import numpy as np
 
 from anomaly3d_core.data import BatchFailures
 from anomaly3d_core.errors import DataError
-from anomaly3d_core.io import atomic_write, list_inputs, load_volume, save_nifti
+from anomaly3d_core.io import atomic_write, load_volume, save_nifti
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline, ScoreResult
 from anomaly3d_core.progress import progress
 
@@ -200,7 +200,3 @@ def summary_table(metrics: dict[str, Any]) -> str:
             lines.append(f"{key:<24}{metrics[key]:>10.4f}  {ci_text}")
     lines.append(f"{'volumes':<24}{metrics['n_volumes']:>10d}")
     return "\n".join(lines) + "\n"
-
-
-def resolve_inputs(spec: str, registry: Any = None) -> list[Path]:
-    return list_inputs(spec, registry)

@@ -165,8 +165,8 @@ class ValidationSet:
 
 def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
     """The ``anomaly3d tune`` command."""
+    from anomaly3d_core.io import list_inputs
     from anomaly3d_core.pipeline import AnomalyDetectionPipeline
-    from anomaly3d_core.runner import resolve_inputs
     from anomaly3d_core.tracking import log_metrics, mlflow_run
 
     space = parse_search_space(config)
@@ -174,7 +174,7 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
     if metric not in OBJECTIVES:
         raise ConfigError("tuning.metric: " + did_you_mean(metric, OBJECTIVES, "metric"))
     n_trials = args.n_trials or config.tuning.n_trials
-    inputs = resolve_inputs(args.train)
+    inputs = list_inputs(args.train)
     if len(inputs) < 3:
         raise DataError(
             args.train, f"{len(inputs)} scan(s); tuning needs at least 3 normal scans (train + held-out)"
@@ -183,7 +183,7 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
     train, held = inputs[n_hold:], inputs[:n_hold]
     val = ValidationSet.build(
         held,
-        resolve_inputs(args.val) if args.val else None,
+        list_inputs(args.val) if args.val else None,
         Path(args.val_masks) if args.val_masks else None,
         config.training.seed,
     )

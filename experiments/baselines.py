@@ -36,8 +36,8 @@ def _zscore(v: Volume) -> np.ndarray:
     return np.where(b, (v.array - vals.mean()) / (vals.std() or 1.0), 0.0).astype(np.float32)
 
 
-class AtlasZScore:
-    name = "atlas_zscore"
+class _Baseline:
+    """Shared settings: map smoothing, threshold percentile on normals, volume-score top fraction."""
 
     def __init__(
         self, smoothing_sigma: float = 1.0, percentile: float = 99.5, top_k_fraction: float = 0.01
@@ -47,6 +47,10 @@ class AtlasZScore:
             percentile,
             top_k_fraction,
         )
+
+
+class AtlasZScore(_Baseline):
+    name = "atlas_zscore"
 
     def fit(self, volumes: Sequence[Volume]) -> AtlasZScore:
         shapes = {v.shape for v in volumes}
@@ -69,17 +73,8 @@ class AtlasZScore:
         return s, volume_score(s, _brain(v), self.top_k_fraction)
 
 
-class IntensityMAD:
+class IntensityMAD(_Baseline):
     name = "intensity_mad"
-
-    def __init__(
-        self, smoothing_sigma: float = 1.0, percentile: float = 99.5, top_k_fraction: float = 0.01
-    ) -> None:
-        self.smoothing_sigma, self.percentile, self.top_k_fraction = (
-            smoothing_sigma,
-            percentile,
-            top_k_fraction,
-        )
 
     def _raw(self, v: Volume) -> np.ndarray:
         b = _brain(v)
