@@ -137,7 +137,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from anomaly3d_core.datasets import make_demo_dataset
+    from anomaly3d_core.demo.datasets import make_demo_dataset
 
     out = make_demo_dataset(args.out, args.size, args.seed, voxel_size=args.voxel_size)
     print(f"demo data written to {out} (train/, test/, test_masks/, manifest.csv)")
@@ -145,13 +145,13 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from anomaly3d_core.io import list_inputs
-    from anomaly3d_core.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run
+    from anomaly3d_core.io.files import list_inputs
+    from anomaly3d_core.mlops.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run
 
     config = _config(args)
     train = list_inputs(args.train)
     val = list_inputs(args.val) if args.val else None
-    from anomaly3d_core import distributed
+    from anomaly3d_core.model import distributed
 
     distributed.init_from_env()
     pipe = _new_model(config)
@@ -178,8 +178,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _log_fit(pipe: Any, out: Path) -> None:
-    from anomaly3d_core.plotting import plot_training_curves
-    from anomaly3d_core.tracking import log_pyfunc_if_active
+    from anomaly3d_core.evaluation.plotting import plot_training_curves
+    from anomaly3d_core.mlops.tracking import log_pyfunc_if_active
 
     plot_training_curves(pipe.history_, out / "training_curves.png")
     log_pyfunc_if_active(pipe)
@@ -187,7 +187,7 @@ def _log_fit(pipe: Any, out: Path) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from anomaly3d_core.ensemble import load_model
-    from anomaly3d_core.io import list_inputs
+    from anomaly3d_core.io.files import list_inputs
     from anomaly3d_core.runner import score_files
 
     pipe = load_model(args.model)
@@ -205,9 +205,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from anomaly3d_core.ensemble import load_model
-    from anomaly3d_core.io import list_inputs
+    from anomaly3d_core.io.files import list_inputs
+    from anomaly3d_core.mlops.tracking import log_artifact, log_metrics, mlflow_run
     from anomaly3d_core.runner import evaluate_files, summary_table
-    from anomaly3d_core.tracking import log_artifact, log_metrics, mlflow_run
 
     pipe = load_model(args.model)
     with mlflow_run(pipe.config, "evaluate"):
@@ -219,10 +219,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from anomaly3d_core.datasets import make_demo_dataset
-    from anomaly3d_core.io import list_inputs
+    from anomaly3d_core.demo.datasets import make_demo_dataset
+    from anomaly3d_core.io.files import list_inputs
+    from anomaly3d_core.mlops.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run, ui_command
     from anomaly3d_core.runner import evaluate_files, score_files, summary_table
-    from anomaly3d_core.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run, ui_command
 
     config = _config(args)
     out = Path(args.out)
@@ -267,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from anomaly3d_core.config import load_config
-    from anomaly3d_core.tuning import run_tuning
+    from anomaly3d_core.mlops.tuning import run_tuning
 
     return run_tuning(load_config(args.config, args.overrides), args)
 

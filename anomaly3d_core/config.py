@@ -77,7 +77,7 @@ class DataConfig(Section):
     loader_args: dict[str, Any] = Field(
         default_factory=dict, description="the loader's parameters, e.g. {series_uid: ...} for dicom"
     )
-    cache: bool = Field(True, description="cache preprocessed volumes on disk (see anomaly3d_core.cache)")
+    cache: bool = Field(True, description="cache preprocessed volumes on disk (see anomaly3d_core.io.cache)")
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
 

@@ -23,7 +23,6 @@ import numpy as np
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from anomaly3d_core import thresholding
 from anomaly3d_core.config import (
     PipelineConfig,
     Section,
@@ -35,10 +34,11 @@ from anomaly3d_core.config import (
     format_validation_error,
     validate_plugins,
 )
-from anomaly3d_core.data import VolumeLike, as_volume
 from anomaly3d_core.errors import Anomaly3DError, ConfigError
+from anomaly3d_core.io.data import VolumeLike, as_volume
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline, Calibrated, ScoreResult
-from anomaly3d_core.preprocessing import Preprocessor, foreground_mask
+from anomaly3d_core.postprocess import thresholding
+from anomaly3d_core.preprocess.preprocessing import Preprocessor, foreground_mask
 
 ENSEMBLE_FILE = "ensemble.json"
 
@@ -191,7 +191,7 @@ class EnsemblePipeline(Calibrated):
         return out
 
     def save(self, path: str | Path) -> Path:
-        from anomaly3d_core.serving import save_pyfunc
+        from anomaly3d_core.mlops.serving import save_pyfunc
 
         return save_pyfunc(self, path)
 

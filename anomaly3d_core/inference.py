@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomaly3d_core.embedding import FeatureEmbedding
 from anomaly3d_core.interfaces import Autoencoder, FeatureExtractor
-from anomaly3d_core.network import AnomalyNet
-from anomaly3d_core.training import resolve_device
+from anomaly3d_core.model.embedding import FeatureEmbedding
+from anomaly3d_core.model.network import AnomalyNet
+from anomaly3d_core.model.training import resolve_device
 
 
 class FeatureExtractor3D:

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from anomaly3d_core.volume import Volume
+from anomaly3d_core.io.volume import Volume
 
 
 class Params(BaseModel):

@@ -18,16 +18,16 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from anomaly3d_core import thresholding
-from anomaly3d_core.augmentation import augment_from_config
 from anomaly3d_core.config import PipelineConfig, build_config
-from anomaly3d_core.data import BatchFailures, VolumeLike, as_volume
-from anomaly3d_core.embedding import FeatureEmbedding
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
-from anomaly3d_core.network import AnomalyNet, feature_units
-from anomaly3d_core.preprocessing import Prepared, Preprocessor, foreground_mask
-from anomaly3d_core.training import EpochCallback, resolve_device, seed_everything, train_autoencoder
-from anomaly3d_core.volume import Volume
+from anomaly3d_core.io.data import BatchFailures, VolumeLike, as_volume
+from anomaly3d_core.io.volume import Volume
+from anomaly3d_core.model.embedding import FeatureEmbedding
+from anomaly3d_core.model.network import AnomalyNet, feature_units
+from anomaly3d_core.model.training import EpochCallback, resolve_device, seed_everything, train_autoencoder
+from anomaly3d_core.postprocess import thresholding
+from anomaly3d_core.preprocess.augmentation import augment_from_config
+from anomaly3d_core.preprocess.preprocessing import Prepared, Preprocessor, foreground_mask
 
 log = logging.getLogger(__name__)
 STATE_FILE, WEIGHTS_FILE, CONFIG_FILE = "state.json", "weights.pt", "config.yaml"
@@ -194,7 +194,7 @@ class AnomalyDetectionPipeline(Calibrated):
 
     def read(self, path: str | Path) -> Volume:
         """Read one scan with this pipeline's loader setting."""
-        from anomaly3d_core.io import load_volume
+        from anomaly3d_core.io.files import load_volume
 
         return load_volume(
             path, self.config.data.loader, self.registry, loader_args=self.config.data.loader_args
@@ -233,7 +233,7 @@ class AnomalyDetectionPipeline(Calibrated):
             train = train + self._augmented(train)
         self.model_ = self.build_network().to(self.device)
         if cfg.extractor.pretrain_epochs:
-            from anomaly3d_core.pretrain import pretrain_extractor
+            from anomaly3d_core.model.pretrain import pretrain_extractor
 
             self.pretrain_history_ = pretrain_extractor(
                 self.model_.extractor,
@@ -296,10 +296,10 @@ class AnomalyDetectionPipeline(Calibrated):
         return out
 
     def _prepare_cached(self, item: VolumeLike) -> Prepared:
-        """:meth:`prepare`, through the on-disk cache for files (see :mod:`anomaly3d_core.cache`)."""
+        """:meth:`prepare`, through the on-disk cache for files (see :mod:`anomaly3d_core.io.cache`)."""
         if not self.config.data.cache or not isinstance(item, str | Path) or not Path(item).exists():
             return self.prepare(item)
-        from anomaly3d_core import cache
+        from anomaly3d_core.io import cache
 
         settings = {
             "loader": self.config.data.loader,
@@ -479,7 +479,7 @@ class AnomalyDetectionPipeline(Calibrated):
         self, volumes: Sequence[VolumeLike], ground_truth: Sequence[np.ndarray | VolumeLike]
     ) -> dict[str, Any]:
         """Seed API: metrics against ground-truth masks (see :func:`evaluation.comprehensive_evaluation`)."""
-        from anomaly3d_core.evaluation import comprehensive_evaluation
+        from anomaly3d_core.evaluation.metrics import comprehensive_evaluation
 
         results = [self.score(v) for v in volumes]
         masks = [
@@ -516,7 +516,7 @@ class AnomalyDetectionPipeline(Calibrated):
             np.savez_compressed(out / NORMATIVE_FILE, **self.normative_)
         example = self.example_volume()
         if example is not None:  # a scan this model accepts, for the MLflow input example
-            from anomaly3d_core.io import save_nifti
+            from anomaly3d_core.io.files import save_nifti
 
             save_nifti(example.array, example.affine, out / EXAMPLE_FILE)
         return out
@@ -528,7 +528,7 @@ class AnomalyDetectionPipeline(Calibrated):
 
     def save(self, path: str | Path) -> Path:
         """Save as an MLflow pyfunc model folder (servable with ``mlflow models serve``)."""
-        from anomaly3d_core.serving import save_pyfunc
+        from anomaly3d_core.mlops.serving import save_pyfunc
 
         return save_pyfunc(self, path)
 
@@ -549,7 +549,7 @@ class AnomalyDetectionPipeline(Calibrated):
         pipe.history_ = state.get("history", {})
         pipe.normative_ = None
         if (folder / EXAMPLE_FILE).is_file():
-            from anomaly3d_core.io import load_volume
+            from anomaly3d_core.io.files import load_volume
 
             pipe.example_ = load_volume(folder / EXAMPLE_FILE)
         if (folder / NORMATIVE_FILE).is_file():
@@ -572,7 +572,7 @@ class AnomalyDetectionPipeline(Calibrated):
 
 
 def _mask_array(item: VolumeLike, registry: Any) -> np.ndarray:
-    from anomaly3d_core.io import load_volume
+    from anomaly3d_core.io.files import load_volume
 
     if isinstance(item, Volume):
         return np.asarray(item.array) > 0

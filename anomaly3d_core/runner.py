@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from anomaly3d_core.data import BatchFailures
 from anomaly3d_core.errors import DataError
-from anomaly3d_core.io import atomic_write, load_volume, save_nifti
+from anomaly3d_core.io.data import BatchFailures
+from anomaly3d_core.io.files import atomic_write, load_volume, save_nifti
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline, ScoreResult
 from anomaly3d_core.progress import progress
 
@@ -113,9 +113,9 @@ def evaluate_files(
     n_overlays: int | None = None,
 ) -> tuple[dict[str, Any], BatchFailures]:
     """Score ``inputs``, compare with masks, write ``metrics.json``, ``summary.txt`` and plots."""
-    from anomaly3d_core import plotting
-    from anomaly3d_core.evaluation import comprehensive_evaluation
-    from anomaly3d_core.thresholding import multi_threshold_analysis
+    from anomaly3d_core.evaluation import plotting
+    from anomaly3d_core.evaluation.metrics import comprehensive_evaluation
+    from anomaly3d_core.postprocess.thresholding import multi_threshold_analysis
 
     failures = BatchFailures()
     results, truths, foregrounds = [], [], []

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from anomaly3d_core.thresholding import volume_score
-from anomaly3d_core.volume import Volume
+from anomaly3d_core.io.volume import Volume
+from anomaly3d_core.postprocess.thresholding import volume_score
 
 
 def _brain(v: Volume) -> np.ndarray:

@@ -10,7 +10,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from anomaly3d_core.datasets import make_demo_dataset
+from anomaly3d_core.demo.datasets import make_demo_dataset
 
 TUNING_KINDS = ("tumour", "infarct")
 HELD_OUT_KINDS = ("ms", "haemorrhage")

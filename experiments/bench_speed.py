@@ -41,8 +41,8 @@ RUNS = [
 
 def make_128_volume(path: Path, seed: int = 7) -> Path:
     """A demo subject on a 1.5 mm grid, centre-cropped/padded to exactly 128³."""
-    from anomaly3d_core.datasets import make_subject, mni_atlas
-    from anomaly3d_core.io import save_nifti
+    from anomaly3d_core.demo.datasets import make_subject, mni_atlas
+    from anomaly3d_core.io.files import save_nifti
 
     atlas = mni_atlas(1.5)
     image, _ = make_subject(atlas, np.random.default_rng(seed), "tumour", voxel_size=1.5)
@@ -127,8 +127,8 @@ def main() -> None:
     if args.child_score:
         child_score(*args.child_score, args.repeats)
         return
-    from anomaly3d_core.datasets import make_demo_dataset
-    from anomaly3d_core.io import list_inputs
+    from anomaly3d_core.demo.datasets import make_demo_dataset
+    from anomaly3d_core.io.files import list_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -71,7 +71,7 @@ except ImportError:
 
 
 def _metrics(truths, maps, fgs, vscores, preds, threshold, vthreshold=None) -> dict[str, float]:
-    from anomaly3d_core.evaluation import comprehensive_evaluation
+    from anomaly3d_core.evaluation.metrics import comprehensive_evaluation
 
     m = comprehensive_evaluation(
         truths,
@@ -89,7 +89,7 @@ def _metrics(truths, maps, fgs, vscores, preds, threshold, vthreshold=None) -> d
 
 def run_one(name: str, data: Path) -> dict[str, Any]:
     """Fit and score one entry in this process; returns its figures."""
-    from anomaly3d_core.io import list_inputs, load_volume
+    from anomaly3d_core.io.files import list_inputs, load_volume
 
     entry = ENTRIES[name]
     train = list_inputs(data / "train")

@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args()
     from anomaly3d_core.config import build_config
-    from anomaly3d_core.io import list_inputs, load_volume
+    from anomaly3d_core.io.files import list_inputs, load_volume
     from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
     data = make_benchmark_data(args.data)

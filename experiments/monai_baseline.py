@@ -13,9 +13,9 @@ import torch
 from scipy import ndimage
 
 from anomaly3d_core.config import PreprocessingConfig
-from anomaly3d_core.preprocessing import Preprocessor, foreground_mask
-from anomaly3d_core.thresholding import volume_score
-from anomaly3d_core.volume import Volume
+from anomaly3d_core.io.volume import Volume
+from anomaly3d_core.postprocess.thresholding import volume_score
+from anomaly3d_core.preprocess.preprocessing import Preprocessor, foreground_mask
 
 
 class MonaiAutoEncoder:

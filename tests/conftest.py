@@ -20,14 +20,14 @@ FAST = {
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny demo set on a 4 mm grid: 4 normal training subjects, 1 normal and 3 lesioned test subjects."""
-    from anomaly3d_core.datasets import make_demo_dataset
+    from anomaly3d_core.demo.datasets import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo"), "tiny", seed=1, voxel_size=4.0)
 
 
 @pytest.fixture(scope="session")
 def fitted(demo_dir: Path):
-    from anomaly3d_core.io import list_inputs
+    from anomaly3d_core.io.files import list_inputs
     from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
     return AnomalyDetectionPipeline(FAST).fit(list_inputs(demo_dir / "train"), show_progress=False)

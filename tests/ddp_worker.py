@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from anomaly3d_core import distributed
-from anomaly3d_core.training import train_autoencoder
+from anomaly3d_core.model import distributed
+from anomaly3d_core.model.training import train_autoencoder
 from anomaly3d_plugins.autoencoders import ContractiveAutoencoder
 
 distributed.init_from_env()

@@ -6,7 +6,7 @@ import numpy as np
 from conftest import FAST, blob_volume
 from writers import write_nifti
 
-from anomaly3d_core import cache
+from anomaly3d_core.io import cache
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
 

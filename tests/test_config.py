@@ -122,7 +122,7 @@ def test_seed_dict_typo_is_caught():
 def test_device_errors_are_clear():
     import torch
 
-    from anomaly3d_core.training import resolve_device
+    from anomaly3d_core.model.training import resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ConfigError, match="'gpu0' is not a device"):

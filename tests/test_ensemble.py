@@ -11,7 +11,7 @@ from conftest import FAST
 from anomaly3d_core.cli import main
 from anomaly3d_core.ensemble import EnsemblePipeline, build_ensemble_config, load_any_config, load_model
 from anomaly3d_core.errors import ConfigError
-from anomaly3d_core.io import list_inputs
+from anomaly3d_core.io.files import list_inputs
 
 MEMBERS = [
     {**FAST, "autoencoder": {"type": "standard"}},

@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anomaly3d_core.config import PostprocessConfig
-from anomaly3d_core.evaluation import (
+from anomaly3d_core.evaluation.metrics import (
     bootstrap_ci,
     comprehensive_evaluation,
     compute_optimal_threshold,
@@ -16,7 +16,7 @@ from anomaly3d_core.evaluation import (
     quantile_edges,
     volume_histograms,
 )
-from anomaly3d_core.thresholding import (
+from anomaly3d_core.postprocess.thresholding import (
     apply_threshold,
     compute_threshold_from_normal_scores,
     multi_threshold_analysis,

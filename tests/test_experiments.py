@@ -9,7 +9,7 @@ import numpy as np
 
 from anomaly3d_core.config import load_config
 from anomaly3d_core.ensemble import EnsembleConfig, load_any_config
-from anomaly3d_core.io import list_inputs, load_volume
+from anomaly3d_core.io.files import list_inputs, load_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))

@@ -12,8 +12,8 @@ from writers import WRITERS, write_dicom_series, write_nifti
 
 from anomaly3d_core.config import PreprocessingConfig
 from anomaly3d_core.errors import DataError
-from anomaly3d_core.io import list_inputs, load_volume
-from anomaly3d_core.preprocessing import Preprocessor
+from anomaly3d_core.io.files import list_inputs, load_volume
+from anomaly3d_core.preprocess.preprocessing import Preprocessor
 from anomaly3d_core.runner import write_result
 
 
@@ -50,7 +50,7 @@ def test_score_maps_land_on_input_grid(fmt, tmp_path, fitted):
 
 def test_preprocessing_inverse_is_exact_on_oblique_grid():
     array, affine = blob_volume((30, 34, 22), seed=5), oblique_affine()
-    from anomaly3d_core.volume import Volume
+    from anomaly3d_core.io.volume import Volume
 
     cfg = PreprocessingConfig(target_spacing=None, normalize_method="none", clip_percentile=None)
     prep = Preprocessor(cfg)(Volume(array, affine))
@@ -67,7 +67,7 @@ def test_preprocessing_inverse_is_exact_on_oblique_grid():
 def test_resampled_inverse_keeps_geometry():
     from scipy import ndimage
 
-    from anomaly3d_core.volume import Volume
+    from anomaly3d_core.io.volume import Volume
 
     array, affine = blob_volume((30, 34, 22), seed=6), oblique_affine()
     smooth = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal(array.shape), 3)
@@ -170,8 +170,8 @@ def test_list_inputs_finds_scans_and_dicom_dirs(tmp_path):
 
 
 def test_registration_to_mni_and_back(demo_dir):
-    from anomaly3d_core.registration import mni152_reference
-    from anomaly3d_core.volume import Volume
+    from anomaly3d_core.io.volume import Volume
+    from anomaly3d_core.preprocess.registration import mni152_reference
 
     src = load_volume(sorted((demo_dir / "train").iterdir())[0])
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])

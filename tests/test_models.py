@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import FAST
 
-from anomaly3d_core.embedding import FeatureEmbedding
-from anomaly3d_core.io import list_inputs
-from anomaly3d_core.network import gaussian_kernel
+from anomaly3d_core.io.files import list_inputs
+from anomaly3d_core.model.embedding import FeatureEmbedding
+from anomaly3d_core.model.network import gaussian_kernel
+from anomaly3d_core.model.training import train_autoencoder
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline, create_resnet_pipeline, create_simple_pipeline
-from anomaly3d_core.training import train_autoencoder
 from anomaly3d_plugins.autoencoders import (
     ContractiveAutoencoder,
     DenoisingAutoencoder,
@@ -162,7 +162,7 @@ def test_score_modes_and_positional(demo_dir):
         ).build_network()
     train = list_inputs(demo_dir / "train")
     scan = list_inputs(demo_dir / "test")[0]
-    from anomaly3d_core.io import load_volume
+    from anomaly3d_core.io.files import load_volume
 
     vol = load_volume(scan)
     brain = np.argwhere(vol.array > 0)
@@ -196,7 +196,7 @@ def test_extractor_pretraining_changes_and_freezes_weights(demo_dir):
         "training": {"num_epochs": 1},
     }
     pipe = AnomalyDetectionPipeline(cfg)
-    from anomaly3d_core.training import seed_everything
+    from anomaly3d_core.model.training import seed_everything
 
     seed_everything(pipe.config.training.seed)  # the same initial weights fit() starts from
     before = {k: v.clone() for k, v in pipe.build_network().extractor.state_dict().items()}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from anomaly3d_core.io import list_inputs
+from anomaly3d_core.io.files import list_inputs
 
 
 def test_detects_lesions_on_demo_data(fitted, demo_dir):
@@ -56,7 +56,7 @@ def test_normative_scoring_on_a_shared_grid(demo_dir, tmp_path):
     assert np.array_equal(again.score(scan).score_map, result.score_map)
     from conftest import blob_volume
 
-    from anomaly3d_core.volume import Volume
+    from anomaly3d_core.io.volume import Volume
 
     odd = Volume(blob_volume((30, 30, 30)), np.diag([4.0, 4.0, 4.0, 1.0]))  # a scan on another grid
     with pytest.raises(ConfigError, match="normative needs every scan on one grid"):

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anomaly3d_core.serving import decode_nifti
+from anomaly3d_core.mlops.serving import decode_nifti
 
 
 def _b64(path: Path) -> str:

@@ -12,7 +12,7 @@ import yaml
 
 from anomaly3d_core.config import build_config
 from anomaly3d_core.errors import ConfigError
-from anomaly3d_core.tuning import parse_search_space
+from anomaly3d_core.mlops.tuning import parse_search_space
 
 SPACE = {
     "training.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -120,9 +120,9 @@ def test_two_workers_share_one_study(tmp_path, demo_dir):
 def test_synthetic_anomalies_are_visible_and_found(fitted, demo_dir):
     import numpy as np
 
-    from anomaly3d_core.io import list_inputs, load_volume
-    from anomaly3d_core.synthetic import inject_anomalies
-    from anomaly3d_core.tuning import ValidationSet
+    from anomaly3d_core.demo.synthetic import inject_anomalies
+    from anomaly3d_core.io.files import list_inputs, load_volume
+    from anomaly3d_core.mlops.tuning import ValidationSet
 
     vol = load_volume(list_inputs(demo_dir / "train")[0])
     lo, hi = np.percentile(vol.array[vol.array > 0], [1, 99])

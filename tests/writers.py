@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from anomaly3d_core.io import save_nifti
-from anomaly3d_plugins.loaders.sitk_geometry import volume_to_image
+from anomaly3d_core.io.files import save_nifti
+from anomaly3d_core.io.sitk_geometry import volume_to_image
 
 
 def write_nifti(array, affine, folder: Path, name: str = "scan") -> Path:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field, model_validator
-from torch import nn
 
 from anomaly3d_core.interfaces import Autoencoder, Params
+from anomaly3d_core.model.layers import mlp
 
 
 class AEParams(Params):
@@ -20,18 +20,6 @@ class AEParams(Params):
         if any(h < 1 for h in self.hidden_dims):
             raise ValueError(f"hidden_dims must be positive, got {self.hidden_dims}")
         return self
-
-
-def mlp(dims: list[int], dropout: float = 0.0) -> nn.Sequential:
-    """Linear layers with LeakyReLU between them (none after the last)."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(dims) - 2:
-            layers.append(nn.LeakyReLU(0.1, inplace=True))
-            if dropout:
-                layers.append(nn.Dropout(dropout))
-    return nn.Sequential(*layers)
 
 
 class StandardAutoencoder(Autoencoder):

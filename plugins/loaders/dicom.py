@@ -11,8 +11,8 @@ import SimpleITK as sitk
 
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.interfaces import Params, VolumeLoader
-from anomaly3d_core.volume import Volume
-from anomaly3d_plugins.loaders.sitk_geometry import image_to_volume
+from anomaly3d_core.io.sitk_geometry import image_to_volume
+from anomaly3d_core.io.volume import Volume
 
 
 class DicomParams(Params):

@@ -10,7 +10,7 @@ import numpy as np
 
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.interfaces import VolumeLoader
-from anomaly3d_core.volume import Volume
+from anomaly3d_core.io.volume import Volume
 
 
 class NiftiLoader(VolumeLoader):

@@ -82,8 +82,8 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
         from anomaly3d_core.errors import DataError
-        from anomaly3d_core.io import check_volume
-        from anomaly3d_core.volume import Volume
+        from anomaly3d_core.io.files import check_volume
+        from anomaly3d_core.io.volume import Volume
 
         if "volume" not in getattr(model_input, "columns", []):
             raise MlflowException(

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from anomaly3d_core import distributed
+from anomaly3d_core.model import distributed
 from anomaly3d_core.progress import progress
 
 log = logging.getLogger(__name__)

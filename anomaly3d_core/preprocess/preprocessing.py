@@ -18,7 +18,7 @@ from skimage.filters import threshold_otsu
 
 from anomaly3d_core.config import PreprocessingConfig
 from anomaly3d_core.errors import DataError
-from anomaly3d_core.volume import Volume
+from anomaly3d_core.io.volume import Volume
 
 
 @dataclass
@@ -140,7 +140,7 @@ class Preprocessor:
             )
         registration, reference_affine = None, None
         if cfg.register_to != "none":
-            from anomaly3d_core import registration as reg
+            from anomaly3d_core.preprocess import registration as reg
 
             ref = reg.reference(cfg.register_to)
             arr, registration = reg.register(volume, ref)
@@ -232,7 +232,7 @@ class Preprocessor:
         full[tuple(slice(a, b) for a, b in zip(record.crop_start, record.crop_stop, strict=True))] = arr
         full = resize(full, record.canonical_shape, order=order)
         if record.registration is not None:
-            from anomaly3d_core.registration import to_native
+            from anomaly3d_core.preprocess.registration import to_native
 
             return to_native(
                 full,

@@ -140,6 +140,6 @@ def log_pyfunc_if_active(pipeline: Any, registered_model_name: str | None = None
 
     if mlflow.active_run() is None:
         return None
-    from anomaly3d_core.serving import log_pyfunc
+    from anomaly3d_core.mlops.serving import log_pyfunc
 
     return log_pyfunc(pipeline, registered_model_name)

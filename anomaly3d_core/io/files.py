@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 
 from anomaly3d_core.errors import DataError, PluginError
-from anomaly3d_core.volume import Volume
+from anomaly3d_core.io.volume import Volume
 
 
 def _registry(registry: Any) -> Any:

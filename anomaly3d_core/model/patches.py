@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from anomaly3d_core.network import gaussian_kernel
+from anomaly3d_core.model.network import gaussian_kernel
 
 
 @dataclass

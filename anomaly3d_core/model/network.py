@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomaly3d_core.embedding import FeatureEmbedding
 from anomaly3d_core.errors import ConfigError
 from anomaly3d_core.interfaces import Autoencoder, FeatureExtractor
+from anomaly3d_core.model.embedding import FeatureEmbedding
 
 
 def gaussian_kernel(size: tuple[int, int, int], sigma_scale: float = 0.25) -> torch.Tensor:

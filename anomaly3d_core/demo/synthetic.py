@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from anomaly3d_core.augmentation import smooth_field
-from anomaly3d_core.volume import Volume
+from anomaly3d_core.io.volume import Volume
+from anomaly3d_core.preprocess.augmentation import smooth_field
 
 
 def inject_anomalies(

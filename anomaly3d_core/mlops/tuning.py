@@ -132,9 +132,9 @@ class ValidationSet:
     def build(
         cls, normals: Sequence[Path], val: Sequence[Path] | None, val_masks: Path | None, seed: int
     ) -> ValidationSet:
-        from anomaly3d_core.io import load_volume
+        from anomaly3d_core.demo.synthetic import inject_anomalies
+        from anomaly3d_core.io.files import load_volume
         from anomaly3d_core.runner import find_mask
-        from anomaly3d_core.synthetic import inject_anomalies
 
         if val:
             if val_masks is None:
@@ -150,7 +150,7 @@ class ValidationSet:
 
     def metrics(self, pipeline: Any) -> dict[str, float]:
         """Pooled voxel AP and AUROC inside each scan's foreground (works mid-training: no threshold needed)."""
-        from anomaly3d_core.preprocessing import Preprocessor, foreground_mask
+        from anomaly3d_core.preprocess.preprocessing import Preprocessor, foreground_mask
 
         truths, scores = [], []
         for vol, mask in zip(self.volumes, self.masks, strict=True):
@@ -165,9 +165,9 @@ class ValidationSet:
 
 def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
     """The ``anomaly3d tune`` command."""
-    from anomaly3d_core.io import list_inputs
+    from anomaly3d_core.io.files import list_inputs
+    from anomaly3d_core.mlops.tracking import log_metrics, mlflow_run
     from anomaly3d_core.pipeline import AnomalyDetectionPipeline
-    from anomaly3d_core.tracking import log_metrics, mlflow_run
 
     space = parse_search_space(config)
     metric = config.tuning.metric
@@ -249,8 +249,8 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
                 shutil.rmtree(out / "best_model")
             shutil.copytree(model_dir, out / "best_model")
             if config.tracking.enabled:
+                from anomaly3d_core.mlops.tracking import log_pyfunc_if_active
                 from anomaly3d_core.pipeline import AnomalyDetectionPipeline as Pipe
-                from anomaly3d_core.tracking import log_pyfunc_if_active
 
                 log_pyfunc_if_active(
                     Pipe.load(model_dir), registered_model_name=f"anomaly3d-{args.study_name}"

@@ -43,8 +43,6 @@ class FeatureEmbedding(nn.Module):
         flat = self.input_channels * int(torch.tensor(self.patch_size).prod())
         self.projection: nn.Module | None = None
         if embedding_method == "mlp":
-            from anomaly3d_plugins.autoencoders.standard import mlp
-
             dims = [flat, *(mlp_hidden_dims or []), output_dim]
             self.projection = mlp(dims)
             self.reconstruction = mlp(dims[::-1])

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from anomaly3d_core.augmentation import smooth_field
-from anomaly3d_core.io import save_nifti
+from anomaly3d_core.io.files import save_nifti
+from anomaly3d_core.preprocess.augmentation import smooth_field
 from anomaly3d_core.progress import progress
 
 LESION_KINDS: tuple[str, ...] = ("tumour", "infarct", "ms", "haemorrhage")

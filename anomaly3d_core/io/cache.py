@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from anomaly3d_core.io import atomic_write
-from anomaly3d_core.preprocessing import Prepared, PreprocessRecord
-from anomaly3d_core.volume import Volume
+from anomaly3d_core.io.files import atomic_write
+from anomaly3d_core.io.volume import Volume
+from anomaly3d_core.preprocess.preprocessing import Prepared, PreprocessRecord
 
 VERSION = "1"
 

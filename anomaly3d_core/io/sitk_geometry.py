@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from anomaly3d_core.volume import Volume
+from anomaly3d_core.io.volume import Volume
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 

@@ -12,8 +12,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from anomaly3d_core.errors import DataError
-from anomaly3d_core.volume import Volume
-from anomaly3d_plugins.loaders.sitk_geometry import volume_to_image
+from anomaly3d_core.io.sitk_geometry import volume_to_image
+from anomaly3d_core.io.volume import Volume
 
 TEMPLATES = ("mni152",)
 
