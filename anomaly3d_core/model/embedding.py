@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomaly3d_core.config import EmbeddingConfig
+from anomaly3d_core.model.layers import mlp
 
 METHODS = ("flatten", "avg", "max", "adaptive", "mlp")
 
