@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from anomaly3d_core.ensemble import load_any_config
+    from anomaly3d_core.persistence import load_any_config
 
     return load_any_config(getattr(args, "config", None), args.overrides)
 
@@ -186,11 +186,11 @@ def _log_fit(pipe: Any, out: Path) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from anomaly3d_core.ensemble import load_model
     from anomaly3d_core.io.files import list_inputs
+    from anomaly3d_core.persistence import load_detector
     from anomaly3d_core.runner import score_files
 
-    pipe = load_model(args.model)
+    pipe = load_detector(args.model)
     if args.overrides:
         raise ConfigError(
             "score uses the saved model's config; --set is not applied here (refit with --set instead)"
@@ -204,12 +204,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from anomaly3d_core.ensemble import load_model
     from anomaly3d_core.io.files import list_inputs
     from anomaly3d_core.mlops.tracking import log_artifact, log_metrics, mlflow_run
+    from anomaly3d_core.persistence import load_detector
     from anomaly3d_core.runner import evaluate_files, summary_table
 
-    pipe = load_model(args.model)
+    pipe = load_detector(args.model)
     with mlflow_run(pipe.config, "evaluate"):
         metrics, failures = evaluate_files(pipe, list_inputs(args.input), Path(args.masks), Path(args.out))
         log_metrics(metrics)

@@ -6,6 +6,7 @@ path, and each plugin's ``args`` are validated against that plugin's own ``Param
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -356,7 +357,7 @@ def build_config(
     tree: Mapping[str, Any] | None = None, overrides: Iterable[str] = (), registry: Any = None
 ) -> PipelineConfig:
     """Validate a nested dict (plus ``--set`` overrides) into a :class:`PipelineConfig`."""
-    data = apply_overrides(_deepcopy(dict(tree or {})), overrides)
+    data = apply_overrides(copy.deepcopy(dict(tree or {})), overrides)
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
@@ -387,9 +388,48 @@ def load_config(
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
 
 
-def _deepcopy(tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {k: _deepcopy(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_deepcopy(v) for v in tree]
+def seed_component_sections(
+    feature_extractor_config: Mapping | None,
+    embedding_config: Mapping | None,
+    autoencoder_config: Mapping | None,
+    patch_config: Mapping | None,
+    training_config: Mapping | None,
+    threshold_config: Mapping | None,
+    preprocessing_config: Mapping | None,
+) -> dict[str, Any]:
+    """Config sections from the seed README's per-component dicts (``feature_extractor_config=...``)."""
+    tree: dict[str, Any] = {}
+    if feature_extractor_config:
+        fx = dict(feature_extractor_config)
+        tree["extractor"] = {"type": fx.pop("type", "simple"), "args": fx.pop("args", {}), **fx}
+    if embedding_config:
+        tree["embedding"] = dict(embedding_config)
+    if autoencoder_config:
+        ae = dict(autoencoder_config)
+        tree["autoencoder"] = {"type": ae.pop("type", "standard"), "args": ae.pop("args", {}), **ae}
+    if patch_config:
+        tree["patches"] = dict(patch_config)
+    if training_config:
+        tree["training"] = dict(training_config)
+    if threshold_config:
+        th = dict(threshold_config)
+        tree["threshold"] = {
+            "type": th.pop("type", th.pop("method", "percentile")),
+            "args": th.pop("args", {}),
+            **th,
+        }
+    if preprocessing_config:
+        tree["data"] = {"preprocessing": dict(preprocessing_config)}
     return tree
+
+
+def merge_trees(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``extra`` merged into ``base`` recursively (a plugin's ``args`` are replaced whole)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            merge_trees(out[key], value)
+            if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "args"
+            else value
+        )
+    return out

@@ -34,11 +34,15 @@ from anomaly3d_core.config import (
     format_validation_error,
     validate_plugins,
 )
+from anomaly3d_core.detector import Detector
 from anomaly3d_core.errors import Anomaly3DError, ConfigError
 from anomaly3d_core.io.data import VolumeLike, as_volume
-from anomaly3d_core.pipeline import AnomalyDetectionPipeline, Calibrated, ScoreResult
-from anomaly3d_core.postprocess import thresholding
-from anomaly3d_core.preprocess.preprocessing import Preprocessor, foreground_mask
+from anomaly3d_core.io.volume import Volume
+from anomaly3d_core.model.training import EpochCallback
+from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+from anomaly3d_core.postprocess.native import native_prepared, to_native
+from anomaly3d_core.postprocess.postprocessor import PostProcessor
+from anomaly3d_core.preprocess.preprocessing import Prepared
 
 ENSEMBLE_FILE = "ensemble.json"
 
@@ -97,157 +101,111 @@ def build_ensemble_config(
     return cfg
 
 
-class EnsemblePipeline(Calibrated):
-    """Several :class:`AnomalyDetectionPipeline` members scored together."""
+def combine_members(
+    volume: Volume, members: Sequence[Detector], combine: str = "mean"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ensemble formula, on the input's grid, and the input's foreground.
+
+    Each member's final scores become z-values against its own normal-validation statistics on
+    its own working grid (negative values count as 0: only above-normal evidence), are mapped
+    back to the input's grid, and are combined voxel by voxel with the mean or the max.
+    """
+    maps, fg = [], None
+    for member in members:
+        prep = member.prepare(volume)
+        z = np.maximum(member.normalized(member.score_prepared(prep)), 0.0)
+        z[~prep.mask] = 0.0
+        native, member_fg = to_native(z, prep, member.foreground_method)
+        maps.append(native)
+        fg = member_fg if fg is None else fg
+    combined = np.mean(maps, axis=0) if combine == "mean" else np.max(maps, axis=0)
+    combined[~fg] = 0.0
+    return combined.astype(np.float32), fg
+
+
+class EnsemblePipeline(Detector):
+    """Several :class:`AnomalyDetectionPipeline` members scored together on the input's grid."""
 
     def __init__(self, config: EnsembleConfig, device: str | None = None, registry: Any = None) -> None:
         self.config = config
         self.registry = registry
         self.members = [AnomalyDetectionPipeline(m, device=device, registry=registry) for m in config.members]
 
+    @property
+    def foreground_method(self) -> str:
+        return self.members[0].foreground_method
+
     def fit(
-        self, volumes: Sequence[VolumeLike], val_volumes: Sequence[VolumeLike] | None = None, **kwargs: Any
+        self,
+        volumes: Sequence[VolumeLike],
+        val_volumes: Sequence[VolumeLike] | None = None,
+        callbacks: Sequence[EpochCallback] = (),
+        show_progress: bool | None = None,
     ) -> EnsemblePipeline:
         t0 = time.perf_counter()
         for member in self.members:
-            member.fit(volumes, val_volumes, **kwargs)
+            member.fit(volumes, val_volumes, callbacks=callbacks, show_progress=show_progress)
         first = self.members[0]
         self.failures_ = first.failures_
         self.history_ = first.history_
         self.n_train_volumes_, self.n_val_volumes_ = first.n_train_volumes_, first.n_val_volumes_
+        self.postprocessor_ = PostProcessor(self.config.threshold, self.registry)
         self.calibrate(first.val_volumes_)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
-    def read(self, path: str | Path) -> Any:
+    def read(self, path: str | Path) -> Volume:
         return self.members[0].read(path)
 
-    def _combined(self, volume: Any) -> tuple[np.ndarray, np.ndarray]:
-        maps = []
-        for member in self.members:
-            prep = member.prepare(volume)
-            z = np.maximum(
-                member.normalized(member._prepared_scores(prep)), 0.0
-            )  # only above-normal evidence
-            z[~prep.mask] = 0.0
-            maps.append(Preprocessor.invert(z, prep.record, order=1))
-        combined = np.mean(maps, axis=0) if self.config.combine == "mean" else np.max(maps, axis=0)
-        fg = foreground_mask(volume.array, self.members[0].config.data.preprocessing.foreground)
-        combined[~fg] = 0.0
-        return combined.astype(np.float32), fg
+    def prepare(self, item: VolumeLike) -> Prepared:
+        """The ensemble works on the input's own grid; each member prepares the scan its own way."""
+        volume = self.read(item) if isinstance(item, str | Path) else as_volume(item)
+        return native_prepared(volume, self.foreground_method)
 
-    def calibrate(self, normal: Sequence[VolumeLike]) -> EnsemblePipeline:
-        maps = [self._combined(as_volume(v)) for v in normal]
-        state = thresholding.calibrate(
-            [m for m, _ in maps], [fg for _, fg in maps], self.config.threshold, self.registry
-        )
-        self._set_calibration(state)
-        return self
+    def score_prepared(self, prep: Prepared) -> np.ndarray:
+        combined, _ = combine_members(prep.source, self.members, self.config.combine)
+        combined[~prep.mask] = 0.0
+        return combined
 
-    def score(self, item: VolumeLike) -> ScoreResult:
-        t0 = time.perf_counter()
-        volume = as_volume(item)
-        scores, fg = self._combined(volume)
-        threshold, mask, vscore = thresholding.decide(
-            scores, fg, volume.spacing, self.config.threshold, self.threshold_, self.registry
-        )
-        return ScoreResult(
-            volume,
-            scores,
-            mask,
-            vscore,
-            bool(vscore > self.volume_threshold_),
-            threshold,
-            seconds=time.perf_counter() - t0,
-            foreground=fg,
-        )
-
-    def score_map(self, item: VolumeLike) -> tuple[np.ndarray, dict[str, Any]]:
-        r = self.score(item)
-        return r.score_map, {
-            "volume_score": r.volume_score,
-            "is_anomalous": r.is_anomalous,
-            "threshold": r.threshold,
-        }
-
-    def predict(self, item: VolumeLike) -> np.ndarray:
-        return self.score(item).mask
+    def example_volume(self) -> Volume | None:
+        return self.members[0].example_volume()
 
     def save_files(self, path: str | Path) -> Path:
+        self._check_fitted("save")
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         for i, member in enumerate(self.members):
             member.save_files(out / "members" / f"{i:02d}")
-        state = {
+        meta = {
             "combine": self.config.combine,
             "threshold_config": self.config.threshold.model_dump(mode="json"),
-            "threshold": self.threshold_,
-            "volume_threshold": self.volume_threshold_,
-            "score_stats": self.score_stats_,
-            "normal_volume_scores": self.normal_volume_scores_,
             "n_members": len(self.members),
         }
-        (out / ENSEMBLE_FILE).write_text(json.dumps(state, indent=2))
+        (out / ENSEMBLE_FILE).write_text(json.dumps(meta, indent=2))
+        self.postprocessor_.save(out)
         return out
-
-    def save(self, path: str | Path) -> Path:
-        from anomaly3d_core.mlops.serving import save_pyfunc
-
-        return save_pyfunc(self, path)
 
     @classmethod
     def load_files(
         cls, path: str | Path, device: str | None = None, registry: Any = None
     ) -> EnsemblePipeline:
         folder = Path(path)
-        state = json.loads((folder / ENSEMBLE_FILE).read_text())
+        if not (folder / ENSEMBLE_FILE).is_file():
+            raise Anomaly3DError(f"{folder}: not a saved anomaly3d ensemble (missing {ENSEMBLE_FILE})")
+        meta = json.loads((folder / ENSEMBLE_FILE).read_text())
         members = [
             AnomalyDetectionPipeline.load_files(folder / "members" / f"{i:02d}", device, registry)
-            for i in range(state["n_members"])
+            for i in range(meta["n_members"])
         ]
         config = EnsembleConfig(
-            combine=state["combine"],
+            combine=meta["combine"],
             members=[m.config for m in members],
-            threshold=ThresholdConfig(**state["threshold_config"]),
+            threshold=ThresholdConfig(**meta["threshold_config"]),
         )
         ens = cls.__new__(cls)
         ens.config, ens.registry, ens.members = config, registry, members
-        ens._set_calibration(state)
+        ens.postprocessor_, _ = PostProcessor.load(folder, config.threshold, registry)
         return ens
 
     def plugin_specs(self) -> list[tuple[str, str]]:
         return self.config.plugin_specs()
-
-
-def load_model(
-    path: str | Path, device: str | None = None, registry: Any = None
-) -> AnomalyDetectionPipeline | EnsemblePipeline:
-    """Load a saved pipeline or ensemble (MLflow model folder or plain folder)."""
-    folder = Path(path)
-    if not folder.exists():
-        raise Anomaly3DError(f"{folder}: model folder not found")
-    inner = folder / "artifacts" / "pipeline" if (folder / "MLmodel").is_file() else folder
-    if (inner / ENSEMBLE_FILE).is_file():
-        return EnsemblePipeline.load_files(inner, device, registry)
-    return AnomalyDetectionPipeline.load_files(inner, device, registry)
-
-
-def load_any_config(
-    path: str | Path | None, overrides: Sequence[str] = (), registry: Any = None
-) -> PipelineConfig | EnsembleConfig:
-    """A pipeline config, or an ensemble config when the YAML has a top-level ``ensemble`` section."""
-    from anomaly3d_core.config import load_config
-
-    if path is not None and Path(path).is_file():
-        tree = yaml.safe_load(Path(path).read_text())
-        if isinstance(tree, dict) and "ensemble" in tree:
-            extra = set(tree) - {"ensemble"}
-            if extra:
-                raise ConfigError(
-                    f"{path}: an ensemble config has only the 'ensemble' section; move {sorted(extra)} into its members"
-                )
-            try:
-                return build_ensemble_config(tree["ensemble"] or {}, overrides, registry)
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: {exc}") from None
-    return load_config(path, overrides, registry)

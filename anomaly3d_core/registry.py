@@ -134,8 +134,3 @@ def _cached_registry(autoload: bool) -> Registry:
 def get_registry(autoload: bool | None = None) -> Registry:
     """The registry of the current environment (discovered once per process and setting)."""
     return _cached_registry(not _autoload_disabled() if autoload is None else autoload)
-
-
-def clear_registry_cache() -> None:
-    """Forget discovered plugins (after installing a package at run time, or in tests)."""
-    _cached_registry.cache_clear()

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from anomaly3d_core.detector import Detector, ScoreResult
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.io.data import BatchFailures
 from anomaly3d_core.io.files import atomic_write, load_volume, save_nifti
-from anomaly3d_core.pipeline import AnomalyDetectionPipeline, ScoreResult
 from anomaly3d_core.progress import progress
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def write_csv(
 
 
 def score_files(
-    pipeline: AnomalyDetectionPipeline, inputs: list[Path], out_dir: Path, keep_results: bool = False
+    pipeline: Detector, inputs: list[Path], out_dir: Path, keep_results: bool = False
 ) -> ScoredBatch:
     """Score every input, write its maps and ``scores.csv``; bad inputs go to ``failures``."""
     batch = ScoredBatch()
@@ -106,7 +106,7 @@ def find_mask(scan: Path, masks_dir: Path) -> Path:
 
 
 def evaluate_files(
-    pipeline: AnomalyDetectionPipeline,
+    pipeline: Detector,
     inputs: list[Path],
     masks_dir: Path,
     out_dir: Path,

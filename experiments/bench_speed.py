@@ -64,9 +64,9 @@ def make_128_volume(path: Path, seed: int = 7) -> Path:
 
 
 def child_score(model: str, volume: str, repeats: int) -> None:
-    from anomaly3d_core.ensemble import load_model
+    from anomaly3d_core.persistence import load_detector
 
-    pipe = load_model(model)
+    pipe = load_detector(model)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -118,7 +118,7 @@ def run_one(name: str, data: Path) -> dict[str, Any]:
     else:
         from anomaly3d_core.cli import _new_model
         from anomaly3d_core.config import build_config
-        from anomaly3d_core.ensemble import load_any_config
+        from anomaly3d_core.persistence import load_any_config
 
         if isinstance(entry, Path):
             config = load_any_config(entry, ["tracking.enabled=false"])

@@ -89,7 +89,7 @@ def main() -> None:
     truths, scores = [], []
     for path in list_inputs(data / "test"):
         prep = pipe.prepare(path)
-        s = pipe._prepared_scores(prep)
+        s = pipe.score_prepared(prep)
         gt = pipe.prepare(
             path, load_volume(data / "test_masks" / path.name, allow_constant=True).array > 0
         ).target

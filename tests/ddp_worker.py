@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from anomaly3d_core.config import TrainingConfig
 from anomaly3d_core.model import distributed
 from anomaly3d_core.model.training import train_autoencoder
 from anomaly3d_plugins.autoencoders import ContractiveAutoencoder
@@ -18,13 +19,9 @@ history = train_autoencoder(
     model,
     data,
     data[:100],
-    num_epochs=6,
-    learning_rate=1e-2,
-    batch_size=50,
-    seed=3,
+    TrainingConfig(num_epochs=6, learning_rate=1e-2, batch_size=50, seed=3, checkpoint_dir=str(out / "ckpt")),
     device="cpu",
     show_progress=False,
-    checkpoint_dir=out / "ckpt",
 )
 torch.save(
     {"state": model.state_dict(), "history": history, "world": distributed.world_size()},

@@ -12,28 +12,42 @@ from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
 def test_cache_hit_miss_and_equality(tmp_path, monkeypatch):
     monkeypatch.setenv("ANOMALY3D_CACHE_DIR", str(tmp_path / "c"))
-    path = write_nifti(blob_volume(), np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path, "scan")
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    path = write_nifti(blob_volume(), affine, tmp_path, "scan")
     pipe = AnomalyDetectionPipeline(FAST)
-    first = pipe._prepare_cached(path)
-    assert len(list((tmp_path / "c").glob("*.npz"))) == 1
     calls = []
-    monkeypatch.setattr(pipe, "prepare", lambda item: calls.append(item))
+    prepare = pipe.prepare
+
+    def counting_prepare(item, mask=None):
+        calls.append(item)
+        return prepare(item, mask)
+
+    monkeypatch.setattr(pipe, "prepare", counting_prepare)
+    first = pipe._prepare_cached(path)
+    assert calls == [path] and len(list((tmp_path / "c").glob("*.npz"))) == 1  # a miss, then stored
     again = pipe._prepare_cached(path)
-    assert calls == []  # served from the cache
+    assert calls == [path]  # unchanged file: served from the cache
     assert np.array_equal(first.array, again.array) and np.array_equal(first.mask, again.mask)
     assert np.array_equal(first.source.array, again.source.array) and first.record == again.record
     other = AnomalyDetectionPipeline({**FAST, "data": {"preprocessing": {"target_spacing": 3.0}}})
     assert cache.content_key(path, {"a": 1}) != cache.content_key(path, {"a": 2})
     assert other._prepare_cached(path).array.shape != first.array.shape
-    write_nifti(
-        blob_volume(seed=9), np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path, "scan"
-    )  # same name, new content
-    assert len(calls) == 0 and cache.load(cache.content_key(path, {"x": 0})) is None
+    old_key = cache.content_key(path, {"a": 1})
+    assert cache.content_key(path, {"a": 1}) == old_key  # same bytes, same key
+    write_nifti(blob_volume(seed=9), affine, tmp_path, "scan")  # same name, new content
+    assert cache.content_key(path, {"a": 1}) != old_key
+    changed = pipe._prepare_cached(path)
+    assert calls == [path, path]  # a miss: the entry for the old content is not served
+    assert not np.array_equal(changed.source.array, first.source.array)
+    assert len(list((tmp_path / "c").glob("*.npz"))) == 3  # old content, other settings, new content
+    pipe._prepare_cached(path)
+    assert calls == [path, path]  # and the new content is a hit from now on
 
 
 def test_cache_can_be_disabled(tmp_path, monkeypatch):
     monkeypatch.setenv("ANOMALY3D_CACHE_DIR", str(tmp_path / "c"))
     monkeypatch.setenv("ANOMALY3D_CACHE", "0")
     path = write_nifti(blob_volume(), np.eye(4), tmp_path, "scan")
-    AnomalyDetectionPipeline(FAST)._prepare_cached(path)
+    prepared = AnomalyDetectionPipeline(FAST)._prepare_cached(path)
+    assert prepared.array.ndim == 3 and prepared.mask.any()  # still prepared, just not stored
     assert not (tmp_path / "c").exists()

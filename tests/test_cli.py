@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import anomaly3d_core
 from anomaly3d_core.cli import main
 
 FAST_SET = [
@@ -34,7 +36,9 @@ def test_plugins_lists_every_family(capsys):
     out = capsys.readouterr().out
     for name in ("simple", "resnet50", "contractive", "yen", "dicom", "itk", "identity"):
         assert f"  {name} " in out
-    assert "anomaly3d 0.1.0" in out
+    installed = importlib.metadata.version("anomaly3d")
+    assert f"anomaly3d {installed}" in out  # the built-in plugins' package and its installed version
+    assert anomaly3d_core.__version__ == installed
 
 
 def test_module_entry_and_no_traceback(tmp_path):

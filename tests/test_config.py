@@ -79,11 +79,11 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_seed_dict_configs_are_accepted():
-    pipe = AnomalyDetectionPipeline(
+def _seed_pipeline(input_channels: int) -> AnomalyDetectionPipeline:
+    return AnomalyDetectionPipeline(
         feature_extractor_config={"type": "resnet18", "args": {"in_channels": 1, "extract_features": True}},
         embedding_config={
-            "input_channels": 512,
+            "input_channels": input_channels,
             "patch_size": (4, 4, 4),
             "embedding_method": "mlp",
             "mlp_hidden_dims": [256, 128],
@@ -107,11 +107,24 @@ def test_seed_dict_configs_are_accepted():
             "early_stopping_patience": 15,
         },
     )
+
+
+def test_seed_dict_configs_are_accepted():
+    pipe = _seed_pipeline(192)  # resnet18 layer1 + layer2: 64 + 128 channels
     cfg = pipe.config
     assert cfg.extractor.type == "resnet18" and cfg.autoencoder.args["beta"] == 0.5
     assert cfg.patches.patch_size == (4, 4, 4) and cfg.training.num_epochs == 150
     net = pipe.build_network()
     assert net.embedding.output_dim == 64 and net.autoencoder.input_dim == 64
+
+
+def test_seed_parameters_are_checked_not_ignored():
+    with pytest.raises(ConfigError, match=r"embedding.input_channels: 512, .* gives 192 channels"):
+        _seed_pipeline(512).build_network()
+    with pytest.raises(ConfigError, match="extract_features"):
+        AnomalyDetectionPipeline(
+            feature_extractor_config={"type": "simple", "args": {"extract_features": False}}
+        )
 
 
 def test_seed_dict_typo_is_caught():

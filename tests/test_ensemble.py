@@ -9,9 +9,10 @@ import yaml
 from conftest import FAST
 
 from anomaly3d_core.cli import main
-from anomaly3d_core.ensemble import EnsemblePipeline, build_ensemble_config, load_any_config, load_model
+from anomaly3d_core.ensemble import EnsemblePipeline, build_ensemble_config
 from anomaly3d_core.errors import ConfigError
 from anomaly3d_core.io.files import list_inputs
+from anomaly3d_core.persistence import load_any_config, load_detector
 
 MEMBERS = [
     {**FAST, "autoencoder": {"type": "standard"}},
@@ -74,7 +75,7 @@ def test_ensemble_cli_fit_score_and_pyfunc(demo_dir, tmp_path):
         )
         == 0
     )
-    loaded = load_model(model)
+    loaded = load_detector(model)
     assert isinstance(loaded, EnsemblePipeline) and len(loaded.members) == 2
     assert (
         main(

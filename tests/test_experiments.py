@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from anomaly3d_core.config import load_config
-from anomaly3d_core.ensemble import EnsembleConfig, load_any_config
+from anomaly3d_core.ensemble import EnsembleConfig
 from anomaly3d_core.io.files import list_inputs, load_volume
+from anomaly3d_core.persistence import load_any_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))

@@ -8,11 +8,13 @@ import pytest
 import torch
 from conftest import FAST
 
+from anomaly3d_core.config import TrainingConfig
 from anomaly3d_core.io.files import list_inputs
 from anomaly3d_core.model.embedding import FeatureEmbedding
 from anomaly3d_core.model.network import gaussian_kernel
 from anomaly3d_core.model.training import train_autoencoder
-from anomaly3d_core.pipeline import AnomalyDetectionPipeline, create_resnet_pipeline, create_simple_pipeline
+from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+from anomaly3d_core.seed_api import create_resnet_pipeline, create_simple_pipeline
 from anomaly3d_plugins.autoencoders import (
     ContractiveAutoencoder,
     DenoisingAutoencoder,
@@ -71,16 +73,14 @@ def test_embedding_methods(method):
     assert out.mean(0).abs().max() < 1e-3 and (out.std(0) - 1).abs().max() < 1e-2
 
 
-def test_training_is_seeded_and_early_stops(tmp_path):
+def test_training_is_seeded_and_early_stops():
     data = torch.randn(512, 12)
 
     def run():
         torch.manual_seed(123)
         ae = VariationalAutoencoder(12, hidden_dims=[8], latent_dim=3)
-        hist = train_autoencoder(
-            ae, data, data[:64], num_epochs=4, batch_size=64, seed=7, show_progress=False
-        )
-        return ae, hist
+        settings = TrainingConfig(num_epochs=4, batch_size=64, seed=7)
+        return ae, train_autoencoder(ae, data, data[:64], settings, show_progress=False)
 
     (a, ha), (b, hb) = run(), run()
     assert ha == hb
@@ -90,23 +90,51 @@ def test_training_is_seeded_and_early_stops(tmp_path):
     assert ha["train_loss"][-1] < ha["train_loss"][0]
     flat = torch.zeros(256, 12)
     ae = VariationalAutoencoder(12, hidden_dims=[8], latent_dim=3)
-    hist = train_autoencoder(
-        ae, flat, flat, num_epochs=50, learning_rate=1e-9, early_stopping_patience=2, show_progress=False
-    )
+    settings = TrainingConfig(num_epochs=50, learning_rate=1e-9, early_stopping_patience=2)
+    hist = train_autoencoder(ae, flat, flat, settings, show_progress=False)
     assert len(hist["train_loss"]) < 50
 
 
-def test_training_resumes_from_checkpoint(tmp_path):
-    data = torch.randn(256, 10)
-    kw = dict(
-        batch_size=64, seed=1, checkpoint_dir=tmp_path, show_progress=False, early_stopping_patience=100
-    )
-    ae = VariationalAutoencoder(10, hidden_dims=[8], latent_dim=2)
-    train_autoencoder(ae, data, num_epochs=2, **kw)
-    assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
-    ae2 = VariationalAutoencoder(10, hidden_dims=[8], latent_dim=2)
-    hist = train_autoencoder(ae2, data, num_epochs=4, resume=True, **kw)
-    assert len(hist["train_loss"]) == 4
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_then_resumed_training_matches_an_uninterrupted_run(tmp_path):
+    from anomaly3d_core.errors import ConfigError
+
+    data = torch.randn(256, 10, generator=torch.Generator().manual_seed(0))
+    # a VAE samples from the global RNG and the cosine schedule and Adam carry state: all must resume
+    settings = TrainingConfig(num_epochs=4, batch_size=64, seed=1, early_stopping_patience=100)
+
+    def network(hidden: int = 8):
+        torch.manual_seed(5)
+        return VariationalAutoencoder(10, hidden_dims=[hidden], latent_dim=2)
+
+    whole = network()
+    expected = train_autoencoder(whole, data, data[:64], settings, show_progress=False)
+
+    def stop_after_two_epochs(epoch, metrics):
+        if epoch == 1:
+            raise _Interrupted
+
+    checkpointed = settings.model_copy(update={"checkpoint_dir": str(tmp_path)})
+    with pytest.raises(_Interrupted):
+        train_autoencoder(
+            network(), data, data[:64], checkpointed, callbacks=[stop_after_two_epochs], show_progress=False
+        )
+    last = torch.load(tmp_path / "last.pt", weights_only=True)  # plain tensors and containers only
+    assert last["epoch"] == 1 and len(last["history"]["train_loss"]) == 2
+    resumed = VariationalAutoencoder(10, hidden_dims=[8], latent_dim=2)  # other initial weights
+    resuming = checkpointed.model_copy(update={"resume": True})
+    history = train_autoencoder(resumed, data, data[:64], resuming, show_progress=False)
+    assert history.keys() == expected.keys()
+    for key, values in expected.items():
+        assert history[key] == pytest.approx(values, rel=1e-6), key
+    for key, value in whole.state_dict().items():
+        assert torch.allclose(resumed.state_dict()[key], value, atol=1e-6), key
+    with pytest.raises(ConfigError, match=r"last\.pt was saved from a different network") as err:
+        train_autoencoder(network(hidden=6), data, data[:64], resuming, show_progress=False)
+    assert "\n" not in str(err.value)
 
 
 def test_gaussian_kernel_peak_and_symmetry():
@@ -133,19 +161,26 @@ def test_fixed_seed_identical_pipelines(demo_dir):
     assert np.array_equal(a.score_map(scan)[0], b.score_map(scan)[0])
 
 
-@pytest.mark.parametrize("factory", [create_simple_pipeline, create_resnet_pipeline])
-def test_seed_factories_fit_and_score(factory, demo_dir):
+@pytest.mark.parametrize(
+    ("factory", "extractor", "method"),
+    [(create_simple_pipeline, "identity", "flatten"), (create_resnet_pipeline, "resnet18", "avg")],
+)
+def test_seed_factories_fit_and_score(factory, extractor, method, demo_dir):
+    narrow = {"extractor": {"args": {"width": 8}}} if factory is create_resnet_pipeline else {}
     pipe = factory(
         patch_size=(8, 8, 8),
         training={"num_epochs": 1},
         patches={"max_patches": 100},
         tracking={"enabled": False},
+        **narrow,
     )
-    if factory is create_resnet_pipeline:
-        pipe = factory(
-            extractor={"args": {"width": 8}}, training={"num_epochs": 1}, patches={"max_patches": 100}
-        )
+    cfg = pipe.config  # the factory's own choices, merged with the overrides
+    assert cfg.extractor.type == extractor and cfg.embedding.embedding_method == method
+    assert cfg.patches.patch_size == (8, 8, 8) and cfg.patches.stride == (4, 4, 4)
+    assert cfg.patches.max_patches == 100 and cfg.training.num_epochs == 1 and not cfg.tracking.enabled
+    assert cfg.extractor.args == narrow.get("extractor", {}).get("args", {})
     pipe.fit(list_inputs(demo_dir / "train")[:3], show_progress=False)
+    assert len(pipe.history_["train_loss"]) == 1
     scan = list_inputs(demo_dir / "test")[0]
     scores, meta = pipe.score_map(scan)
     mask = pipe.predict(scan)

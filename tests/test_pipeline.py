@@ -48,7 +48,10 @@ def test_normative_scoring_on_a_shared_grid(demo_dir, tmp_path):
         "threshold": {"normative": True},
     }
     pipe = AnomalyDetectionPipeline(shared).fit(list_inputs(demo_dir / "train"), show_progress=False)
-    assert pipe.normative_["mean"].shape == pipe.prepare(list_inputs(demo_dir / "train")[0]).array.shape
+    assert (
+        pipe.postprocessor_.normative_["mean"].shape
+        == pipe.prepare(list_inputs(demo_dir / "train")[0]).array.shape
+    )
     scan = list_inputs(demo_dir / "test")[-1]
     result = pipe.score(scan)
     assert (result.score_map >= 0).all() and result.score_map.max() > 0

@@ -8,14 +8,15 @@ import torch
 from conftest import FAST, blob_volume
 from writers import write_nifti
 
+from anomaly3d_core.config import TrainingConfig
 from anomaly3d_core.errors import DataError
-from anomaly3d_core.inference import FeatureExtractor3D, ensemble_inference, inference_pipeline
 from anomaly3d_core.io.data import augment_volume, load_and_normalize_volume, load_dataset
 from anomaly3d_core.io.files import list_inputs
 from anomaly3d_core.model.embedding import FeatureEmbedding
 from anomaly3d_core.model.patches import extract_patches_3d, reconstruct_from_patches
 from anomaly3d_core.model.training import train_autoencoder
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+from anomaly3d_core.seed_api import FeatureExtractor3D, ensemble_inference, inference_pipeline
 from anomaly3d_plugins.autoencoders import StandardAutoencoder
 
 
@@ -58,7 +59,9 @@ def test_feature_extractor_and_inference_pipeline():
     patches = torch.from_numpy(extract_patches_3d(vol, (4, 4, 4), 2).patches[:, None])
     emb = FeatureEmbedding(1, (4, 4, 4), "flatten").fit(patches)
     ae = StandardAutoencoder(emb.output_dim, hidden_dims=[32], latent_dim=8)
-    history = train_autoencoder(ae, emb(patches).detach(), num_epochs=3, show_progress=False)
+    history = train_autoencoder(
+        ae, emb(patches).detach(), settings=TrainingConfig(num_epochs=3), show_progress=False
+    )
     assert len(history["train_loss"]) == 3
     scores, meta = inference_pipeline(vol, simple, emb, ae, patch_size=(4, 4, 4), stride=(2, 2, 2))
     assert scores.shape == vol.shape and np.isfinite(scores).all() and meta["score_mode"] == "voxel"

@@ -2,6 +2,6 @@
 
 import mlflow.models
 
-from anomaly3d_core.mlops.serving import Anomaly3DModel
+from anomaly3d_core.mlops.pyfunc_model import Anomaly3DModel
 
 mlflow.models.set_model(Anomaly3DModel())

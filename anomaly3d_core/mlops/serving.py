@@ -66,48 +66,6 @@ def _requirements(model: Any) -> list[str]:
     return sorted(reqs)
 
 
-class Anomaly3DModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper around a saved :class:`AnomalyDetectionPipeline`."""
-
-    def load_context(self, context: Any) -> None:
-        from anomaly3d_core.ensemble import load_model
-
-        self.pipeline = load_model(context.artifacts["pipeline"])
-
-    def predict(
-        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
-    ) -> pd.DataFrame:
-        import pandas as pd
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        from anomaly3d_core.errors import DataError
-        from anomaly3d_core.io.files import check_volume
-        from anomaly3d_core.io.volume import Volume
-
-        if "volume" not in getattr(model_input, "columns", []):
-            raise MlflowException(
-                "request rows need a 'volume' field (base64 .nii/.nii.gz)", error_code=INVALID_PARAMETER_VALUE
-            )
-        rows = []
-        for i, text in enumerate(model_input["volume"]):
-            try:
-                img = decode_nifti(text)
-                volume = check_volume(Volume(np.asanyarray(img.dataobj), img.affine, f"row {i}"))
-                result = self.pipeline.score(volume)
-            except (ValueError, DataError) as exc:
-                raise MlflowException(f"row {i}: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
-            rows.append(
-                {
-                    "volume_score": float(result.volume_score),
-                    "is_anomalous": bool(result.is_anomalous),
-                    "threshold": float(result.threshold),
-                    "score_map": encode_nifti(result.score_map, volume.affine),
-                }
-            )
-        return pd.DataFrame(rows, columns=["volume_score", "is_anomalous", "threshold", "score_map"])
-
-
 def input_example(model: Any) -> pd.DataFrame:
     """The model's input example: one of its own held-out normal scans when it still has them
     (so the example is valid for models that need a particular grid), else a small synthetic scan."""

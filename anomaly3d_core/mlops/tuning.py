@@ -8,6 +8,7 @@ URL; trial numbers are handed out by the storage, and a worker whose trial numbe
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import random
@@ -23,7 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anomaly3d_core.config import PipelineConfig, apply_overrides, build_config
+from anomaly3d_core.demo.synthetic import inject_anomalies
+from anomaly3d_core.detector import Detector
 from anomaly3d_core.errors import ConfigError, DataError, did_you_mean
+from anomaly3d_core.io.files import list_inputs, load_volume
+from anomaly3d_core.mlops.tracking import log_metrics, log_pyfunc_if_active, mlflow_run
+from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+from anomaly3d_core.runner import find_mask
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("voxel_ap", "voxel_auroc")
@@ -75,14 +82,10 @@ def parse_search_space(config: PipelineConfig) -> dict[str, Categorical | FloatR
             raise ConfigError(f"tuning.search_space.{key}: low ({spec.low}) must be below high ({spec.high})")
         sample = spec.choices[0] if isinstance(spec, Categorical) else spec.low
         try:  # an unknown key or a bad value fails here, with its dotted path
-            build_config(apply_overrides(_copy(base), [f"{key}={json.dumps(sample)}"]))
+            build_config(apply_overrides(copy.deepcopy(base), [f"{key}={json.dumps(sample)}"]))
         except ConfigError as exc:
             raise ConfigError(f"tuning.search_space.{key}: {exc}") from None
     return space
-
-
-def _copy(tree: Any) -> Any:
-    return json.loads(json.dumps(tree))
 
 
 def suggest(trial: optuna.Trial, space: Mapping[str, Any]) -> list[str]:
@@ -132,9 +135,6 @@ class ValidationSet:
     def build(
         cls, normals: Sequence[Path], val: Sequence[Path] | None, val_masks: Path | None, seed: int
     ) -> ValidationSet:
-        from anomaly3d_core.demo.synthetic import inject_anomalies
-        from anomaly3d_core.io.files import load_volume
-        from anomaly3d_core.runner import find_mask
 
         if val:
             if val_masks is None:
@@ -148,26 +148,19 @@ class ValidationSet:
         pairs = [inject_anomalies(load_volume(p), rng) for p in normals]
         return cls([v for v, _ in pairs], [m for _, m in pairs], "synthetic")
 
-    def metrics(self, pipeline: Any) -> dict[str, float]:
+    def metrics(self, detector: Detector) -> dict[str, float]:
         """Pooled voxel AP and AUROC inside each scan's foreground (works mid-training: no threshold needed)."""
-        from anomaly3d_core.preprocess.preprocessing import Preprocessor, foreground_mask
-
         truths, scores = [], []
         for vol, mask in zip(self.volumes, self.masks, strict=True):
-            prep = pipeline.prepare(vol)
-            native = Preprocessor.invert(pipeline._prepared_scores(prep), prep.record)
-            fg = foreground_mask(vol.array, pipeline.config.data.preprocessing.foreground)
-            truths.append(mask[fg])
-            scores.append(native[fg])
+            r = detector.score_native(vol)
+            truths.append(mask[r.foreground])
+            scores.append(r.score_map[r.foreground])
         y, s = np.concatenate(truths), np.concatenate(scores)
         return {"voxel_ap": float(average_precision_score(y, s)), "voxel_auroc": float(roc_auc_score(y, s))}
 
 
 def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
     """The ``anomaly3d tune`` command."""
-    from anomaly3d_core.io.files import list_inputs
-    from anomaly3d_core.mlops.tracking import log_metrics, mlflow_run
-    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
     space = parse_search_space(config)
     metric = config.tuning.metric
@@ -206,7 +199,7 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
             trial.study.stop()
             raise optuna.TrialPruned("study already has the requested number of trials")
         overrides = suggest(trial, space)
-        cfg = build_config(apply_overrides(_copy(base), overrides))
+        cfg = build_config(apply_overrides(copy.deepcopy(base), overrides))
         pipe = AnomalyDetectionPipeline(cfg)
         with mlflow_run(
             cfg,
@@ -239,7 +232,9 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
             )
         best = study.best_trial
         best_cfg = build_config(
-            apply_overrides(_copy(base), [f"{k}={json.dumps(v)}" for k, v in _decoded(best.params).items()])
+            apply_overrides(
+                copy.deepcopy(base), [f"{k}={json.dumps(v)}" for k, v in _decoded(best.params).items()]
+            )
         )
         best_cfg.save(out / "best_config.yaml")
         log_metrics({f"best_{metric}": best.value})
@@ -249,11 +244,9 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
                 shutil.rmtree(out / "best_model")
             shutil.copytree(model_dir, out / "best_model")
             if config.tracking.enabled:
-                from anomaly3d_core.mlops.tracking import log_pyfunc_if_active
-                from anomaly3d_core.pipeline import AnomalyDetectionPipeline as Pipe
-
                 log_pyfunc_if_active(
-                    Pipe.load(model_dir), registered_model_name=f"anomaly3d-{args.study_name}"
+                    AnomalyDetectionPipeline.load(model_dir),
+                    registered_model_name=f"anomaly3d-{args.study_name}",
                 )
     print(
         f"{len(finished)} trial(s) finished in study '{args.study_name}'; best #{best.number}: {metric} = {best.value:.4f}"

@@ -14,6 +14,7 @@ from torch import nn
 
 from anomaly3d_core.config import EmbeddingConfig
 from anomaly3d_core.model.layers import mlp
+from anomaly3d_core.model.training import Trainer, fit_loop, shuffled_batches
 
 METHODS = ("flatten", "avg", "max", "adaptive", "mlp")
 
@@ -139,19 +140,25 @@ class FeatureEmbedding(nn.Module):
         """Fit the MLP projection by reconstruction of the flattened patches (no-op for other methods)."""
         if self.projection is None:
             return self
+        projection, reconstruction = self.projection, self.reconstruction
         gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.Adam([*self.projection.parameters(), *self.reconstruction.parameters()], lr=lr)
+        trainer = Trainer([*projection.parameters(), *reconstruction.parameters()], lr=lr)
         # the projection is shared by all scales: every scale's block is a training row
         flat = torch.cat([block.reshape(block.shape[0], -1) for block in self.per_scale(patches)])
         mu, sd = flat.mean(dim=0), flat.std(dim=0).clamp_min(1e-6)
-        for _ in range(epochs):
-            for idx in torch.randperm(flat.shape[0], generator=gen).split(batch_size):
-                x = flat[idx]
-                loss = F.mse_loss((self.reconstruction(self.projection(x)) - mu) / sd, (x - mu) / sd)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        self.projection.requires_grad_(False)
+
+        def loss(x: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss((reconstruction(projection(x)) - mu) / sd, (x - mu) / sd)
+
+        fit_loop(
+            trainer,
+            lambda epoch: shuffled_batches(flat, batch_size, gen),
+            loss,
+            epochs=epochs,
+            desc="fitting projection",
+            show_progress=False,
+        )
+        projection.requires_grad_(False)
         return self
 
     def fit_standardization(self, raw: torch.Tensor) -> FeatureEmbedding:

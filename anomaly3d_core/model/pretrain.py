@@ -9,13 +9,15 @@ output lets the extractor collapse to constant features, a trivial zero-error so
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from anomaly3d_core.interfaces import FeatureExtractor
-from anomaly3d_core.progress import progress
+from anomaly3d_core.model.training import Trainer, fit_loop
 
 
 class _Decoder(nn.Module):
@@ -69,27 +71,26 @@ def pretrain_extractor(
     )
     extractor.requires_grad_(True).train().to(device)
     decoder.to(device)
-    opt = torch.optim.Adam([*extractor.parameters(), *decoder.parameters()], lr=lr)
+    trainer = Trainer([*extractor.parameters(), *decoder.parameters()], lr=lr, device=device)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    history = []
-    for _ in progress(range(epochs), desc="pretraining extractor", total=epochs):
-        total = 0.0
+
+    def batches(epoch: int) -> Iterator[torch.Tensor]:
         for _ in range(steps_per_epoch):
-            x = _crops(arrays, crop, batch_size, rng).to(device)
-            coarse = F.interpolate(
-                torch.randn(x.shape[0], 1, 4, 4, 4, device=device),
-                size=x.shape[2:],
-                mode="trilinear",
-                align_corners=False,
-            )
-            noisy = x + noise * coarse
-            recon = decoder(extractor(noisy, [deepest])[deepest], tuple(x.shape[2:]))
-            loss = F.mse_loss(recon, x)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-        history.append(total / steps_per_epoch)
+            yield _crops(arrays, crop, batch_size, rng).to(device)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        coarse = F.interpolate(
+            torch.randn(x.shape[0], 1, 4, 4, 4, device=device),
+            size=x.shape[2:],
+            mode="trilinear",
+            align_corners=False,
+        )
+        recon = decoder(extractor(x + noise * coarse, [deepest])[deepest], tuple(x.shape[2:]))
+        return F.mse_loss(recon, x)
+
+    history = fit_loop(
+        trainer, batches, loss, epochs=epochs, modules=(extractor, decoder), desc="pretraining extractor"
+    )
     extractor.requires_grad_(False).eval()
-    return history
+    return history.get("train_loss", [])

@@ -1,24 +1,33 @@
-"""The training loop for autoencoders on embedding vectors, kept apart from the networks."""
+"""The one training loop of the package, and the autoencoder training built on it.
+
+:class:`Trainer` owns the optimisation mechanics (optimiser, learning-rate schedule, mixed
+precision, gradient clipping) and :func:`fit_loop` runs epochs of batches through it; the
+autoencoder (:func:`train_autoencoder`), the MLP embedding projection and the extractor
+pretraining all train through these two, each with its own data and loss.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from anomaly3d_core.config import TrainingConfig
 from anomaly3d_core.model import distributed
 from anomaly3d_core.progress import progress
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict[str, float]], None]
+Batch = TypeVar("Batch", bound=torch.Tensor)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -66,6 +75,165 @@ def make_scheduler(
     return None
 
 
+class Trainer:
+    """Optimiser, learning-rate schedule, mixed precision and gradient clipping for ``params``.
+
+    :meth:`step` takes one optimisation step on a loss, :meth:`end_epoch` one schedule step.
+    ``amp`` (CUDA autocast with a gradient scaler) is ignored off CUDA.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        *,
+        lr: float = 1e-3,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        scheduler: str = "none",
+        num_epochs: int = 1,
+        step_size: int = 10,
+        gamma: float = 0.5,
+        grad_clip: float | None = None,
+        amp: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.params = list(params)
+        self.device = torch.device(device)
+        self.amp = bool(amp and self.device.type == "cuda")
+        if amp and not self.amp:
+            log.info("use_amp ignored: mixed precision needs CUDA, running on %s", self.device)
+        self.grad_clip = grad_clip
+        self.optimizer = make_optimizer(self.params, optimizer, lr, weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, scheduler, num_epochs, step_size, gamma)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    @classmethod
+    def from_settings(
+        cls, params: Iterable[nn.Parameter], settings: TrainingConfig, device: torch.device
+    ) -> Trainer:
+        return cls(
+            params,
+            lr=settings.learning_rate,
+            optimizer=settings.optimizer,
+            weight_decay=settings.weight_decay,
+            scheduler=settings.scheduler_type,
+            num_epochs=settings.num_epochs,
+            step_size=settings.step_size,
+            gamma=settings.gamma,
+            grad_clip=settings.grad_clip,
+            amp=settings.use_amp,
+            device=device,
+        )
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, enabled=self.amp)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def end_epoch(self, monitored: float) -> None:
+        """One schedule step; ``plateau`` watches ``monitored`` (the validation loss when there is one)."""
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(monitored)
+        elif self.scheduler is not None:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain containers only, so ``torch.load(weights_only=True)`` reads it back."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def shuffled_batches(
+    data: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[torch.Tensor]:
+    """One epoch of ``data`` rows in a fresh random order drawn from ``generator``.
+
+    With ``world > 1`` every rank draws the same order and takes an equal shard of it, so all
+    ranks run the same number of steps.
+    """
+    order = torch.randperm(len(data), generator=generator)
+    if world > 1:
+        order = order[: len(order) // world * world][rank::world]
+    for idx in order.split(batch_size):
+        yield data[idx] if device is None else data[idx].to(device, non_blocking=True)
+
+
+def fit_loop(
+    trainer: Trainer,
+    batches: Callable[[int], Iterable[Batch]],
+    loss_fn: Callable[[Batch], torch.Tensor],
+    *,
+    epochs: int,
+    start: int = 0,
+    modules: Sequence[nn.Module] = (),
+    validate: Callable[[], float] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], bool] | None = None,
+    history: dict[str, list[float]] | None = None,
+    desc: str = "training",
+    show_progress: bool | None = None,
+) -> dict[str, list[float]]:
+    """Train for epochs ``start .. epochs-1``; returns ``history`` with one entry per epoch.
+
+    Each epoch puts ``modules`` in training mode, takes one :meth:`Trainer.step` per batch of
+    ``batches(epoch)`` on ``loss_fn(batch)`` (under autocast), then records ``train_loss`` (the
+    mean over samples), ``val_loss`` (when ``validate`` is given) and ``lr`` after the schedule
+    step. ``on_epoch(epoch, metrics)`` returning true stops early.
+    """
+    history = {} if history is None else history
+    bar = progress(range(start, epochs), desc=desc, total=max(0, epochs - start), enabled=show_progress)
+    for epoch in bar:
+        for module in modules:
+            module.train()
+        running, seen = 0.0, 0
+        for batch in batches(epoch):
+            with trainer.autocast():
+                loss = loss_fn(batch)
+            trainer.step(loss)
+            running += float(loss.detach()) * len(batch)
+            seen += len(batch)
+        metrics = {"train_loss": running / max(seen, 1)}
+        if validate is not None:
+            metrics["val_loss"] = validate()
+        trainer.end_epoch(metrics.get("val_loss", metrics["train_loss"]))
+        metrics["lr"] = trainer.lr
+        for key, value in metrics.items():
+            history.setdefault(key, []).append(value)
+        postfix = {"loss": f"{metrics['train_loss']:.4f}"}
+        if "val_loss" in metrics:
+            postfix["val"] = f"{metrics['val_loss']:.4f}"
+        bar.set_postfix(postfix)
+        if on_epoch is not None and on_epoch(epoch, metrics):
+            break
+    bar.close()
+    return history
+
+
 def _evaluate(
     model: nn.Module, data: torch.Tensor, batch_size: int, device: torch.device, amp: bool
 ) -> float:
@@ -81,41 +249,59 @@ def _evaluate(
     return total / max(count, 1)
 
 
+def _load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    """``last.pt``, read with ``weights_only=True`` and refused unless it fits ``model``."""
+    from anomaly3d_core.errors import ConfigError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ConfigError(f"training.resume: cannot read checkpoint {path} ({reason})") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "history"} <= set(state):
+        raise ConfigError(f"training.resume: {path} is not a training checkpoint of anomaly3d")
+    ours, theirs = model.state_dict(), state["model"]
+    problem = next(
+        (
+            f"'{k}' has shape {tuple(theirs[k].shape)}, the network {tuple(v.shape)}"
+            for k, v in ours.items()
+            if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)
+        ),
+        None,
+    )
+    if set(ours) != set(theirs):
+        extra, missing = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+        problem = f"{len(missing)} weights missing, {len(extra)} unexpected (e.g. '{(missing or extra)[0]}')"
+    if problem:
+        raise ConfigError(
+            f"training.resume: checkpoint {path} was saved from a different network ({problem}); "
+            "use another training.checkpoint_dir or set training.resume: false"
+        )
+    return state
+
+
 def train_autoencoder(
     autoencoder: nn.Module,
     train_features: torch.Tensor,
     val_features: torch.Tensor | None = None,
+    settings: TrainingConfig | None = None,
     *,
-    num_epochs: int = 30,
-    learning_rate: float = 1e-3,
-    batch_size: int = 256,
-    weight_decay: float = 0.0,
-    optimizer: str = "adam",
-    scheduler_type: str = "cosine",
-    step_size: int = 10,
-    gamma: float = 0.5,
-    grad_clip: float | None = 1.0,
-    early_stopping_patience: int = 8,
-    use_amp: bool = False,
-    device: str | torch.device = "auto",
-    seed: int = 0,
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = False,
+    device: str | torch.device | None = None,
     callbacks: Sequence[EpochCallback] = (),
     show_progress: bool | None = None,
 ) -> dict[str, list[float]]:
     """Train ``autoencoder`` on vectors ``(N, D)``; returns the per-epoch history.
 
-    Early stopping watches the validation loss (held-out normal data) and the best weights are
-    restored at the end. With ``checkpoint_dir``, ``last.pt`` and ``best.pt`` are written each
-    epoch and ``resume=True`` continues from ``last.pt``. ``use_amp`` runs CUDA autocast with a
-    gradient scaler; it is ignored on the CPU.
+    ``settings`` is the ``training`` config section (defaults when omitted); ``device``
+    overrides ``settings.device``. Early stopping watches the validation loss (held-out normal
+    data) and the best weights are restored at the end. With ``settings.checkpoint_dir``,
+    ``last.pt`` and ``best.pt`` are written each epoch and ``settings.resume`` continues from
+    ``last.pt`` exactly where the run stopped (weights, optimiser, schedule and random state),
+    so an interrupted and resumed run ends where an uninterrupted one does.
     """
-    dev = distributed.local_device() or resolve_device(device)
-    gen = seed_everything(seed)
-    amp = bool(use_amp and dev.type == "cuda")
-    if use_amp and not amp:
-        log.info("use_amp ignored: mixed precision needs CUDA, running on %s", dev)
+    s = settings if settings is not None else TrainingConfig()
+    dev = distributed.local_device() or resolve_device(s.device if device is None else device)
+    gen = seed_everything(s.seed)
     model = autoencoder.to(dev)
     rank, world = distributed.rank(), distributed.world_size()
     # Under torchrun, DDP broadcasts rank 0's weights and averages gradients; `forward` goes through it.
@@ -124,19 +310,15 @@ def train_autoencoder(
         if world > 1
         else model
     )
-    ckpt_writer = distributed.is_main()
-    opt = make_optimizer(model.parameters(), optimizer, learning_rate, weight_decay)
-    sched = make_scheduler(opt, scheduler_type, num_epochs, step_size, gamma)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    trainer = Trainer.from_settings(model.parameters(), s, dev)
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "lr": []}
     best, best_state, bad_epochs, start = float("inf"), None, 0, 0
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt and resume and (ckpt / "last.pt").is_file():
-        state = torch.load(ckpt / "last.pt", map_location=dev, weights_only=False)
+    ckpt = Path(s.checkpoint_dir) if s.checkpoint_dir else None
+    writes_ckpt = ckpt is not None and distributed.is_main()
+    if ckpt and s.resume and (ckpt / "last.pt").is_file():
+        state = _load_checkpoint(ckpt / "last.pt", model)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state.get("scheduler"):
-            sched.load_state_dict(state["scheduler"])
+        trainer.load_state_dict(state)
         history, best, bad_epochs, start = (
             state["history"],
             state["best"],
@@ -149,71 +331,64 @@ def train_autoencoder(
             else None
         )
         gen.set_state(state["generator"])
+        if state.get("rng") is not None:  # the global stream: corruption noise, VAE sampling
+            torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and dev.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], dev)
     val = val_features if val_features is not None and len(val_features) else train_features
-    bar = progress(range(start, num_epochs), desc="training", total=num_epochs - start, enabled=show_progress)
-    for epoch in bar:
-        model.train()
-        running, seen = 0.0, 0
-        order = torch.randperm(len(train_features), generator=gen)  # the same on every rank
-        if world > 1:  # equal shards, so every rank runs the same number of steps
-            order = order[: len(order) // world * world][rank::world]
-        for idx in order.split(batch_size):
-            x = train_features[idx].to(dev, non_blocking=True)
-            with torch.autocast(dev.type, enabled=amp):
-                loss, _ = model.loss(x, forward(model.corrupt(x)))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if grad_clip:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            running += float(loss.detach()) * len(x)
-            seen += len(x)
-        val_loss = _evaluate(model, val, batch_size, dev, amp)
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            sched.step(val_loss)
-        elif sched is not None:
-            sched.step()
-        history["train_loss"].append(running / max(seen, 1))
-        history["val_loss"].append(val_loss)
-        history["lr"].append(opt.param_groups[0]["lr"])
-        bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}", val=f"{val_loss:.4f}")
-        if val_loss < best - 1e-6:
-            best, bad_epochs = val_loss, 0
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        return model.loss(x, forward(model.corrupt(x)))[0]
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
+        nonlocal best, best_state, bad_epochs
+        if metrics["val_loss"] < best - 1e-6:
+            best, bad_epochs = metrics["val_loss"], 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            if ckpt and ckpt_writer:
+            if writes_ckpt:
                 ckpt.mkdir(parents=True, exist_ok=True)
                 torch.save(best_state, ckpt / "best.pt")
         else:
             bad_epochs += 1
-        if ckpt and ckpt_writer:
+        if writes_ckpt:
             ckpt.mkdir(parents=True, exist_ok=True)
             torch.save(
                 {
                     "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched else None,
+                    **trainer.state_dict(),
                     "history": history,
                     "best": best,
                     "bad_epochs": bad_epochs,
                     "epoch": epoch,
                     "generator": gen.get_state(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
                 },
                 ckpt / "last.pt",
             )
         for callback in callbacks:
-            callback(
-                epoch,
-                {"train_loss": history["train_loss"][-1], "val_loss": val_loss, "lr": history["lr"][-1]},
-            )
-        if bad_epochs >= early_stopping_patience:
+            callback(epoch, dict(metrics))
+        if bad_epochs >= s.early_stopping_patience:
             log.info("early stopping at epoch %d (best val loss %.5f)", epoch + 1, best)
-            break
-    bar.close()
+            return True
+        return False
+
+    fit_loop(
+        trainer,
+        lambda epoch: shuffled_batches(train_features, s.batch_size, gen, dev, rank, world),
+        loss_fn,
+        epochs=s.num_epochs,
+        start=start,
+        modules=(model,),
+        validate=lambda: _evaluate(model, val, s.batch_size, dev, trainer.amp),
+        on_epoch=on_epoch,
+        history=history,
+        desc="training",
+        show_progress=show_progress,
+    )
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    if ckpt and ckpt_writer:
+    if writes_ckpt:
         (ckpt / "history.json").write_text(json.dumps(history))
     return history

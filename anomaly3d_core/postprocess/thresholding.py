@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
+from skimage import measure, morphology
 
 from anomaly3d_core.config import PostprocessConfig, ThresholdConfig
 from anomaly3d_core.interfaces import ThresholdMethod
@@ -41,11 +41,6 @@ def apply_threshold(score_map: np.ndarray, threshold: float) -> np.ndarray:
     return np.asarray(score_map) > threshold
 
 
-def _ball(radius: int) -> np.ndarray:
-    r = np.arange(-radius, radius + 1)
-    return (r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) <= radius**2
-
-
 def postprocess_mask(
     mask: np.ndarray,
     config: PostprocessConfig,
@@ -57,17 +52,16 @@ def postprocess_mask(
     if config.restrict_to_foreground and foreground is not None:
         out = out & foreground
     if config.opening:
-        out = ndimage.binary_opening(out, structure=_ball(config.opening))
+        out = morphology.binary_opening(out, morphology.ball(config.opening))
     if config.closing:
-        out = ndimage.binary_closing(out, structure=_ball(config.closing))
-    if (config.min_component_mm3 > 0 or config.keep_largest) and out.any():
-        labels, n = ndimage.label(out, structure=np.ones((3, 3, 3)))
-        sizes = np.bincount(labels.ravel())[1:] * float(np.prod(spacing))
-        keep = sizes >= config.min_component_mm3
-        if config.keep_largest and keep.any():
-            keep = np.zeros_like(keep)
-            keep[int(np.argmax(sizes))] = True
-        out = np.concatenate([[False], keep])[labels]
+        out = morphology.binary_closing(out, morphology.ball(config.closing))
+    if config.min_component_mm3 > 0 and out.any():
+        # components of at least min_component_mm3 stay: remove those of at most (that many voxels - 1)
+        min_voxels = int(np.ceil(config.min_component_mm3 / float(np.prod(spacing)) - 1e-9))
+        out = morphology.remove_small_objects(out, max_size=max(0, min_voxels - 1), connectivity=3)
+    if config.keep_largest and out.any():
+        labels = measure.label(out, connectivity=3)
+        out = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
     return out
 
 

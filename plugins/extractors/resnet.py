@@ -6,7 +6,7 @@ Checkpoints in that layout (``state_dict`` with optional ``module.`` prefixes) l
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -18,7 +18,9 @@ from anomaly3d_core.interfaces import FeatureExtractor, Params
 class ResNetParams(Params):
     in_channels: int = Field(1, ge=1)
     width: int = Field(64, ge=4, description="channels of layer1; 64 is the published size")
-    extract_features: bool = True
+    extract_features: Literal[True] = Field(
+        True, description="seed configs only: extractors always return feature maps"
+    )
 
 
 class BasicBlock(nn.Module):

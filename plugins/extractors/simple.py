@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 from torch import nn
@@ -12,7 +14,9 @@ from anomaly3d_core.interfaces import FeatureExtractor, Params
 class SimpleParams(Params):
     in_channels: int = Field(1, ge=1)
     feature_dims: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=1)
-    extract_features: bool = True
+    extract_features: Literal[True] = Field(
+        True, description="seed configs only: extractors always return feature maps"
+    )
 
 
 def _block(cin: int, cout: int, stride: int) -> nn.Sequential:

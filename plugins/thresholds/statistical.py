@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from pydantic import Field
+from scipy.stats import median_abs_deviation
 
 from anomaly3d_core.interfaces import Params, ThresholdMethod
 
@@ -43,8 +44,7 @@ class MADThreshold(ThresholdMethod):
     Params = SpreadParams
 
     def _compute(self, scores: np.ndarray) -> float:
-        median = np.median(scores)
-        return float(median + self.params.k * 1.4826 * np.median(np.abs(scores - median)))
+        return float(np.median(scores) + self.params.k * median_abs_deviation(scores, scale="normal"))
 
 
 class IQRParams(Params):

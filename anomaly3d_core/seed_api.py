@@ -1,4 +1,8 @@
-"""Seed-style inference helpers on top of the scoring network and pipelines."""
+"""The seed README's API, kept for compatibility: factories, the standalone extractor, inference helpers.
+
+New code uses :class:`~anomaly3d_core.pipeline.AnomalyDetectionPipeline` and
+:class:`~anomaly3d_core.ensemble.EnsemblePipeline` directly; everything here is a thin layer on them.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from anomaly3d_core.config import merge_trees
+from anomaly3d_core.detector import Detector
+from anomaly3d_core.ensemble import combine_members
 from anomaly3d_core.interfaces import Autoencoder, FeatureExtractor
+from anomaly3d_core.io.data import VolumeLike, as_volume
 from anomaly3d_core.model.embedding import FeatureEmbedding
 from anomaly3d_core.model.network import AnomalyNet
 from anomaly3d_core.model.training import resolve_device
+from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+from anomaly3d_core.registry import get_registry
 
 
 class FeatureExtractor3D:
@@ -25,10 +35,7 @@ class FeatureExtractor3D:
         registry: Any = None,
         **args: Any,
     ) -> None:
-        if registry is None:
-            from anomaly3d_core.registry import get_registry
-
-            registry = get_registry()
+        registry = registry or get_registry()
         self.model: FeatureExtractor = registry.get("extractors", model_type)(args)
         if checkpoint:
             AnomalyNet.load_checkpoint(self.model, checkpoint)
@@ -81,22 +88,58 @@ def inference_pipeline(
 
 
 def ensemble_inference(
-    volume: Any, pipelines: Sequence[Any], combine: str = "mean"
+    volume: VolumeLike, pipelines: Sequence[Detector], combine: str = "mean"
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Seed API: fitted pipelines' score maps, each as z-values against its own normal statistics, combined.
+    """Fitted detectors' scores combined on the input's grid with the ensemble formula.
 
-    Negative z-values (below the normal mean) count as 0; ``combine`` is ``'mean'`` or ``'max'``.
+    Each member's scores become z-values against its own normal statistics (negative values
+    count as 0) and are combined with ``'mean'`` or ``'max'``, exactly as
+    :class:`~anomaly3d_core.ensemble.EnsemblePipeline` does.
     """
     if combine not in ("mean", "max"):
         raise ValueError(f"combine must be 'mean' or 'max', got '{combine}'")
-    results = [p.score(volume) for p in pipelines]
-    maps = [
-        np.maximum(p.normalized(r.score_map), 0.0) * r.foreground
-        for p, r in zip(pipelines, results, strict=True)
-    ]
-    combined = np.mean(maps, axis=0) if combine == "mean" else np.max(maps, axis=0)
-    return combined.astype(np.float32), {
-        "members": len(pipelines),
-        "combine": combine,
-        "member_volume_scores": [r.volume_score for r in results],
-    }
+    combined, fg = combine_members(as_volume(volume), pipelines, combine)
+    return combined, {"members": len(pipelines), "combine": combine}
+
+
+def create_simple_pipeline(
+    patch_size: tuple[int, int, int] = (8, 8, 8),
+    hidden_dims: Sequence[int] = (128, 64),
+    latent_dim: int = 32,
+    autoencoder_type: str = "standard",
+    **config: Any,
+) -> AnomalyDetectionPipeline:
+    """Seed API: raw-intensity patches (``identity`` extractor, ``flatten``) into an autoencoder."""
+    tree = merge_trees(
+        {
+            "patches": {"patch_size": list(patch_size), "stride": [max(1, s // 2) for s in patch_size]},
+            "extractor": {"type": "identity"},
+            "embedding": {"embedding_method": "flatten"},
+            "autoencoder": {
+                "type": autoencoder_type,
+                "args": {"hidden_dims": list(hidden_dims), "latent_dim": latent_dim},
+            },
+        },
+        config,
+    )
+    return AnomalyDetectionPipeline(tree)
+
+
+def create_resnet_pipeline(
+    patch_size: tuple[int, int, int] = (8, 8, 8),
+    autoencoder_type: str = "standard",
+    model_type: str = "resnet18",
+    layers: Sequence[str] = ("layer1", "layer2"),
+    **config: Any,
+) -> AnomalyDetectionPipeline:
+    """Seed API: 3D ResNet features, pooled per patch, into an autoencoder."""
+    tree = merge_trees(
+        {
+            "patches": {"patch_size": list(patch_size), "stride": [max(1, s // 2) for s in patch_size]},
+            "extractor": {"type": model_type, "layers": list(layers)},
+            "embedding": {"embedding_method": "avg"},
+            "autoencoder": {"type": autoencoder_type},
+        },
+        config,
+    )
+    return AnomalyDetectionPipeline(tree)

@@ -1,0 +1,256 @@
+"""The :class:`Detector` contract that every detector (single pipeline, ensemble, ...) implements.
+
+Pipeline, ensemble, tuning, serving, the batch runner and the CLI rely on this surface only:
+
+- ``fit(volumes, val_volumes)`` trains on normal scans and calibrates;
+- ``prepare(item)`` reads and preprocesses one scan onto the detector's working grid;
+- ``score_prepared(prep)`` gives final voxel scores on that grid (zero outside its foreground);
+- ``score(item)`` gives scores, mask, volume score and decision on the input's own grid;
+- ``save(path)`` / ``load(path)`` persist it (see :mod:`anomaly3d_core.persistence` for loading
+  a model folder of any kind).
+
+Subclasses implement the abstract methods; mapping back to the native grid and the decision are
+shared here, so they are written once.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from anomaly3d_core.errors import Anomaly3DError
+from anomaly3d_core.io.data import VolumeLike, as_volume
+from anomaly3d_core.io.files import load_volume
+from anomaly3d_core.io.volume import Volume
+from anomaly3d_core.model.training import EpochCallback
+from anomaly3d_core.postprocess.native import mask_to_native, to_native
+from anomaly3d_core.postprocess.postprocessor import PostProcessor
+from anomaly3d_core.preprocess.preprocessing import Prepared
+
+
+@dataclass
+class NativeScores:
+    """Scores of one scan before any decision: on the working grid and on the input's own grid."""
+
+    prepared: Prepared
+    prepared_scores: np.ndarray
+    score_map: np.ndarray
+    foreground: np.ndarray
+
+    @property
+    def volume(self) -> Volume:
+        return self.prepared.source
+
+
+@dataclass
+class ScoreResult:
+    """One scored scan; ``score_map`` and ``mask`` lie on the input's own grid."""
+
+    volume: Volume
+    score_map: np.ndarray
+    mask: np.ndarray
+    volume_score: float
+    is_anomalous: bool
+    threshold: float
+    prepared: Prepared | None = None
+    prepared_scores: np.ndarray | None = None
+    seconds: float = 0.0
+    foreground: np.ndarray | None = None
+
+
+def model_files_dir(path: str | Path) -> Path:
+    """The folder holding a detector's files: ``path`` itself, or its MLflow artifact folder."""
+    folder = Path(path)
+    if not folder.exists():
+        raise Anomaly3DError(f"{folder}: model folder not found")
+    return folder / "artifacts" / "pipeline" if (folder / "MLmodel").is_file() else folder
+
+
+class Detector(ABC):
+    """Fit on normal scans; score new ones on their own grid. See the module docstring."""
+
+    config: Any
+    registry: Any
+    postprocessor_: PostProcessor
+
+    # ------------------------------------------------------------------ to implement
+    @abstractmethod
+    def fit(
+        self,
+        volumes: Sequence[VolumeLike],
+        val_volumes: Sequence[VolumeLike] | None = None,
+        callbacks: Sequence[EpochCallback] = (),
+        show_progress: bool | None = None,
+    ) -> Detector:
+        """Train on normal scans and calibrate on held-out normals; returns ``self``."""
+
+    @abstractmethod
+    def prepare(self, item: VolumeLike) -> Prepared:
+        """Read (if a path) and bring one scan onto this detector's working grid."""
+
+    @abstractmethod
+    def score_prepared(self, prep: Prepared) -> np.ndarray:
+        """Final voxel scores on the working grid, zero outside ``prep.mask``."""
+
+    @abstractmethod
+    def save_files(self, path: str | Path) -> Path:
+        """Write everything needed to load the fitted detector into a plain folder."""
+
+    @classmethod
+    @abstractmethod
+    def load_files(cls, path: str | Path, device: str | None = None, registry: Any = None) -> Detector:
+        """Inverse of :meth:`save_files`."""
+
+    @abstractmethod
+    def plugin_specs(self) -> list[tuple[str, str]]:
+        """``(family, name)`` of every plugin the detector needs."""
+
+    @property
+    @abstractmethod
+    def foreground_method(self) -> str:
+        """How the foreground of a native scan is found (``data.preprocessing.foreground``)."""
+
+    def example_volume(self) -> Volume | None:
+        """A scan this detector accepts (kept with a saved model as the MLflow input example)."""
+        return None
+
+    # ------------------------------------------------------------------ shared
+    def read(self, path: str | Path) -> Volume:
+        """Read one scan (detectors with a configured loader override this)."""
+        return load_volume(path, registry=self.registry)
+
+    def _check_fitted(self, what: str) -> None:
+        if not hasattr(self, "postprocessor_"):
+            raise Anomaly3DError(
+                f"{type(self).__name__} is not fitted; call fit(volumes) or load(path) before {what}()"
+            )
+
+    def score_native(self, item: VolumeLike) -> NativeScores:
+        """Scores on the working grid and on the input's grid; needs no calibration (used mid-training)."""
+        prep = self.prepare(item)
+        scores = self.score_prepared(prep)
+        native, fg = to_native(scores, prep, self.foreground_method)
+        return NativeScores(prep, scores, native, fg)
+
+    def calibrate(self, normal: Sequence[Prepared | VolumeLike]) -> Detector:
+        """Fit voxel and volume thresholds and score statistics on held-out normal scans."""
+        self._check_fitted("calibrate")
+        prepared = [n if isinstance(n, Prepared) else self.prepare(n) for n in normal]
+        self.postprocessor_.calibrate([self.score_prepared(p) for p in prepared], [p.mask for p in prepared])
+        return self
+
+    def score(self, item: VolumeLike) -> ScoreResult:
+        """Score one scan: score map, binary mask, volume score and decision, on the input's grid."""
+        self._check_fitted("score")
+        t0 = time.perf_counter()
+        r = self.score_native(item)
+        prep = r.prepared
+        threshold, mask, vscore, anomalous = self.postprocessor_.decide(
+            r.prepared_scores, prep.mask, prep.spacing
+        )
+        native_mask = mask_to_native(mask, prep)
+        if self.postprocessor_.config.postprocess.restrict_to_foreground:
+            native_mask &= r.foreground
+        return ScoreResult(
+            prep.source,
+            r.score_map,
+            native_mask,
+            vscore,
+            anomalous,
+            threshold,
+            prep,
+            r.prepared_scores,
+            time.perf_counter() - t0,
+            r.foreground,
+        )
+
+    # fitted decision state, read through the post-processor
+    @property
+    def threshold_(self) -> float:
+        self._check_fitted("threshold_")
+        return self.postprocessor_.threshold_
+
+    @property
+    def volume_threshold_(self) -> float:
+        self._check_fitted("volume_threshold_")
+        return self.postprocessor_.volume_threshold_
+
+    @property
+    def score_stats_(self) -> dict[str, float]:
+        return self.postprocessor_.score_stats_
+
+    @property
+    def normal_volume_scores_(self) -> list[float]:
+        return self.postprocessor_.normal_volume_scores_
+
+    def normalized(self, scores: np.ndarray) -> np.ndarray:
+        """Scores as z-values against this detector's normal-validation statistics."""
+        return self.postprocessor_.normalized(scores)
+
+    # ------------------------------------------------------------------ seed-style conveniences
+    def score_map(self, item: VolumeLike) -> tuple[np.ndarray, dict[str, Any]]:
+        """The voxel score map on the input's grid, and metadata."""
+        r = self.score(item)
+        meta = {
+            "volume_score": r.volume_score,
+            "is_anomalous": r.is_anomalous,
+            "threshold": r.threshold,
+            "affine": r.volume.affine,
+            "seconds": r.seconds,
+            "preprocessed_shape": r.prepared.array.shape if r.prepared is not None else None,
+        }
+        return r.score_map, meta
+
+    def get_threshold(self) -> float:
+        """The calibrated voxel threshold."""
+        return self.threshold_
+
+    def predict(self, item: VolumeLike) -> np.ndarray:
+        """The binary anomaly mask on the input's grid."""
+        return self.score(item).mask
+
+    def evaluate(
+        self, volumes: Sequence[VolumeLike], ground_truth: Sequence[np.ndarray | VolumeLike]
+    ) -> dict[str, Any]:
+        """Metrics against ground-truth masks (see :func:`anomaly3d_core.evaluation.metrics.comprehensive_evaluation`)."""
+        from anomaly3d_core.evaluation.metrics import comprehensive_evaluation  # scikit-learn, on demand
+
+        results = [self.score(v) for v in volumes]
+        masks = [
+            np.asarray(g) > 0 if isinstance(g, np.ndarray) else self._mask_array(g) for g in ground_truth
+        ]
+        return comprehensive_evaluation(
+            masks,
+            [r.score_map for r in results],
+            self.threshold_,
+            volume_scores=[r.volume_score for r in results],
+            volume_threshold=self.volume_threshold_,
+        )
+
+    def _mask_array(self, item: VolumeLike) -> np.ndarray:
+        if isinstance(item, Volume):
+            return np.asarray(item.array) > 0
+        if isinstance(item, str | Path):
+            return load_volume(item, registry=self.registry, allow_constant=True).array > 0
+        return as_volume(item).array > 0
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Save as an MLflow pyfunc model folder (servable with ``mlflow models serve``)."""
+        from anomaly3d_core.mlops.serving import save_pyfunc  # mlflow is heavy: imported on save only
+
+        return save_pyfunc(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None, registry: Any = None) -> Detector:
+        """Load a model saved by :meth:`save` or :meth:`save_files` as this class.
+
+        :func:`anomaly3d_core.persistence.load_detector` loads a folder of any detector kind.
+        """
+        return cls.load_files(model_files_dir(path), device, registry)

@@ -1,0 +1,133 @@
+"""The post-processor: everything between the network's raw residuals and a decision.
+
+Like anomalib's ``PostProcessor``, it owns the fitted statistics that turn raw scores into
+comparable ones (smoothing, normative per-voxel statistics), the calibrated voxel and volume
+thresholds, and the mask clean-up. It is saved and loaded on its own, so it can be refitted or
+replaced without touching the network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from anomaly3d_core.config import ThresholdConfig
+from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
+from anomaly3d_core.postprocess import thresholding
+
+STATE_FILE, NORMATIVE_FILE = "state.json", "normative.npz"
+
+
+class PostProcessor:
+    """Smoothing, normative statistics, calibration and decisions for one detector's scores."""
+
+    def __init__(self, config: ThresholdConfig, registry: Any = None) -> None:
+        self.config = config
+        self.registry = registry
+        self.normative_: dict[str, np.ndarray] | None = None
+
+    # ------------------------------------------------------------------ transforms
+    def smooth(self, raw: np.ndarray) -> np.ndarray:
+        sigma = self.config.smoothing_sigma
+        return ndimage.gaussian_filter(raw, sigma) if sigma > 0 else raw
+
+    def check_shared_grid(self, shapes: list[tuple[int, ...]]) -> None:
+        """Normative statistics compare voxels at the same place: every scan must share one grid."""
+        distinct = sorted(set(shapes))
+        if self.config.normative and len(distinct) > 1:
+            raise ConfigError(
+                f"threshold.normative needs every scan on one grid after preprocessing, got {len(distinct)} "
+                f"shapes ({', '.join(str(s) for s in distinct)}); use template-space or registered scans "
+                "(data.preprocessing.register_to) with crop_foreground: false"
+            )
+
+    def fit_normative(self, smoothed_maps: list[np.ndarray]) -> PostProcessor:
+        """Per-voxel mean and std of the training normals' scores, smoothed (2 voxels) to steady them."""
+        maps = np.stack(smoothed_maps)
+        mean = ndimage.gaussian_filter(maps.mean(0), 2.0)
+        std = ndimage.gaussian_filter(maps.std(0), 2.0) + 0.05 * float(maps.mean())
+        self.normative_ = {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
+        return self
+
+    def transform(
+        self, smoothed: np.ndarray, foreground: np.ndarray, source: str | None = None
+    ) -> np.ndarray:
+        """Smoothed raw scores -> final scores on the same grid (zero outside ``foreground``)."""
+        scores = smoothed
+        if self.normative_ is not None:
+            if scores.shape != self.normative_["mean"].shape:
+                raise DataError(
+                    source,
+                    f"preprocessed grid {scores.shape} differs from the normative grid "
+                    f"{self.normative_['mean'].shape}; normative scoring needs every scan on one grid",
+                )
+            scores = np.maximum((scores - self.normative_["mean"]) / self.normative_["std"], 0.0)
+        else:
+            scores = scores.copy()
+        scores[~foreground] = 0.0
+        return scores
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, maps: list[np.ndarray], foregrounds: list[np.ndarray]) -> PostProcessor:
+        """Voxel and volume thresholds and score statistics from final score maps of normal scans."""
+        state = thresholding.calibrate(maps, foregrounds, self.config, self.registry)
+        self.threshold_: float = state["threshold"]
+        self.volume_threshold_: float = state["volume_threshold"]
+        self.score_stats_: dict[str, float] = state["score_stats"]
+        self.normal_volume_scores_: list[float] = state["normal_volume_scores"]
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        return hasattr(self, "threshold_")
+
+    def normalized(self, scores: np.ndarray) -> np.ndarray:
+        """Scores as z-values against the normal-validation statistics (how ensembles compare members)."""
+        return (scores - self.score_stats_["mean"]) / self.score_stats_["std"]
+
+    def decide(
+        self, scores: np.ndarray, foreground: np.ndarray, spacing: tuple[float, float, float]
+    ) -> tuple[float, np.ndarray, float, bool]:
+        """Threshold used, post-processed mask, volume score and the volume decision."""
+        if not self.calibrated:
+            raise Anomaly3DError(
+                "the detector is not calibrated; fit it or call calibrate(normal_scans) first"
+            )
+        threshold, mask, vscore = thresholding.decide(
+            scores, foreground, spacing, self.config, self.threshold_, self.registry
+        )
+        return threshold, mask, vscore, bool(vscore > self.volume_threshold_)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold_,
+            "volume_threshold": self.volume_threshold_,
+            "score_stats": self.score_stats_,
+            "normal_volume_scores": self.normal_volume_scores_,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> PostProcessor:
+        self.threshold_, self.volume_threshold_ = state["threshold"], state["volume_threshold"]
+        self.score_stats_, self.normal_volume_scores_ = state["score_stats"], state["normal_volume_scores"]
+        return self
+
+    def save(self, folder: Path, extra: dict[str, Any] | None = None) -> None:
+        """``state.json`` (thresholds, statistics and ``extra``) and ``normative.npz`` when fitted."""
+        (folder / STATE_FILE).write_text(json.dumps({**self.state_dict(), **(extra or {})}, indent=2))
+        if self.normative_ is not None:
+            np.savez_compressed(folder / NORMATIVE_FILE, **self.normative_)
+
+    @classmethod
+    def load(cls, folder: Path, config: ThresholdConfig, registry: Any = None) -> tuple[PostProcessor, dict]:
+        """The post-processor saved in ``folder`` and the whole ``state.json`` (for the caller's extras)."""
+        state = json.loads((folder / STATE_FILE).read_text())
+        post = cls(config, registry).load_state_dict(state)
+        if (folder / NORMATIVE_FILE).is_file():
+            with np.load(folder / NORMATIVE_FILE, allow_pickle=False) as z:
+                post.normative_ = {"mean": z["mean"], "std": z["std"]}
+        return post, state

@@ -1,0 +1,99 @@
+"""Layering checks: the package has no import cycle, and detectors are used through their public surface."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "anomaly3d_core"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Every anomaly3d_core module imported anywhere in ``path`` (function-level imports included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != "anomaly3d_core":  # the package root only re-exports lazily
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {p: _module_name(p) for p in ROOT.rglob("*.py")}
+    modules = set(files.values())
+    return {name: _imports(path, modules) - {name} for path, name in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_in_the_package():
+    graph = import_graph()
+    assert "anomaly3d_core.detector" in graph and "anomaly3d_core.persistence" in graph
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_core_never_imports_the_builtin_plugins():
+    offenders = [str(p) for p in ROOT.rglob("*.py") if "anomaly3d_plugins" in p.read_text()]
+    assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["ensemble.py", "mlops/tuning.py", "mlops/serving.py", "mlops/pyfunc_model.py", "runner.py", "cli.py"],
+)
+def test_detector_users_call_no_private_method(module):
+    text = (ROOT / module).read_text()
+    calls = re.findall(r"\b(?!self\b|cls\b)([a-z_]\w*)\._[a-z]\w*\(", text)
+    assert calls == [], f"{module} calls private methods on {calls}"
+
+
+def test_public_namespace():
+    import anomaly3d_core
+    from anomaly3d_core import AnomalyDetectionPipeline, Detector, EnsemblePipeline, comprehensive_evaluation
+
+    assert issubclass(AnomalyDetectionPipeline, Detector) and issubclass(EnsemblePipeline, Detector)
+    assert callable(comprehensive_evaluation)
+    for name in anomaly3d_core.__all__:
+        assert getattr(anomaly3d_core, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        anomaly3d_core.nope  # noqa: B018
