@@ -2,6 +2,9 @@
 
 Exit codes: 0 all went well, 1 some inputs failed, 2 usage or configuration error.
 Errors print one line; ``--debug`` shows the traceback.
+
+Each command imports what it needs (torch, MLflow, Optuna) when it runs, so ``--help``, usage
+and config errors answer without the seconds those imports take.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from anomaly3d_core.errors import ConfigError, PluginError, did_you_mean
+from anomaly3d_core.registry import get_registry
 
 Triple = tuple[int, int, int]
 
@@ -317,8 +318,6 @@ def apply_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str,
 
 def validate_plugins(config: PipelineConfig, registry: Any = None) -> PipelineConfig:
     """Check plugin names and each plugin's ``args`` against its ``Params`` model."""
-    from anomaly3d_core.registry import get_registry
-
     registry = registry or get_registry()
     specs = [
         ("extractors", "extractor", config.extractor),

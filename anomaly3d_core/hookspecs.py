@@ -49,3 +49,16 @@ def anomaly3d_register_loaders() -> list[type[VolumeLoader]]:
 
     Each reads one file format (or a DICOM folder) into a ``Volume`` with its geometry.
     """
+
+
+def _families() -> tuple[str, ...]:
+    prefix = "anomaly3d_register_"
+    return tuple(
+        name.removeprefix(prefix)
+        for name, fn in globals().items()
+        if name.startswith(prefix) and hasattr(fn, f"{PROJECT}_spec")
+    )
+
+
+#: The plugin families, one per ``anomaly3d_register_<family>`` hook above (the single list).
+FAMILIES: tuple[str, ...] = _families()

@@ -21,7 +21,7 @@ from anomaly3d_core.errors import PluginError, did_you_mean
 ENTRY_POINT_GROUP = "anomaly3d"
 BUILTIN_DISTRIBUTION = "anomaly3d"
 DISABLE_AUTOLOAD_ENV = "ANOMALY3D_DISABLE_PLUGIN_AUTOLOAD"
-FAMILIES: tuple[str, ...] = ("extractors", "autoencoders", "thresholds", "loaders")
+FAMILIES = hookspecs.FAMILIES
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ def evaluate_files(
     n_overlays: int | None = None,
 ) -> tuple[dict[str, Any], BatchFailures]:
     """Score ``inputs``, compare with masks, write ``metrics.json``, ``summary.txt`` and plots."""
+    # matplotlib and scikit-learn: imported for evaluation only, so plain scoring does not load them
     from anomaly3d_core.evaluation import plotting
     from anomaly3d_core.evaluation.metrics import comprehensive_evaluation
     from anomaly3d_core.postprocess.thresholding import multi_threshold_analysis

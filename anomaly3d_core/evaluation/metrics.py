@@ -23,6 +23,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from anomaly3d_core.errors import did_you_mean
+
 N_BINS = 4096
 
 
@@ -239,6 +241,4 @@ def compute_optimal_threshold(
         fpr, tpr, thresholds = roc_curve(y, s)
         i = int(np.argmax(tpr - fpr))
         return float(np.nextafter(thresholds[i], -np.inf)), float(tpr[i] - fpr[i])
-    from anomaly3d_core.errors import did_you_mean
-
     raise ValueError(did_you_mean(metric, ["dice", "f1", "youden"], "metric"))

@@ -12,7 +12,7 @@ import numpy as np
 
 from anomaly3d_core.config import PreprocessingConfig
 from anomaly3d_core.errors import DataError
-from anomaly3d_core.io.files import load_volume
+from anomaly3d_core.io.files import check_volume, load_volume
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.preprocess.augmentation import augment_volume
 from anomaly3d_core.preprocess.preprocessing import Preprocessor
@@ -46,8 +46,6 @@ def as_volume(item: VolumeLike, loader: str = "auto", registry: Any = None) -> V
     if isinstance(item, Volume):
         return item
     if isinstance(item, np.ndarray):
-        from anomaly3d_core.io.files import check_volume
-
         return check_volume(Volume.from_array(item))
     return load_volume(item, loader, registry)
 

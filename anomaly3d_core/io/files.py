@@ -13,13 +13,12 @@ import numpy as np
 
 from anomaly3d_core.errors import DataError, PluginError
 from anomaly3d_core.io.volume import Volume
+from anomaly3d_core.registry import get_registry
 
 
 def _registry(registry: Any) -> Any:
     if registry is not None:
         return registry
-    from anomaly3d_core.registry import get_registry
-
     return get_registry()
 
 

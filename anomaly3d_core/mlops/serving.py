@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly3d_core.errors import Anomaly3DError
+from anomaly3d_core.registry import get_registry
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 
@@ -55,8 +56,6 @@ def decode_nifti(text: str) -> nib.Nifti1Image:
 
 def _requirements(model: Any) -> list[str]:
     """The project itself plus every third-party package whose plugins this model uses."""
-    from anomaly3d_core.registry import get_registry
-
     reg = model.registry or get_registry()
     reqs = {f"anomaly3d=={importlib.metadata.version('anomaly3d')}"}
     for family, name in model.plugin_specs():

@@ -2,6 +2,9 @@
 
 The tracking URI comes from ``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a
 local SQLite store ``sqlite:///mlruns.db`` (artifacts in ``./mlartifacts``).
+
+``mlflow`` (and the serving module that needs it) is imported inside the functions: runs with
+tracking disabled never pay for importing it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from anomaly3d_core.config import PipelineConfig
+from anomaly3d_core.registry import get_registry
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
@@ -43,8 +47,6 @@ def _experiment(name: str, uri: str) -> str:
 
 def plugin_versions(config: Any, registry: Any = None) -> dict[str, str]:
     """``plugin.<family>.<name>`` -> ``package==version`` for every plugin the config uses."""
-    from anomaly3d_core.registry import get_registry
-
     reg = registry or get_registry()
     out = {}
     for family, name in sorted(set(config.plugin_specs())):

@@ -9,13 +9,12 @@ from skimage import measure, morphology
 
 from anomaly3d_core.config import PostprocessConfig, ThresholdConfig
 from anomaly3d_core.interfaces import ThresholdMethod
+from anomaly3d_core.registry import get_registry
 
 
 def make_threshold(method: str, args: dict[str, Any] | None = None, registry: Any = None) -> ThresholdMethod:
     """Instantiate a registered threshold method by name."""
     if registry is None:
-        from anomaly3d_core.registry import get_registry
-
         registry = get_registry()
     return registry.get("thresholds", method)(**(args or {}))
 
