@@ -187,6 +187,11 @@ class ThresholdConfig(ComponentSpec):
         description="score each voxel against the normal scores at the same location (z-value); "
         "scans must share one grid: template-space or registered data with crop_foreground off",
     )
+    scan_normalization: Literal["none", "robust"] = Field(
+        "none",
+        description="robust: each scan's scores become (s - median) / (1.4826 MAD) over its own "
+        "foreground, so scans from different grids, sites and noise levels share one scale",
+    )
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     volume: VolumeDecisionConfig = Field(default_factory=VolumeDecisionConfig)
 

@@ -192,7 +192,7 @@ class AnomalyDetectionPipeline(Detector):
         )
         self.model_.eval()
         if cfg.threshold.normative:
-            self.postprocessor_.fit_normative([self._smoothed_scores(p) for p in train])
+            self.postprocessor_.fit_normative([self._scan_scores(p) for p in train])
         self.calibrate(val)
         self.n_train_volumes_, self.n_val_volumes_ = len(train), len(val)
         self.val_volumes_ = [p.source for p in val]
@@ -291,14 +291,14 @@ class AnomalyDetectionPipeline(Detector):
                 f"pipeline is not fitted; call fit(volumes) or AnomalyDetectionPipeline.load(path) before {what}()"
             )
 
-    def _smoothed_scores(self, prep: Prepared) -> np.ndarray:
+    def _scan_scores(self, prep: Prepared) -> np.ndarray:
         scores = self.model_.score_map(prep.array, self.device, amp=self.config.training.use_amp)
-        return self.postprocessor_.smooth(scores)
+        return self.postprocessor_.scan_scores(scores, prep.mask)
 
     def score_prepared(self, prep: Prepared) -> np.ndarray:
         """Final voxel scores on the preprocessed grid (smoothed, normative when fitted so)."""
         self._check_fitted("score_prepared")
-        return self.postprocessor_.transform(self._smoothed_scores(prep), prep.mask, prep.source.path)
+        return self.postprocessor_.transform(self._scan_scores(prep), prep.mask, prep.source.path)
 
     # ---------------------------------------------------------------- persistence
     def save_files(self, path: str | Path) -> Path:

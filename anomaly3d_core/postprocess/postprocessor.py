@@ -14,12 +14,27 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import median_abs_deviation
 
 from anomaly3d_core.config import ThresholdConfig
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
 from anomaly3d_core.postprocess import thresholding
 
 STATE_FILE, NORMATIVE_FILE = "state.json", "normative.npz"
+
+
+def robust_standardize(scores: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """``(s - median) / (1.4826 MAD)`` with both statistics taken over ``foreground``.
+
+    A lesion is a small part of the foreground, so median and MAD describe the scan's normal
+    tissue; what is left is how far each voxel stands out within its own scan.
+    """
+    values = scores[foreground] if foreground.any() else scores.ravel()
+    median = float(np.median(values))
+    scale = float(median_abs_deviation(values, scale="normal"))
+    if not np.isfinite(scale) or scale <= 1e-12:
+        scale = float(values.std()) or 1.0
+    return ((scores - median) / scale).astype(np.float32)
 
 
 class PostProcessor:
@@ -31,9 +46,13 @@ class PostProcessor:
         self.normative_: dict[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ transforms
-    def smooth(self, raw: np.ndarray) -> np.ndarray:
+    def scan_scores(self, raw: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+        """The network's raw scores of one scan, smoothed and (optionally) put on the scan's own robust scale."""
         sigma = self.config.smoothing_sigma
-        return ndimage.gaussian_filter(raw, sigma) if sigma > 0 else raw
+        scores = ndimage.gaussian_filter(raw, sigma) if sigma > 0 else raw
+        if self.config.scan_normalization == "robust":
+            scores = robust_standardize(scores, foreground)
+        return scores
 
     def check_shared_grid(self, shapes: list[tuple[int, ...]]) -> None:
         """Normative statistics compare voxels at the same place: every scan must share one grid."""
@@ -45,9 +64,9 @@ class PostProcessor:
                 "(data.preprocessing.register_to) with crop_foreground: false"
             )
 
-    def fit_normative(self, smoothed_maps: list[np.ndarray]) -> PostProcessor:
-        """Per-voxel mean and std of the training normals' scores, smoothed (2 voxels) to steady them."""
-        maps = np.stack(smoothed_maps)
+    def fit_normative(self, scan_maps: list[np.ndarray]) -> PostProcessor:
+        """Per-voxel mean and std of the training normals' :meth:`scan_scores`, smoothed (2 voxels) to steady them."""
+        maps = np.stack(scan_maps)
         mean = ndimage.gaussian_filter(maps.mean(0), 2.0)
         std = ndimage.gaussian_filter(maps.std(0), 2.0) + 0.05 * float(maps.mean())
         self.normative_ = {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
