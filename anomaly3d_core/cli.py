@@ -158,6 +158,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     distributed.init_from_env()
     pipe = _new_model(config)
+    if distributed.is_main():
+        _print_advice(config, train)
     if not distributed.is_main():  # other torchrun ranks train alongside; rank 0 writes and logs
         pipe.fit(train, val, show_progress=False)
         return EXIT_OK
@@ -178,6 +180,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"{len(pipe.history_['train_loss'])} epochs, {pipe.fit_seconds_:.1f} s); threshold {pipe.threshold_:.4g}"
     )
     return _report(pipe.failures_, "fit")
+
+
+def _print_advice(config: Any, scans: list[Path]) -> None:
+    """Tell the user what the scans are (one template grid or their own space) and which preset suits them."""
+    from anomaly3d_core.preprocess.registration import mni152_reference
+    from anomaly3d_core.preprocess.survey import survey
+
+    first = config.members[0] if hasattr(config, "members") else config
+    found = survey(scans, mni152_reference())
+    print(
+        "data: " + found.advice(first.threshold.normative, first.data.preprocessing.register_to), flush=True
+    )
 
 
 def _log_fit(pipe: Any, out: Path) -> None:
@@ -237,6 +251,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         print(f"[1/4] using demo data in {data}", flush=True)
     pipe = _new_model(config)
+    _print_advice(config, list_inputs(str(data / "train")))
     with mlflow_run(config, "demo", tags={"data": str(data)}) as run:
         print("[2/4] fitting on normal subjects ...", flush=True)
         pipe.fit(

@@ -85,6 +85,10 @@ def test_fit_score_evaluate_with_a_bad_file(demo_dir, tmp_path, capsys):
     model = tmp_path / "model"
     assert main(["fit", "--train", str(demo_dir / "train"), "--out", str(model), *FAST_SET]) == 0
     assert (model / "MLmodel").is_file()
+    assert (
+        "data: 4 scan(s) on 1 grid(s), voxel size 4x4x4 mm, axis order RAS: all in MNI152"
+        in capsys.readouterr().out
+    )
     inputs = tmp_path / "inputs"
     shutil.copytree(demo_dir / "test", inputs)
     (inputs / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
