@@ -3,10 +3,16 @@
 Repeated ``fit`` and ``tune`` runs over the same scans skip decoding and resampling. The cache
 lives in ``$ANOMALY3D_CACHE_DIR`` (default ``~/.cache/anomaly3d/preprocessed``); set
 ``data.cache: false`` or ``ANOMALY3D_CACHE=0`` to turn it off. Entries are written atomically.
+
+The key is a SHA-256 over length-prefixed fields (settings, then for every file its relative
+name, size and bytes), so no two different inputs share a key. A hit is returned with the path
+that asked for it. The cache holds at most ``ANOMALY3D_CACHE_MAX_MB`` megabytes (default 4096);
+beyond that the least recently used entries are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +25,8 @@ from anomaly3d_core.io.files import atomic_write
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.preprocess.preprocessing import Prepared, PreprocessRecord
 
-VERSION = "1"
+VERSION = "2"
+DEFAULT_MAX_MB = 4096
 
 
 def cache_dir() -> Path | None:
@@ -29,32 +36,75 @@ def cache_dir() -> Path | None:
     return Path(root)
 
 
+def max_bytes() -> int:
+    """The cache's size bound (``ANOMALY3D_CACHE_MAX_MB``, default 4096 MB)."""
+    text = os.environ.get("ANOMALY3D_CACHE_MAX_MB", "").strip()
+    try:
+        mb = float(text) if text else DEFAULT_MAX_MB
+    except ValueError:
+        mb = DEFAULT_MAX_MB
+    return int(max(mb, 0) * (1 << 20))
+
+
+def _field(h: Any, data: bytes) -> None:
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+
+
 def content_key(path: str | Path, settings: dict[str, Any]) -> str:
-    """SHA-256 of the file's bytes (every file, for a DICOM folder) and the settings."""
-    h = hashlib.sha256(f"{VERSION}|{json.dumps(settings, sort_keys=True)}".encode())
+    """SHA-256 of the settings and of the content: a file's extension (it picks the loader), size and
+    bytes; for a folder (DICOM) every file's relative name, size and bytes. A file's own name does
+    not count, so a copy under another name is a hit."""
+    h = hashlib.sha256()
+    _field(h, VERSION.encode())
+    _field(h, json.dumps(settings, sort_keys=True).encode())
     p = Path(path)
-    for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
-        if f.is_file():
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    _field(h, str(len(files)).encode())
+    for f in files:
+        _field(h, (f.relative_to(p).as_posix() if p.is_dir() else "".join(f.suffixes[-2:]).lower()).encode())
+        h.update(f.stat().st_size.to_bytes(8, "little"))
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
-def load(key: str) -> Prepared | None:
+def load(key: str, path: str | Path | None = None) -> Prepared | None:
+    """The cached preprocessing for ``key``, as if read from ``path`` (the path that asks now)."""
     root = cache_dir()
-    if root is None or not (root / f"{key}.npz").is_file():
+    entry = None if root is None else root / f"{key}.npz"
+    if entry is None or not entry.is_file():
         return None
     try:
-        with np.load(root / f"{key}.npz", allow_pickle=False) as z:
+        with np.load(entry, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
-            source = Volume(z["source"], z["source_affine"], meta["path"], meta["source_meta"])
-            return Prepared(
+            where = str(path) if path is not None else meta["path"]
+            source = Volume(z["source"], z["source_affine"], where, meta["source_meta"])
+            prepared = Prepared(
                 z["array"], z["mask"], z["affine"], PreprocessRecord.from_dict(meta["record"]), source
             )
     except Exception:  # a damaged entry is a cache miss, never an error
         return None
+    with contextlib.suppress(OSError):
+        os.utime(entry)  # most recently used
+    return prepared
+
+
+def _evict(root: Path) -> None:
+    """Remove the least recently used entries until the cache fits :func:`max_bytes`."""
+    entries = []
+    for f in root.glob("*.npz"):
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            entries.append((st.st_mtime, st.st_size, f))
+    total, bound = sum(e[1] for e in entries), max_bytes()
+    for _, size, f in sorted(entries, key=lambda e: e[0]):
+        if total <= bound:
+            break
+        with contextlib.suppress(OSError):
+            f.unlink()
+            total -= size
 
 
 def store(key: str, prepared: Prepared) -> None:
@@ -81,5 +131,6 @@ def store(key: str, prepared: Prepared) -> None:
 
     try:
         atomic_write(root / f"{key}.npz", write)
+        _evict(root)
     except OSError:
         pass  # a read-only or full disk only costs speed
