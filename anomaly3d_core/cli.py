@@ -1,7 +1,8 @@
 """The ``anomaly3d`` command line (also ``python -m anomaly3d_core``).
 
-Exit codes: 0 all went well, 1 some inputs failed, 2 usage or configuration error.
-Errors print one line; ``--debug`` shows the traceback.
+Exit codes: 0 all went well, 1 some inputs failed, 2 usage or configuration error, 3 an
+unexpected error (a bug or a system problem such as a full disk). Errors print one line;
+``--debug`` shows the traceback.
 
 Each command imports what it needs (torch, MLflow, Optuna) when it runs, so ``--help``, usage
 and config errors answer without the seconds those imports take.
@@ -22,7 +23,7 @@ from typing import Any
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError, PluginError
 
 log = logging.getLogger("anomaly3d")
-EXIT_OK, EXIT_INPUTS_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_INPUTS_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="search hyper-parameters with Optuna (search space in the YAML)")
     p.add_argument("--config", required=True)
-    p.add_argument("--train", required=True)
+    p.add_argument("--train", help="normal training scans (required unless --write-best)")
     p.add_argument("--val", help="labelled validation scans (else synthetic anomalies in held-out normals)")
     p.add_argument("--val-masks", help="masks of --val")
     p.add_argument("--n-trials", type=int, default=None)
@@ -99,14 +100,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", default="anomaly3d")
     p.add_argument("--timeout", type=float, default=None, help="seconds")
     p.add_argument("--out", default="tuning_output", help="where the best config and model go")
+    p.add_argument(
+        "--write-best",
+        action="store_true",
+        help="only write the study's best config and model now (normally the last worker to finish does)",
+    )
     _common(p)
     return parser
 
 
 def _config(args: argparse.Namespace) -> Any:
+    """Every command reads its config through this one validated path."""
     from anomaly3d_core.persistence import load_any_config
 
     return load_any_config(getattr(args, "config", None), args.overrides)
+
+
+def _check_out(path: str) -> Path:
+    from anomaly3d_core.io.files import check_output_dir
+
+    return check_output_dir(path)
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    """The saved detector, with any ``--set data.loader...`` reading options applied."""
+    from anomaly3d_core.persistence import load_detector
+
+    pipe = load_detector(args.model)
+    if args.overrides:
+        pipe.set_reading(args.overrides)
+    return pipe
 
 
 def _new_model(config: Any) -> Any:
@@ -142,39 +165,43 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from anomaly3d_core.demo.datasets import make_demo_dataset
 
+    _check_out(args.out)
     out = make_demo_dataset(args.out, args.size, args.seed, voxel_size=args.voxel_size)
     print(f"demo data written to {out} (train/, test/, test_masks/, manifest.csv)")
     return EXIT_OK
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from anomaly3d_core.io.files import list_inputs
+    from anomaly3d_core.io.files import check_model_target, list_inputs, write_lock
     from anomaly3d_core.mlops.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run
 
     config = _config(args)
-    train = list_inputs(args.train)
-    val = list_inputs(args.val) if args.val else None
     from anomaly3d_core.model import distributed
 
     distributed.init_from_env()
-    pipe = _new_model(config)
     if distributed.is_main():
-        _print_advice(config, train)
+        check_model_target(args.out)  # before any work
+    train = list_inputs(args.train)
+    val = list_inputs(args.val) if args.val else None
+    pipe = _new_model(config)
     if not distributed.is_main():  # other torchrun ranks train alongside; rank 0 writes and logs
         pipe.fit(train, val, show_progress=False)
         return EXIT_OK
-    with mlflow_run(config, "fit"):
-        pipe.fit(train, val, callbacks=[epoch_logger()] if config.tracking.enabled else ())
-        out = pipe.save(args.out)
-        _log_fit(pipe, Path(args.out))
-        log_metrics(
-            {
-                "fit_seconds": pipe.fit_seconds_,
-                "threshold": pipe.threshold_,
-                "volume_threshold": pipe.volume_threshold_,
-            }
-        )
-        log_artifact(Path(args.out) / "training_curves.png", "plots")
+    # held from the start, so a second `fit` into the same folder stops at once instead of after training
+    with write_lock(args.out, "model folder"):
+        _print_advice(config, train)
+        with mlflow_run(config, "fit"):
+            pipe.fit(train, val, callbacks=[epoch_logger()] if config.tracking.enabled else ())
+            out = pipe.save(args.out)
+            _log_fit(pipe, Path(args.out))
+            log_metrics(
+                {
+                    "fit_seconds": pipe.fit_seconds_,
+                    "threshold": pipe.threshold_,
+                    "volume_threshold": pipe.volume_threshold_,
+                }
+            )
+            log_artifact(Path(args.out) / "training_curves.png", "plots")
     print(
         f"model written to {out} ({pipe.n_train_volumes_} training, {pipe.n_val_volumes_} validation volumes, "
         f"{len(pipe.history_['train_loss'])} epochs, {pipe.fit_seconds_:.1f} s); threshold {pipe.threshold_:.4g}"
@@ -204,15 +231,11 @@ def _log_fit(pipe: Any, out: Path) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from anomaly3d_core.io.files import list_inputs
-    from anomaly3d_core.persistence import load_detector
     from anomaly3d_core.runner import score_files
 
-    pipe = load_detector(args.model)
-    if args.overrides:
-        raise ConfigError(
-            "score uses the saved model's config; --set is not applied here (refit with --set instead)"
-        )
-    batch = score_files(pipe, list_inputs(args.input), Path(args.out))
+    out = _check_out(args.out)
+    pipe = _load_model(args)
+    batch = score_files(pipe, list_inputs(args.input), out)
     flagged = sum(bool(r["is_anomalous"]) for r in batch.rows)
     print(
         f"scored {len(batch.rows)} volume(s), {flagged} flagged anomalous; maps and scores.csv in {args.out}"
@@ -223,12 +246,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from anomaly3d_core.io.files import list_inputs
     from anomaly3d_core.mlops.tracking import log_artifact, log_metrics, mlflow_run
-    from anomaly3d_core.persistence import load_detector
     from anomaly3d_core.runner import evaluate_files, summary_table
 
-    pipe = load_detector(args.model)
+    out = _check_out(args.out)
+    pipe = _load_model(args)
     with mlflow_run(pipe.config, "evaluate"):
-        metrics, failures = evaluate_files(pipe, list_inputs(args.input), Path(args.masks), Path(args.out))
+        metrics, failures = evaluate_files(pipe, list_inputs(args.input), Path(args.masks), out)
         log_metrics(metrics)
         log_artifact(args.out, "evaluation")
     print(summary_table(metrics) + f"metrics.json, summary.txt and plots in {args.out}")
@@ -242,7 +265,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from anomaly3d_core.runner import evaluate_files, score_files, summary_table
 
     config = _config(args)
-    out = Path(args.out)
+    out = _check_out(args.out)
     data = out / "data"
     t0 = time.perf_counter()
     if not (data / "manifest.csv").is_file():
@@ -269,9 +292,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         log_metrics({**metrics, "fit_seconds": pipe.fit_seconds_})
         log_artifact(out / "evaluation", "evaluation")
         for row in batch.rows[: config.tracking.log_score_maps]:
-            log_artifact(
-                out / "scores" / f"{Path(row['file']).name.split('.')[0]}_score.nii.gz", "score_maps"
-            )
+            log_artifact(out / "scores" / row["score_map"], "score_maps")
     print("\n" + summary_table(metrics))
     print(f"score maps and masks : {out / 'scores'}")
     print(f"plots and metrics    : {out / 'evaluation'}")
@@ -284,10 +305,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from anomaly3d_core.config import load_config
+    from anomaly3d_core.config import PipelineConfig
     from anomaly3d_core.mlops.tuning import run_tuning
 
-    return run_tuning(load_config(args.config, args.overrides), args)
+    config = _config(args)
+    if not isinstance(config, PipelineConfig):
+        raise ConfigError(
+            f"{args.config}: tune searches one pipeline's settings; an ensemble config cannot be tuned"
+        )
+    _check_out(args.out)
+    return run_tuning(config, args)
 
 
 COMMANDS = {
@@ -310,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
     )
+    if args.debug:  # tracebacks of the inputs a batch skipped, too
+        logging.getLogger("anomaly3d_core").setLevel(logging.DEBUG)
     logging.captureWarnings(True)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not args.debug:
@@ -335,6 +364,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or a system problem: its own exit code, still one line
+        if args.debug:
+            raise
+        text = " ".join(str(exc).split())
+        print(
+            f"anomaly3d {args.command}: unexpected error: {type(exc).__name__}"
+            + (f": {text}" if text else "")
+            + " (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

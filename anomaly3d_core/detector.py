@@ -125,6 +125,13 @@ class Detector(ABC):
         """Read one scan (detectors with a configured loader override this)."""
         return load_volume(path, registry=self.registry)
 
+    def set_reading(self, overrides: Sequence[str]) -> None:
+        """Change how scans are read (``data.loader=...``, ``data.loader_args.KEY=...``) on a fitted detector.
+
+        Only reading can change after fitting: e.g. choosing one DICOM series at scoring time.
+        """
+        raise Anomaly3DError(f"{type(self).__name__} reads scans one way only; it takes no reading options")
+
     def _check_fitted(self, what: str) -> None:
         if not hasattr(self, "postprocessor_"):
             raise Anomaly3DError(

@@ -74,7 +74,12 @@ class EnsembleConfig(Section):
                 path = Path(m)
                 if not path.is_file():
                     raise ValueError(f"member config file not found: {m}")
-                m = yaml.safe_load(path.read_text()) or {}
+                try:
+                    m = yaml.safe_load(path.read_text()) or {}
+                except yaml.YAMLError as exc:
+                    raise ValueError(
+                        f"member config {m}: not valid YAML ({exc.__class__.__name__})"
+                    ) from None
             out.append(m)
         return out
 
@@ -156,6 +161,10 @@ class EnsemblePipeline(Detector):
 
     def read(self, path: str | Path) -> Volume:
         return self.members[0].read(path)
+
+    def set_reading(self, overrides: Sequence[str]) -> None:
+        for member in self.members:
+            member.set_reading(overrides)
 
     def prepare(self, item: VolumeLike) -> Prepared:
         """The ensemble works on the input's own grid; each member prepares the scan its own way."""

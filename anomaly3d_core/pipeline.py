@@ -7,6 +7,7 @@ not implement them. Fitted state ends in ``_`` as in scikit-learn.
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from anomaly3d_core.config import (
 )
 from anomaly3d_core.detector import Detector
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
-from anomaly3d_core.io import cache
+from anomaly3d_core.io import cache, limits
 from anomaly3d_core.io.data import BatchFailures, VolumeLike, as_volume
 from anomaly3d_core.io.files import load_volume, save_nifti
 from anomaly3d_core.io.volume import Volume
@@ -127,9 +128,25 @@ class AnomalyDetectionPipeline(Detector):
             path, self.config.data.loader, self.registry, loader_args=self.config.data.loader_args
         )
 
+    def set_reading(self, overrides: Sequence[str]) -> None:
+        """Apply ``data.loader``/``data.loader_args`` overrides, validated like the rest of the config."""
+        bad = [o for o in overrides if not o.strip().startswith(("data.loader=", "data.loader_args"))]
+        if bad:
+            raise ConfigError(
+                f"--set {bad[0]}: a fitted model keeps its config; only data.loader and data.loader_args "
+                "(how scans are read) can be set here; refit with --set to change anything else"
+            )
+        self.config.data = build_config(self.config.model_dump(mode="json"), overrides, self.registry).data
+
     def prepare(self, item: VolumeLike, mask: np.ndarray | None = None) -> Prepared:
-        """Load (if needed) and preprocess one scan."""
+        """Load (if needed) and preprocess one scan; a working grid beyond the limits is refused first."""
         volume = self.read(item) if isinstance(item, str | Path) else as_volume(item)
+        pre = self.config.data.preprocessing
+        if pre.register_to == "none":  # registration resamples onto the template's fixed grid
+            grid = limits.resampled_shape(
+                volume.shape, volume.affine, pre.target_spacing, pre.target_shape, pre.reorient
+            )
+            limits.check_grid(volume.path, grid, volume.spacing)
         return self.preprocessor(volume, mask)
 
     # ---------------------------------------------------------------- fitting
@@ -204,8 +221,10 @@ class AnomalyDetectionPipeline(Detector):
         for item in items or []:
             try:
                 out.append(self._prepare_cached(item))
-            except DataError as exc:
-                self.failures_.add(exc)
+            except Exception as exc:  # one bad file never stops the fit, whatever it raises
+                self.failures_.record(
+                    str(item) if isinstance(item, str | Path) else "(in-memory volume)", exc
+                )
         return out
 
     def _prepare_cached(self, item: VolumeLike) -> Prepared:
@@ -218,7 +237,7 @@ class AnomalyDetectionPipeline(Detector):
             "preprocessing": self.config.data.preprocessing.model_dump(mode="json"),
         }
         key = cache.content_key(item, settings)
-        prepared = cache.load(key)
+        prepared = cache.load(key, item)
         if prepared is None:
             prepared = self.prepare(item)
             cache.store(key, prepared)
@@ -336,7 +355,14 @@ class AnomalyDetectionPipeline(Detector):
             )
         pipe = cls(folder / CONFIG_FILE, device=device, registry=registry)
         pipe.model_ = pipe.build_network()
-        pipe.model_.load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        try:  # tensors only: a pickled object in the file is refused, never run
+            weights = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+            pipe.model_.load_state_dict(weights)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, TypeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise Anomaly3DError(
+                f"{folder / WEIGHTS_FILE}: not usable weights of this model's network ({reason[:200]})"
+            ) from None
         pipe.model_.to(pipe.device).eval()
         pipe.postprocessor_, state = PostProcessor.load(folder, pipe.config.threshold, pipe._registry())
         pipe.history_ = state.get("history", {})

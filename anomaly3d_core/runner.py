@@ -1,14 +1,22 @@
 """Batch work behind the CLI: fit from files, score folders, evaluate against masks.
 
-Every batch carries on past bad files and returns them as :class:`BatchFailures`.
+Every batch carries on past bad files, whatever they raise, and returns them as
+:class:`BatchFailures`. Outputs are named by :func:`~anomaly3d_core.io.files.output_stems` (unique
+per input, checked before any work), and ``scores.csv`` gains each row as soon as its maps are
+in place, so it always describes the maps on disk, also after an interruption or when two runs
+write into one folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +26,14 @@ import numpy as np
 from anomaly3d_core.detector import Detector, ScoreResult
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.io.data import BatchFailures
-from anomaly3d_core.io.files import atomic_write, load_volume, save_nifti
+from anomaly3d_core.io.files import (
+    atomic_write,
+    load_volume,
+    output_stems,
+    save_nifti,
+    scan_stem,
+    write_lock,
+)
 from anomaly3d_core.progress import progress
 
 log = logging.getLogger(__name__)
@@ -37,6 +52,9 @@ SUMMARY_KEYS = (
 )
 
 
+CSV_FIELDS = ("file", "volume_score", "is_anomalous", "threshold", "score_map", "mask")
+
+
 @dataclass
 class ScoredBatch:
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -44,23 +62,26 @@ class ScoredBatch:
     failures: BatchFailures = field(default_factory=BatchFailures)
 
 
-def write_result(result: ScoreResult, out_dir: Path) -> dict[str, Any]:
-    """Write ``<stem>_score.nii.gz`` and ``<stem>_mask.nii.gz`` on the input's grid."""
-    stem = result.volume.stem
-    save_nifti(result.score_map.astype(np.float32), result.volume.affine, out_dir / f"{stem}_score.nii.gz")
-    save_nifti(result.mask.astype(np.uint8), result.volume.affine, out_dir / f"{stem}_mask.nii.gz")
+def write_result(result: ScoreResult, out_dir: Path, stem: str | None = None) -> dict[str, Any]:
+    """Write ``<stem>_score.nii.gz`` and ``<stem>_mask.nii.gz`` on the input's grid; returns the CSV row."""
+    stem = stem or scan_stem(result.volume.path or "volume")
+    score, mask = f"{stem}_score.nii.gz", f"{stem}_mask.nii.gz"
+    save_nifti(result.score_map.astype(np.float32), result.volume.affine, out_dir / score)
+    save_nifti(result.mask.astype(np.uint8), result.volume.affine, out_dir / mask)
     return {
         "file": result.volume.path,
         "volume_score": round(result.volume_score, 6),
         "is_anomalous": result.is_anomalous,
         "threshold": round(result.threshold, 6),
+        "score_map": score,
+        "mask": mask,
     }
 
 
 def write_csv(
     rows: list[dict[str, Any]],
     path: Path,
-    fields: tuple[str, ...] = ("file", "volume_score", "is_anomalous", "threshold"),
+    fields: tuple[str, ...] = CSV_FIELDS,
 ) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
@@ -69,40 +90,103 @@ def write_csv(
     atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
 
 
+def read_scores(out_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``out_dir/scores.csv`` whose score map and mask are on disk (others are dropped)."""
+    path = out_dir / "scores.csv"
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get("score_map") and row.get("file"):  # a CSV from before these columns
+                stem = scan_stem(row["file"])
+                row["score_map"], row["mask"] = f"{stem}_score.nii.gz", f"{stem}_mask.nii.gz"
+            if (
+                row.get("score_map")
+                and (out_dir / row["score_map"]).is_file()
+                and (out_dir / row["mask"]).is_file()
+            ):
+                rows.append(row)
+    return rows
+
+
+def record_row(out_dir: Path, row: dict[str, Any]) -> None:
+    """Add (or replace) one row of ``scores.csv``, atomically, under a lock shared by concurrent runs."""
+    with write_lock(out_dir / "scores.csv", "scores.csv", blocking=True):
+        rows = [r for r in read_scores(out_dir) if r["score_map"] != row["score_map"]]
+        write_csv([*rows, row], out_dir / "scores.csv")
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Hold Ctrl-C back until the block ends, so maps and their CSV row are written together."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda *args: pending.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
 def score_files(
     pipeline: Detector, inputs: list[Path], out_dir: Path, keep_results: bool = False
 ) -> ScoredBatch:
-    """Score every input, write its maps and ``scores.csv``; bad inputs go to ``failures``."""
+    """Score every input, write its maps and its ``scores.csv`` row; bad inputs go to ``failures``."""
     batch = ScoredBatch()
+    stems = output_stems(inputs, pipeline.registry)  # a name clash refuses the batch before any work
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path in progress(inputs, desc="scoring", total=len(inputs)):
+    with write_lock(out_dir / "scores.csv", "scores.csv", blocking=True):
+        write_csv(read_scores(out_dir), out_dir / "scores.csv")  # drop rows whose maps are gone
+    for path, stem in progress(list(zip(inputs, stems, strict=True)), desc="scoring", total=len(inputs)):
         try:
             result = pipeline.score(pipeline.read(path))
-        except DataError as exc:
-            batch.failures.add(exc)
+        except Exception as exc:  # one bad file never stops the batch, whatever it raises
+            batch.failures.record(path, exc)
             continue
-        batch.rows.append(write_result(result, out_dir))
+        with _uninterrupted():
+            row = write_result(result, out_dir, stem)
+            record_row(out_dir, row)
+        batch.rows.append(row)
         if keep_results:
             batch.results.append(result)
-    write_csv(batch.rows, out_dir / "scores.csv")
     return batch
 
 
-def find_mask(scan: Path, masks_dir: Path) -> Path:
-    """The ground-truth file for ``scan``: same name, or ``<stem>_mask``/``<stem>_seg`` with any extension."""
-    stem = scan.name.split(".")[0]
-    for candidate in [
-        masks_dir / scan.name,
-        *sorted(masks_dir.glob(f"{stem}_mask.*")),
-        *sorted(masks_dir.glob(f"{stem}_seg.*")),
-        *sorted(masks_dir.glob(f"{stem}.*")),
-    ]:
-        if candidate.exists():
-            return candidate
-    raise DataError(
-        scan,
-        f"no ground-truth mask for it in {masks_dir} (looked for {scan.name}, {stem}_mask.*, {stem}_seg.*)",
-    )
+def find_mask(scan: Path, masks_dir: Path, registry: Any = None, stem: str | None = None) -> Path:
+    """The ground-truth file for ``scan``: exactly its name, ``<stem>_mask`` or ``<stem>_seg`` (any scan extension).
+
+    ``stem`` (from :func:`~anomaly3d_core.io.files.output_stems`) may hold a sub-folder, looked
+    for under ``masks_dir`` too. More than one match is an error naming them.
+    """
+    stem = stem or scan_stem(scan, registry)
+    sub, _, base = stem.rpartition("/")
+    folder = masks_dir / sub if sub else masks_dir
+    wanted = {base, f"{base}_mask", f"{base}_seg"}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        raise DataError(scan, f"masks folder {folder} cannot be read (missing or not a folder)") from None
+    matches = [
+        c
+        for c in entries
+        if not c.name.startswith(".") and (c.name == scan.name or scan_stem(c, registry) in wanted)
+    ]
+    if not matches:
+        raise DataError(
+            scan,
+            f"no ground-truth mask for it in {folder} (looked for {scan.name}, {base}_mask.*, {base}_seg.*)",
+        )
+    if len(matches) > 1:
+        raise DataError(
+            scan,
+            f"ambiguous ground truth in {folder}: {', '.join(m.name for m in matches)} all match; keep one",
+        )
+    return matches[0]
 
 
 def evaluate_files(
@@ -119,28 +203,25 @@ def evaluate_files(
     from anomaly3d_core.postprocess.thresholding import multi_threshold_analysis
 
     failures = BatchFailures()
-    results, truths, foregrounds = [], [], []
+    results, truths, foregrounds, names = [], [], [], []
+    stems = output_stems(inputs, pipeline.registry)  # a name clash refuses the batch before any work
     out_dir.mkdir(parents=True, exist_ok=True)
-    for path in progress(inputs, desc="evaluating", total=len(inputs)):
+    for path, stem in progress(list(zip(inputs, stems, strict=True)), desc="evaluating", total=len(inputs)):
         try:
             volume = pipeline.read(path)
-            truth = (
-                load_volume(find_mask(path, masks_dir), registry=pipeline.registry, allow_constant=True).array
-                > 0
-            )
-        except DataError as exc:
-            failures.add(exc)
+            mask_path = find_mask(path, masks_dir, pipeline.registry, stem)
+            truth = load_volume(mask_path, registry=pipeline.registry, allow_constant=True).array > 0
+            if truth.shape != volume.array.shape:
+                raise DataError(path, f"mask grid {truth.shape} differs from the scan's {volume.array.shape}")
+            result = pipeline.score(volume)
+        except Exception as exc:  # one bad file never stops the batch, whatever it raises
+            failures.record(path, exc)
             continue
-        if truth.shape != volume.array.shape:
-            failures.add(
-                DataError(path, f"mask grid {truth.shape} differs from the scan's {volume.array.shape}")
-            )
-            continue
-        result = pipeline.score(volume)
         result.prepared = result.prepared_scores = None  # keep only what the metrics need
         results.append(result)
         truths.append(truth)
         foregrounds.append(result.foreground)
+        names.append(stem)
     if not results:
         raise DataError(None, "no volume could be evaluated:\n" + failures.report())
     metrics = comprehensive_evaluation(
@@ -181,13 +262,14 @@ def evaluate_files(
     order = np.argsort([-r.volume_score for r in results])[:n_overlays]  # None: every volume
     for i in order:
         r = results[i]
+        (out_dir / "overlays" / names[i]).parent.mkdir(parents=True, exist_ok=True)
         plotting.plot_overlay(
             r.volume.array,
             r.score_map,
             r.mask,
             truths[i],
-            out_dir / "overlays" / f"{r.volume.stem}.png",
-            title=r.volume.stem,
+            out_dir / "overlays" / f"{names[i]}.png",
+            title=names[i],
         )
     return metrics, failures
 

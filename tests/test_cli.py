@@ -97,7 +97,14 @@ def test_fit_score_evaluate_with_a_bad_file(demo_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "1 input(s) failed" in err and "broken.nii.gz" in err
     rows = list(csv.DictReader(open(out / "scores.csv")))
-    assert len(rows) == 4 and set(rows[0]) == {"file", "volume_score", "is_anomalous", "threshold"}
+    assert len(rows) == 4 and set(rows[0]) == {
+        "file",
+        "volume_score",
+        "is_anomalous",
+        "threshold",
+        "score_map",
+        "mask",
+    }
     for scan in sorted((demo_dir / "test").iterdir()):
         stem = scan.name.split(".")[0]
         score = nib.load(out / f"{stem}_score.nii.gz")

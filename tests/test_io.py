@@ -12,7 +12,7 @@ from writers import WRITERS, write_dicom_series, write_nifti
 
 from anomaly3d_core.config import PreprocessingConfig
 from anomaly3d_core.errors import DataError
-from anomaly3d_core.io.files import list_inputs, load_volume
+from anomaly3d_core.io.files import list_inputs, load_volume, scan_stem
 from anomaly3d_core.preprocess.preprocessing import Preprocessor
 from anomaly3d_core.runner import write_result
 
@@ -39,7 +39,7 @@ def test_score_maps_land_on_input_grid(fmt, tmp_path, fitted):
     vol = load_volume(WRITERS[fmt](array, affine, tmp_path))
     result = fitted.score(vol)
     write_result(result, tmp_path / "out")
-    stem = vol.stem
+    stem = scan_stem(vol.path)
     for kind in ("score", "mask"):
         img = nib.load(tmp_path / "out" / f"{stem}_{kind}.nii.gz")
         assert img.shape == array.shape

@@ -31,6 +31,16 @@ class BatchFailures:
         self.items.append((error.path or "?", error.reason))
         log.warning("skipped %s: %s", error.path, error.reason)
 
+    def record(self, path: str | Path, error: Exception) -> None:
+        """Add any exception raised for ``path``: one bad file never stops a batch, whatever it raises."""
+        if isinstance(error, DataError):
+            self.add(error)
+            return
+        log.debug("unexpected error for %s", path, exc_info=error)
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = f"unexpected {type(error).__name__}" + (f": {text}" if text else "")
+        self.add(DataError(path, reason + " (rerun with --debug for the traceback)"))
+
     def __bool__(self) -> bool:
         return bool(self.items)
 

@@ -1,19 +1,39 @@
-"""Finding inputs, choosing a loader, checking volumes and writing results atomically."""
+"""Finding inputs, choosing a loader, checking volumes, naming outputs and writing results atomically.
+
+Every write goes to a temporary sibling (a hidden ``.NAME.*`` file or folder, never picked up as
+an input) and is renamed into place, with the permissions the umask gives; a folder is replaced
+whole (:func:`replace_tree`), under a lock that a second writer finds taken (:func:`write_lock`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import glob
 import os
+import shutil
+import sys
 import tempfile
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from anomaly3d_core.errors import DataError, PluginError
+from anomaly3d_core.errors import Anomaly3DError, DataError, PluginError
+from anomaly3d_core.io import limits
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.registry import get_registry
+
+try:  # POSIX advisory locks; elsewhere writers are not serialised
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 
 def _registry(registry: Any) -> Any:
@@ -56,6 +76,7 @@ def check_volume(volume: Volume, allow_constant: bool = False) -> Volume:
     ``allow_constant`` accepts an all-equal volume (an empty ground-truth mask).
     """
     arr = np.asarray(volume.array)
+    limits.check_array(volume.path, arr.shape)
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
     if arr.size == 0:
@@ -92,7 +113,7 @@ def load_volume(
     """Read one scan with the right loader plugin (and its ``loader_args``) and check it."""
     p = Path(path)
     if not p.exists():
-        raise DataError(p, "file not found")
+        raise DataError(p, missing_reason(p))
     cls = find_loader(p, loader, registry)
     try:
         volume = cls(**(loader_args or {})).load(p)
@@ -109,6 +130,23 @@ def load_volume(
 _SCAN_SUFFIXES = (".nii", ".nii.gz", ".npy", ".npz", ".nrrd", ".mha", ".mhd", ".dcm")
 
 
+def missing_reason(path: Path) -> str:
+    """Why ``path`` cannot be opened: not there, a broken link, a link loop, no permission."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop (the link leads back to itself); fix or remove the link"
+        if path.is_symlink():
+            return f"broken symbolic link (it points to '{os.readlink(path)}', which does not exist)"
+        if exc.errno == errno.EACCES:
+            return "permission denied (the file or a folder above it is not readable)"
+        if exc.errno == errno.ENOENT:
+            return "file not found"
+        return f"cannot be opened ({exc.strerror})"
+    return "file not found"
+
+
 def list_inputs(spec: str | Path, registry: Any = None) -> list[Path]:
     """Expand a file, a folder (its scans and DICOM sub-folders) or a glob into input paths."""
     text = str(spec)
@@ -119,18 +157,24 @@ def list_inputs(spec: str | Path, registry: Any = None) -> list[Path]:
         return paths
     p = Path(text)
     if not p.exists():
-        raise DataError(p, "no such file or folder")
+        reason = missing_reason(p)
+        raise DataError(p, "no such file or folder" if reason == "file not found" else reason)
     if p.is_file():
         return [p]
-    reg = _registry(registry)
-    extensions = {ext for info in reg.infos("loaders") for ext in info.cls.extensions} | set(_SCAN_SUFFIXES)
+    extensions = set(loader_extensions(registry)) | set(_SCAN_SUFFIXES)
     files, dicom_dirs = [], []
     for child in sorted(p.iterdir()):
         name = child.name.lower()
+        if name.startswith("."):  # hidden: temporary files of an interrupted write, editor files
+            continue
         if child.is_dir():
-            if any(f.suffix.lower() == ".dcm" or f.suffix == "" for f in child.iterdir() if f.is_file()):
+            try:
+                entries = [f for f in child.iterdir() if f.is_file() and not f.name.startswith(".")]
+            except OSError:
+                entries = []
+            if any(f.suffix.lower() == ".dcm" or f.suffix == "" for f in entries):
                 dicom_dirs.append(child)
-        elif name.endswith(".dcm") or (child.suffix == "" and not name.startswith(".")):
+        elif name.endswith(".dcm") or child.suffix == "":
             dicom_dirs.append(p)
         elif any(name.endswith(ext) for ext in extensions) and not _is_sidecar(name):
             files.append(child)
@@ -146,20 +190,207 @@ def _is_sidecar(name: str) -> bool:
     return name.endswith(".affine.npy")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Any) -> Path:
-    """Call ``write(tmp_path)`` and rename into place, so no half-written file is ever seen."""
+    """Call ``write(tmp_path)`` and rename into place, so no half-written file is ever seen.
+
+    The file gets the permissions the umask gives a new file (``0644`` under the usual ``022``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    suffix = "".join(path.suffixes[-2:])
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+_held_locks: set[str] = set()
+_held_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def write_lock(target: str | Path, what: str = "folder", blocking: bool = False) -> Iterator[None]:
+    """Hold ``.TARGET.lock`` next to ``target``; a second process that asks gets a clear error at once
+    (or, with ``blocking``, waits its turn).
+
+    Re-entrant within one process. The lock is released when the process ends, however it ends,
+    and its file is removed on release.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name}.lock"
+    key = str(lock_path.resolve())
+    with _held_guard:
+        reentrant = key in _held_locks
+        _held_locks.add(key)
+    if reentrant:
+        yield
+        return
+    fd = -1
+    try:
+        while fcntl is not None:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                fd = -1
+                raise Anomaly3DError(
+                    f"{target}: another process is writing this {what} now (lock {lock_path.name} is held); "
+                    "wait for it to finish or choose another path"
+                ) from None
+            try:  # the holder before us may have removed the file: lock the one that is there now
+                if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+            fd = -1
+        yield
+    finally:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)
+            os.close(fd)  # closing releases the flock
+        with _held_guard:
+            _held_locks.discard(key)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_tree(dest: str | Path, build: Callable[[Path], Any], what: str = "folder") -> Path:
+    """Build a folder with ``build(new_path)`` next to ``dest`` and swap it in whole.
+
+    ``dest`` is replaced only by a complete new folder: until the swap the old one is untouched,
+    and the swap is one atomic rename exchange (two renames a moment apart where the system lacks
+    it). Runs under :func:`write_lock`; leftovers of an interrupted earlier write are removed.
+    """
+    dest = Path(dest)
+    with write_lock(dest, what):
+        parent = dest.parent
+        for stale in list(parent.glob(f".{dest.name}.tmp-*")) + list(parent.glob(f".{dest.name}.old-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
+        try:
+            new = work / dest.name
+            build(new)
+            if not new.exists():
+                raise Anomaly3DError(f"{dest}: nothing was written")
+            if os.path.lexists(dest):
+                if not _exchange(new, dest):
+                    old = parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+                    os.rename(dest, old)
+                    os.rename(new, dest)
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(new, dest)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def check_output_dir(path: str | Path, option: str = "--out") -> Path:
+    """Create ``path`` if needed and make sure files can be written there; one clear error otherwise."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise Anomaly3DError(f"{option} {p}: exists and is not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise Anomaly3DError(f"{option} {p}: cannot write there ({exc.strerror or exc})") from None
+    return p
+
+
+def check_model_target(path: str | Path, option: str = "--out") -> Path:
+    """A model folder can be written at ``path``: new, empty or an anomaly3d model, in a writable folder."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise Anomaly3DError(f"{option} {p}: exists and is not a folder")
+    if p.is_dir() and not (p / "MLmodel").is_file() and any(p.iterdir()):
+        raise Anomaly3DError(f"{p}: exists and is not an anomaly3d model folder; choose an empty or new path")
+    check_output_dir(p.parent, option=f"{option} {p}: its parent")
+    return p
+
+
+def loader_extensions(registry: Any = None) -> list[str]:
+    """Every registered loader's file extensions, longest first (``.nii.gz`` before ``.nii``)."""
+    reg = _registry(registry)
+    exts = {ext.lower() for info in reg.infos("loaders") for ext in info.cls.extensions}
+    return sorted(exts, key=lambda e: (-len(e), e))
+
+
+def scan_stem(path: str | Path, registry: Any = None) -> str:
+    """A scan's name without its loader's extension (``sub.01.nii.gz`` -> ``sub.01``, ``x.mgz`` -> ``x``)."""
+    name = Path(path).name
+    low = name.lower()
+    for ext in loader_extensions(registry):
+        if low.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def output_stems(paths: Sequence[str | Path], registry: Any = None) -> list[str]:
+    """One unique output stem per input, the only rule for naming outputs (``STEM_score.nii.gz``, ...).
+
+    The stem is the input's name without its loader's extension. Inputs whose stems clash (same
+    name in different folders, e.g. ``a/sub.nii.gz`` and ``b/sub.nii.gz`` or two DICOM folders
+    ``p1/series`` and ``p2/series``) keep their path under the inputs' common folder instead
+    (``a/sub``, ``b/sub``); a clash that remains (``sub.nii`` next to ``sub.nii.gz``) refuses the
+    batch, naming both files, before anything is scored.
+    """
+    stems = [scan_stem(p, registry) for p in paths]
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, stem in enumerate(stems):
+        groups[stem.casefold()].append(i)
+    clashing = [i for group in groups.values() if len(group) > 1 for i in group]
+    if clashing:
+        parents = [os.path.dirname(os.path.abspath(p)) for p in paths]
+        root = os.path.commonpath(parents)
+        for i in clashing:
+            rel = os.path.relpath(parents[i], root)
+            stems[i] = stems[i] if rel == "." else Path(rel, stems[i]).as_posix()
+    seen: dict[str, int] = {}
+    for i, stem in enumerate(stems):
+        j = seen.setdefault(stem.casefold(), i)
+        if j != i:
+            raise Anomaly3DError(
+                f"{paths[j]} and {paths[i]} would write the same outputs ('{stem}_score.nii.gz'); "
+                "rename one of them or score them in separate runs"
+            )
+    return stems
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,17 +35,6 @@ class Volume:
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along each array axis."""
         return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
-
-    @property
-    def stem(self) -> str:
-        """File name without its extensions (``sub-01.nii.gz`` -> ``sub-01``)."""
-        if self.path is None:
-            return "volume"
-        name = Path(self.path).name
-        for ext in (".nii.gz", ".nii", ".npz", ".npy", ".nrrd", ".mha", ".mhd"):
-            if name.lower().endswith(ext):
-                return name[: -len(ext)]
-        return name
 
     @classmethod
     def from_array(

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from anomaly3d_core.config import TrainingConfig
+from anomaly3d_core.io.files import atomic_write
 from anomaly3d_core.model import distributed
 from anomaly3d_core.progress import progress
 
@@ -249,6 +250,11 @@ def _evaluate(
     return total / max(count, 1)
 
 
+def _save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary sibling, renamed into place: a kill never leaves a torn checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
 def _load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
     """``last.pt``, read with ``weights_only=True`` and refused unless it fits ``model``."""
     from anomaly3d_core.errors import ConfigError
@@ -346,13 +352,11 @@ def train_autoencoder(
             best, bad_epochs = metrics["val_loss"], 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             if writes_ckpt:
-                ckpt.mkdir(parents=True, exist_ok=True)
-                torch.save(best_state, ckpt / "best.pt")
+                _save_atomic(best_state, ckpt / "best.pt")
         else:
             bad_epochs += 1
         if writes_ckpt:
-            ckpt.mkdir(parents=True, exist_ok=True)
-            torch.save(
+            _save_atomic(
                 {
                     "model": model.state_dict(),
                     **trainer.state_dict(),
@@ -390,5 +394,5 @@ def train_autoencoder(
         model.load_state_dict(best_state)
     model.eval()
     if writes_ckpt:
-        (ckpt / "history.json").write_text(json.dumps(history))
+        atomic_write(ckpt / "history.json", lambda tmp: Path(tmp).write_text(json.dumps(history)))
     return history

@@ -1,15 +1,57 @@
-"""ITK formats (``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``) through SimpleITK."""
+"""ITK formats (``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``) through SimpleITK, within the reading limits.
+
+The image information (size, pixel type) is read first and checked against
+``ANOMALY3D_MAX_VOXELS``/``ANOMALY3D_MAX_BYTES`` before the voxel data is read.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import SimpleITK as sitk
 
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.interfaces import VolumeLoader
+from anomaly3d_core.io import limits
 from anomaly3d_core.io.sitk_geometry import image_to_volume
 from anomaly3d_core.io.volume import Volume
+
+# the key that names the separate data file of a detached header
+_DATA_FILE = {".mhd": r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", ".nhdr": r"^\s*data ?file\s*:\s*(.+?)\s*$"}
+
+
+def _reason(path: Path, exc: Exception) -> str:
+    """What went wrong, in words that name the cause and the fix."""
+    text = str(exc).strip()
+    last = text.splitlines()[-1].removeprefix("sitk::ERROR:").strip() if text else "unreadable"
+    if "Unable to determine ImageIO reader" in text:
+        return "not an image SimpleITK can read (its content matches no ITK format reader)"
+    pattern = _DATA_FILE.get(path.suffix.lower())
+    if pattern:
+        try:
+            head = path.read_bytes()[:65536].decode("latin-1")
+        except OSError:
+            head = ""
+        match = re.search(pattern, head, re.MULTILINE | re.IGNORECASE)
+        if match and match.group(1) not in ("LOCAL", "LIST") and "%" not in match.group(1):
+            data = path.parent / match.group(1)
+            if not data.is_file():
+                return (
+                    f"its header names the data file '{match.group(1)}', which is not in {path.parent}; "
+                    f"keep the data file next to the {path.suffix} header"
+                )
+    return f"corrupt or unreadable ITK image ({last})"
+
+
+def check_information(reader: sitk.ImageFileReader, path: str | Path, n_files: int = 1) -> None:
+    """Refuse an image whose header claims more than the limits, before its data is read."""
+    size = [int(s) for s in reader.GetSize()]
+    if n_files > 1:  # one slice per file (a multi-frame file counts its frames)
+        size = size[:2] + [n_files * (size[2] if len(size) > 2 else 1)]
+    components = reader.GetNumberOfComponents()
+    itemsize = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent()
+    limits.check_claim(path, size + ([components] if components > 1 else []), itemsize)
 
 
 class ItkLoader(VolumeLoader):
@@ -17,11 +59,15 @@ class ItkLoader(VolumeLoader):
     extensions = (".nrrd", ".nhdr", ".mha", ".mhd")
 
     def load(self, path: str | Path) -> Volume:
+        path = Path(path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
         try:
-            image = sitk.ReadImage(str(path))
+            reader.ReadImageInformation()
+            check_information(reader, path)
+            image = reader.Execute()
         except RuntimeError as exc:
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-            raise DataError(path, f"corrupt or unreadable ITK image ({reason})") from None
+            raise DataError(path, _reason(path, exc)) from None
         if image.GetNumberOfComponentsPerPixel() != 1:
             raise DataError(
                 path,

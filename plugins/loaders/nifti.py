@@ -1,15 +1,17 @@
-"""NIfTI-1/2 (``.nii``, ``.nii.gz``) through nibabel."""
+"""NIfTI-1/2 (``.nii``, ``.nii.gz``) through nibabel, within the reading limits.
+
+The header is checked against ``ANOMALY3D_MAX_VOXELS``/``ANOMALY3D_MAX_BYTES`` before any voxel
+data is read, and a gzip stream is decompressed only as far as the header declares
+(see :mod:`anomaly3d_core.io.nifti`).
+"""
 
 from __future__ import annotations
 
 import gzip
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
-from anomaly3d_core.errors import DataError
 from anomaly3d_core.interfaces import VolumeLoader
+from anomaly3d_core.io.nifti import read_nifti
 from anomaly3d_core.io.volume import Volume
 
 
@@ -20,18 +22,14 @@ class NiftiLoader(VolumeLoader):
     @classmethod
     def sniff(cls, path: Path) -> bool:
         try:
-            with gzip.open(path, "rb") if path.read_bytes()[:2] == b"\x1f\x8b" else open(path, "rb") as f:
+            with open(path, "rb") as raw:
+                gzipped = raw.read(2) == b"\x1f\x8b"
+            with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:
                 header = f.read(348)
-        except OSError:
+        except (OSError, EOFError):
             return False
         return len(header) == 348 and header[344:347] in (b"n+1", b"ni1", b"n+2")
 
     def load(self, path: str | Path) -> Volume:
-        try:
-            img = nib.load(str(path))
-            data = np.asanyarray(img.dataobj)
-        except Exception as exc:
-            raise DataError(
-                path, f"corrupt or truncated NIfTI ({exc.__class__.__name__}: {exc})".replace("\n", " ")
-            ) from None
-        return Volume(data, img.affine, str(path), {"format": "nifti"})
+        data, affine = read_nifti(path)
+        return Volume(data, affine, str(path), {"format": "nifti"})

@@ -2,19 +2,23 @@
 
 Sidecars, first found wins: ``<stem>.affine.npy`` (a 4x4 array), ``<stem>.json`` with an
 ``"affine"`` key, or an ``affine`` array inside the ``.npz``. Without one the identity
-(1 mm isotropic) is used, and a warning says so.
+(1 mm isotropic) is used, and a warning says so. Pickled arrays are refused, and the shape in
+each array's header is checked against the reading limits before its data is read.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+import zipfile
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.interfaces import VolumeLoader
+from anomaly3d_core.io import limits
 from anomaly3d_core.io.volume import Volume
 
 
@@ -33,10 +37,14 @@ class NumpyLoader(VolumeLoader):
                     if not keys:
                         raise DataError(path, "archive holds no array")
                     key = "volume" if "volume" in keys else keys[0]
+                    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
+                        check_header(member, path)
                     data = npz[key]
                     if "affine" in npz.files:
                         affine, source = npz["affine"], "the 'affine' array in the archive"
             else:
+                with open(path, "rb") as f:
+                    check_header(f, path)
                 data = np.load(path, allow_pickle=False)
         except DataError:
             raise
@@ -61,7 +69,11 @@ class NumpyLoader(VolumeLoader):
     def _sidecar(folder: Path, stem: str) -> tuple[np.ndarray | None, str]:
         npy = folder / f"{stem}.affine.npy"
         if npy.is_file():
-            return np.load(npy), str(npy)
+            with open(npy, "rb") as f:
+                shape = check_header(f, npy)
+            if shape != (4, 4):
+                raise DataError(npy, f"affine sidecar has shape {shape}; expected 4x4")
+            return np.load(npy, allow_pickle=False), str(npy)
         js = folder / f"{stem}.json"
         if js.is_file():
             try:
@@ -71,3 +83,17 @@ class NumpyLoader(VolumeLoader):
             if "affine" in meta:
                 return np.array(meta["affine"], dtype=np.float64), str(js)
         return None, "identity"
+
+
+def check_header(f: IO[bytes], path: Path) -> tuple[int, ...]:
+    """The shape in a ``.npy`` header, refused when it claims more than the limits allow."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read(f)
+    except Exception as exc:
+        raise DataError(path, f"corrupt or truncated NumPy file ({exc.__class__.__name__}: {exc})") from None
+    limits.check_claim(path, shape, dtype.itemsize)
+    return tuple(int(s) for s in shape)
