@@ -3,6 +3,10 @@
 Several ``anomaly3d tune`` workers on different machines share one study through an RDB storage
 URL; trial numbers are handed out by the storage, and a worker whose trial number reaches
 ``n_trials`` stops, so the study ends with exactly ``n_trials`` finished trials.
+
+Each trial's model goes to ``OUT/trials/<study>/NNNN``. The study's best (``best_config.yaml``,
+``best_model``, ``best.json``) is written once, atomically, by the worker that finishes last
+(no trial of the study still running), or on demand with ``--write-best``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import copy
 import json
 import logging
 import random
+import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -27,7 +32,7 @@ from anomaly3d_core.config import PipelineConfig, apply_overrides, build_config
 from anomaly3d_core.demo.synthetic import inject_anomalies
 from anomaly3d_core.detector import Detector
 from anomaly3d_core.errors import ConfigError, DataError, did_you_mean
-from anomaly3d_core.io.files import list_inputs, load_volume
+from anomaly3d_core.io.files import atomic_write, list_inputs, load_volume, replace_tree
 from anomaly3d_core.mlops.tracking import log_metrics, log_pyfunc_if_active, mlflow_run
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 from anomaly3d_core.runner import find_mask
@@ -159,6 +164,12 @@ class ValidationSet:
         return {"voxel_ap": float(average_precision_score(y, s)), "voxel_auroc": float(roc_auc_score(y, s))}
 
 
+def trials_dir(out: Path, study_name: str) -> Path:
+    """Where a study's trial models go: keyed by study, so studies sharing ``--out`` never collide."""
+    safe = re.sub(r"[^\w.-]+", "_", study_name).strip("._") or "study"
+    return out / "trials" / safe
+
+
 def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
     """The ``anomaly3d tune`` command."""
 
@@ -167,6 +178,27 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
     if metric not in OBJECTIVES:
         raise ConfigError("tuning.metric: " + did_you_mean(metric, OBJECTIVES, "metric"))
     n_trials = args.n_trials or config.tuning.n_trials
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=args.study_name,
+        storage=make_storage(args.storage),
+        load_if_exists=True,
+        direction=config.tuning.direction,
+        sampler=optuna.samplers.TPESampler(seed=None),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2),
+    )
+    base = config.model_dump(mode="json")
+    if getattr(args, "write_best", False):
+        with mlflow_run(config, f"tune-{args.study_name}-best", tags={"optuna.study": args.study_name}):
+            best = write_best(study, base, config, args.study_name, out, metric)
+        print(
+            f"best of study '{args.study_name}': #{best.number}, {metric} = {best.value:.4f}; written to {out}"
+        )
+        return 0
+    if not args.train:
+        raise ConfigError("tune needs --train (a folder, file or glob of normal scans), or --write-best")
     inputs = list_inputs(args.train)
     if len(inputs) < 3:
         raise DataError(
@@ -180,18 +212,7 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
         Path(args.val_masks) if args.val_masks else None,
         config.training.seed,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=args.study_name,
-        storage=make_storage(args.storage),
-        load_if_exists=True,
-        direction=config.tuning.direction,
-        sampler=optuna.samplers.TPESampler(seed=None),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2),
-    )
-    base = config.model_dump(mode="json")
+    trials = trials_dir(out, args.study_name)
 
     def objective(trial: optuna.Trial) -> float:
         if trial.number >= n_trials:
@@ -220,7 +241,7 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
             pipe.fit(train, callbacks=[report])
             value = val.metrics(pipe)[metric]
             log_metrics({metric: value, "fit_seconds": pipe.fit_seconds_})
-            pipe.save(out / "trials" / f"{trial.number:04d}")
+            pipe.save(trials / f"{trial.number:04d}")
         return value
 
     with mlflow_run(config, f"tune-{args.study_name}", tags={"optuna.study": args.study_name}):
@@ -230,31 +251,63 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
             raise ConfigError(
                 "no tuning trial finished (all pruned or failed); widen the search space or raise --n-trials"
             )
+        last = finishes_last(study)
         best = study.best_trial
-        best_cfg = build_config(
-            apply_overrides(
-                copy.deepcopy(base), [f"{k}={json.dumps(v)}" for k, v in _decoded(best.params).items()]
-            )
-        )
-        best_cfg.save(out / "best_config.yaml")
-        log_metrics({f"best_{metric}": best.value})
-        model_dir = out / "trials" / f"{best.number:04d}"
-        if model_dir.is_dir():
-            if (out / "best_model").exists():
-                shutil.rmtree(out / "best_model")
-            shutil.copytree(model_dir, out / "best_model")
-            if config.tracking.enabled:
-                log_pyfunc_if_active(
-                    AnomalyDetectionPipeline.load(model_dir),
-                    registered_model_name=f"anomaly3d-{args.study_name}",
-                )
+        if last:  # no trial of the study runs elsewhere: this worker writes the study's best
+            best = write_best(study, base, config, args.study_name, out, metric)
     print(
         f"{len(finished)} trial(s) finished in study '{args.study_name}'; best #{best.number}: {metric} = {best.value:.4f}"
     )
-    print(
-        f"best config: {out / 'best_config.yaml'}; best model: {out / 'best_model'} (validation: {val.source} anomalies)"
-    )
+    if not last:
+        print(
+            "trials of the study are still running elsewhere; the worker that finishes last writes "
+            f"{out / 'best_config.yaml'} and {out / 'best_model'} (or run again with --write-best)"
+        )
+    else:
+        print(
+            f"best config: {out / 'best_config.yaml'}; best model: {out / 'best_model'} (validation: {val.source} anomalies)"
+        )
     return 0
+
+
+def finishes_last(study: optuna.Study) -> bool:
+    """True when no trial of the study is running or waiting (this worker is the last one busy)."""
+    busy = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    return not study.get_trials(deepcopy=False, states=busy)
+
+
+def write_best(
+    study: optuna.Study, base: dict[str, Any], config: PipelineConfig, study_name: str, out: Path, metric: str
+) -> optuna.trial.FrozenTrial:
+    """Write the study's best config and model into ``out``, atomically, once per best trial."""
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not finished:
+        raise ConfigError(f"study '{study_name}' has no finished trial yet; nothing to write")
+    best = study.best_trial
+    record = {"study": study_name, "trial": best.number, "value": best.value, "metric": metric}
+    marker = out / "best.json"
+    try:
+        if json.loads(marker.read_text()) == record and (out / "best_model" / "MLmodel").is_file():
+            return best  # already written for this very trial
+    except (OSError, ValueError):
+        pass
+    best_cfg = build_config(
+        apply_overrides(
+            copy.deepcopy(base), [f"{k}={json.dumps(v)}" for k, v in _decoded(best.params).items()]
+        )
+    )
+    atomic_write(out / "best_config.yaml", lambda tmp: Path(tmp).write_text(best_cfg.to_yaml()))
+    log_metrics({f"best_{metric}": best.value})
+    model_dir = trials_dir(out, study_name) / f"{best.number:04d}"
+    if model_dir.is_dir():
+        replace_tree(out / "best_model", lambda new: shutil.copytree(model_dir, new), "best model")
+        if config.tracking.enabled:
+            log_pyfunc_if_active(
+                AnomalyDetectionPipeline.load(model_dir),
+                registered_model_name=f"anomaly3d-{study_name}",
+            )
+    atomic_write(marker, lambda tmp: Path(tmp).write_text(json.dumps(record)))
+    return best
 
 
 def _decoded(params: Mapping[str, Any]) -> dict[str, Any]:
