@@ -27,12 +27,18 @@ from anomaly3d_core.detector import Detector
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
 from anomaly3d_core.io import cache, limits
 from anomaly3d_core.io.data import BatchFailures, VolumeLike, as_volume
-from anomaly3d_core.io.files import load_volume, save_nifti
+from anomaly3d_core.io.files import find_loader, load_volume, save_nifti
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.model.embedding import FeatureEmbedding
 from anomaly3d_core.model.network import AnomalyNet, feature_units
 from anomaly3d_core.model.pretrain import pretrain_extractor
-from anomaly3d_core.model.training import EpochCallback, resolve_device, seed_everything, train_autoencoder
+from anomaly3d_core.model.training import (
+    EpochCallback,
+    fit_closed_form,
+    resolve_device,
+    seed_everything,
+    train_autoencoder,
+)
 from anomaly3d_core.postprocess.postprocessor import STATE_FILE, PostProcessor
 from anomaly3d_core.preprocess.augmentation import augment_from_config
 from anomaly3d_core.preprocess.preprocessing import Prepared, Preprocessor
@@ -91,6 +97,11 @@ class AnomalyDetectionPipeline(Detector):
         """A fresh, untrained network for this config."""
         cfg, reg = self.config, self._registry()
         extractor = reg.get("extractors", cfg.extractor.type)(cfg.extractor.args)
+        if extractor.in_channels != 1:
+            raise ConfigError(
+                f"extractor.args.in_channels: {extractor.in_channels}, but the pipeline reads single-channel "
+                "scans; leave it at 1"
+            )
         if cfg.extractor.checkpoint:
             AnomalyNet.load_checkpoint(extractor, cfg.extractor.checkpoint)
         layers = AnomalyNet.check_layers(extractor, cfg.extractor.layers)
@@ -109,8 +120,7 @@ class AnomalyDetectionPipeline(Detector):
             autoencoder = reg.get("autoencoders", cfg.autoencoder.type)(vector_dim, cfg.autoencoder.args)
         except ValueError as exc:
             raise Anomaly3DError(str(exc)) from None
-        if hasattr(autoencoder, "spatial_shape"):
-            autoencoder.spatial_shape = embedding.spatial_shape
+        autoencoder.spatial_shape = embedding.spatial_shape
         return AnomalyNet(
             extractor,
             layers,
@@ -162,6 +172,7 @@ class AnomalyDetectionPipeline(Detector):
         t0 = time.perf_counter()
         gen = seed_everything(cfg.training.seed)
         self.failures_ = BatchFailures()
+        self.loaders_used_: list[str] = []
         train = self._prepare_all(volumes)
         val = self._prepare_all(val_volumes) if val_volumes else []
         if not train:
@@ -198,15 +209,20 @@ class AnomalyDetectionPipeline(Detector):
         emb.fit_standardization(raw)
         train_vec, val_vec = self._finish(raw, centres), self._finish(val_raw, val_centres)
         t = cfg.training
-        self.history_ = train_autoencoder(
-            self.model_.autoencoder,
-            train_vec,
-            val_vec,
-            t,
-            device=self.device,
-            callbacks=callbacks,
-            show_progress=show_progress,
-        )
+        if self.model_.autoencoder.trainable:
+            self.history_ = train_autoencoder(
+                self.model_.autoencoder,
+                train_vec,
+                val_vec,
+                t,
+                device=self.device,
+                callbacks=callbacks,
+                show_progress=show_progress,
+            )
+        else:  # a PCA or Gaussian model fits in closed form, never through the gradient loop
+            self.history_ = fit_closed_form(
+                self.model_.autoencoder, train_vec, val_vec, t, device=self.device, callbacks=callbacks
+            )
         self.model_.eval()
         if cfg.threshold.normative:
             self.postprocessor_.fit_normative([self._scan_scores(p) for p in train])
@@ -221,11 +237,28 @@ class AnomalyDetectionPipeline(Detector):
         for item in items or []:
             try:
                 out.append(self._prepare_cached(item))
+                if isinstance(item, str | Path):  # provenance: the loader plugins this model was fitted with
+                    self._note_loader(item)
             except Exception as exc:  # one bad file never stops the fit, whatever it raises
                 self.failures_.record(
                     str(item) if isinstance(item, str | Path) else "(in-memory volume)", exc
                 )
         return out
+
+    def _note_loader(self, path: str | Path) -> None:
+        if self.config.data.loader != "auto":
+            return  # the named loader is in the config's plugins already
+        reg = self._registry()
+        try:
+            cls = find_loader(path, "auto", reg)
+        except Anomaly3DError:
+            return
+        info = next((i for i in reg.infos("loaders") if i.cls is cls), None)
+        if info is None:
+            return
+        name = info.qualified if info.name in reg.clashes("loaders") else info.name
+        if name not in self.loaders_used_:
+            self.loaders_used_.append(name)
 
     def _prepare_cached(self, item: VolumeLike) -> Prepared:
         """:meth:`prepare`, through the on-disk cache for files (see :mod:`anomaly3d_core.io.cache`)."""
@@ -327,7 +360,10 @@ class AnomalyDetectionPipeline(Detector):
         out.mkdir(parents=True, exist_ok=True)
         self.config.save(out / CONFIG_FILE)
         torch.save({k: v.cpu() for k, v in self.model_.state_dict().items()}, out / WEIGHTS_FILE)
-        self.postprocessor_.save(out, {"history": getattr(self, "history_", {})})
+        self.postprocessor_.save(
+            out,
+            {"history": getattr(self, "history_", {}), "loaders_used": getattr(self, "loaders_used_", [])},
+        )
         example = self.example_volume()
         if example is not None:  # a scan this model accepts, for the MLflow input example
             save_nifti(example.array, example.affine, out / EXAMPLE_FILE)
@@ -366,9 +402,14 @@ class AnomalyDetectionPipeline(Detector):
         pipe.model_.to(pipe.device).eval()
         pipe.postprocessor_, state = PostProcessor.load(folder, pipe.config.threshold, pipe._registry())
         pipe.history_ = state.get("history", {})
+        pipe.loaders_used_ = [n for n in state.get("loaders_used", []) if isinstance(n, str)]
         if (folder / EXAMPLE_FILE).is_file():
             pipe.example_ = load_volume(folder / EXAMPLE_FILE)
         return pipe
 
     def plugin_specs(self) -> list[tuple[str, str]]:
-        return self.config.plugin_specs()
+        """The config's plugins, and the loaders that read the training scans (provenance)."""
+        specs = self.config.plugin_specs()
+        return specs + [
+            ("loaders", n) for n in getattr(self, "loaders_used_", []) if ("loaders", n) not in specs
+        ]

@@ -353,13 +353,16 @@ def loader_extensions(registry: Any = None) -> list[str]:
 
 
 def scan_stem(path: str | Path, registry: Any = None) -> str:
-    """A scan's name without its loader's extension (``sub.01.nii.gz`` -> ``sub.01``, ``x.mgz`` -> ``x``)."""
+    """A scan's name without its loader's extension (``sub.01.nii.gz`` -> ``sub.01``, ``x.mgz`` -> ``x``),
+    as the loader's ``output_stem`` gives it."""
     name = Path(path).name
     low = name.lower()
-    for ext in loader_extensions(registry):
-        if low.endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)]
-    return name
+    best: tuple[int, Any] | None = None  # the loader whose extension matches longest names the outputs
+    for info in _registry(registry).infos("loaders"):
+        for ext in info.cls.extensions:
+            if low.endswith(ext.lower()) and len(name) > len(ext) and (best is None or len(ext) > best[0]):
+                best = (len(ext), info.cls)
+    return best[1].output_stem(Path(path)) if best else name
 
 
 def output_stems(paths: Sequence[str | Path], registry: Any = None) -> list[str]:

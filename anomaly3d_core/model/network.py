@@ -53,8 +53,13 @@ class AnomalyNet(nn.Module):
                 "patches.score_mode: 'voxel' needs embedding_method 'flatten' and a single scale (per-voxel "
                 f"residuals), not '{embedding.method}' with scales {list(embedding.scales)}; use 'patch' or 'auto'"
             )
-        self.voxel_residuals = voxel_ok and score_mode != "patch"
-        self.extractor = extractor.requires_grad_(False).eval()
+        if score_mode == "voxel" and not autoencoder.per_feature_residual:
+            raise ConfigError(
+                f"patches.score_mode: 'voxel' needs per-feature residuals, which autoencoder '{autoencoder.name}' "
+                "does not give (per_feature_residual = False); use 'patch' or 'auto'"
+            )
+        self.voxel_residuals = voxel_ok and autoencoder.per_feature_residual and score_mode != "patch"
+        self.extractor = extractor.freeze()
         self.layers = list(layers)
         self.embedding = embedding
         self.autoencoder = autoencoder
@@ -67,6 +72,11 @@ class AnomalyNet(nn.Module):
     @staticmethod
     def check_layers(extractor: FeatureExtractor, layers: list[str] | None) -> list[str]:
         chosen = list(layers or extractor.default_layers)
+        if not chosen:
+            raise ConfigError(
+                f"extractor '{extractor.name}' declares no default_layers; set extractor.layers to some of "
+                f"{list(extractor.layers) or list(extractor.layer_channels)}, or declare default_layers in the plugin"
+            )
         unknown = [name for name in chosen if name not in extractor.layer_channels]
         if unknown:
             from anomaly3d_core.errors import did_you_mean
@@ -197,9 +207,10 @@ class AnomalyNet(nn.Module):
     def score_voxels(self, x: torch.Tensor, max_batch: int = 16384, amp: bool = False) -> torch.Tensor:
         """Per-voxel residuals of every patch, overlap-added with Gaussian weights; shape of ``x``.
 
-        Each patch contributes its own squared reconstruction residual at each of its voxels
-        (channel mean, in standardised units) plus any per-patch extra of the autoencoder's score
-        (the VAE's KL term), so the map is as sharp as the residuals rather than one value per patch.
+        Each patch contributes the autoencoder's per-feature residual (``Autoencoder.residual``, a
+        squared error unless the plugin says otherwise) at each of its voxels (channel mean, in
+        standardised units) plus the per-patch remainder of the autoencoder's score (the VAE's KL
+        term), so the map is as sharp as the residuals rather than one value per patch.
         """
         with torch.autocast(x.device.type, enabled=amp and x.device.type == "cuda"):
             feat = self.features(x)
@@ -218,14 +229,9 @@ class AnomalyNet(nn.Module):
             with torch.autocast(x.device.type, enabled=amp and x.device.type == "cuda"):
                 v = self.vectors(flat, centres[start : start + per_slab].reshape(-1, 3))
                 out = self.autoencoder(v)
-                extra = self.autoencoder.anomaly_score(v, out).float() - (
-                    (out["recon"].float() - v.float()) ** 2
-                ).mean(1)
-            res = (
-                ((out["recon"][:, :width].float() - v[:, :width].float()) ** 2)
-                .reshape(-1, *slab.shape[3:])
-                .mean(1)
-            )
+                residual = self.autoencoder.residual(v, out).float()
+                extra = self.autoencoder.anomaly_score(v, out).float() - residual.mean(1)
+            res = residual[:, :width].reshape(-1, *slab.shape[3:]).mean(1)
             res = (res + extra[:, None, None, None]).reshape(k, grid[1], grid[2], *p) * weight
             r0 = start * s[0]
             for u in range(p[0]):

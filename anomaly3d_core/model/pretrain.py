@@ -67,7 +67,7 @@ def pretrain_extractor(
         return []
     deepest = max(layers, key=lambda name: extractor.layer_strides[name])
     decoder = _Decoder(
-        extractor.layer_channels[deepest], extractor.layer_strides[deepest], extractor.params.in_channels
+        extractor.layer_channels[deepest], extractor.layer_strides[deepest], extractor.in_channels
     )
     extractor.requires_grad_(True).train().to(device)
     decoder.to(device)
@@ -92,5 +92,5 @@ def pretrain_extractor(
     history = fit_loop(
         trainer, batches, loss, epochs=epochs, modules=(extractor, decoder), desc="pretraining extractor"
     )
-    extractor.requires_grad_(False).eval()
+    extractor.freeze()
     return history.get("train_loss", [])

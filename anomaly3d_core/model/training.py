@@ -396,3 +396,36 @@ def train_autoencoder(
     if writes_ckpt:
         atomic_write(ckpt / "history.json", lambda tmp: Path(tmp).write_text(json.dumps(history)))
     return history
+
+
+def fit_closed_form(
+    autoencoder: nn.Module,
+    train_features: torch.Tensor,
+    val_features: torch.Tensor | None = None,
+    settings: TrainingConfig | None = None,
+    *,
+    device: str | torch.device | None = None,
+    callbacks: Sequence[EpochCallback] = (),
+) -> dict[str, list[float]]:
+    """Fit an autoencoder with ``trainable = False`` in one step (``fit_closed_form``), no gradient loop.
+
+    Returns a one-entry history with the training and validation losses, in the shape that
+    :func:`train_autoencoder` returns, and reports it to ``callbacks`` as epoch 0. Under torchrun
+    every rank holds the same vectors, so every rank computes the same fit.
+    """
+    s = settings if settings is not None else TrainingConfig()
+    dev = distributed.local_device() or resolve_device(s.device if device is None else device)
+    seed_everything(s.seed)
+    model = autoencoder.to(dev)
+    model.eval()
+    with torch.no_grad():
+        model.fit_closed_form(train_features.to(dev))
+    model.to(dev).eval()
+    val = val_features if val_features is not None and len(val_features) else train_features
+    metrics = {
+        "train_loss": _evaluate(model, train_features, s.batch_size, dev, False),
+        "val_loss": _evaluate(model, val, s.batch_size, dev, False),
+    }
+    for callback in callbacks:
+        callback(0, dict(metrics))
+    return {"train_loss": [metrics["train_loss"]], "val_loss": [metrics["val_loss"]], "lr": []}

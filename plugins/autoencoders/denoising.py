@@ -25,9 +25,6 @@ class DenoisingAutoencoder(StandardAutoencoder):
     name = "denoising"
     Params = DAEParams
 
-    #: ``(channels, d, h, w)`` of a flattened patch, set by the pipeline when the embedding keeps it.
-    spatial_shape: tuple[int, int, int, int] | None = None
-
     def corrupt(self, x: torch.Tensor) -> torch.Tensor:
         p = self.params
         if p.noise_type == "gaussian" or p.noise_factor == 0:
@@ -35,6 +32,8 @@ class DenoisingAutoencoder(StandardAutoencoder):
         return x + p.noise_factor * self.coarse_noise(x)
 
     def coarse_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Low-frequency noise over the patch layout in ``spatial_shape`` (set by the pipeline), else
+        smooth along the features."""
         n, s = x.shape[0], self.params.coarse_size
         if self.spatial_shape is not None and int(torch.tensor(self.spatial_shape).prod()) == x.shape[1]:
             c, *size = self.spatial_shape

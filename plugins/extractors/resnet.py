@@ -77,6 +77,10 @@ class ResNet3D(FeatureExtractor):
     default_layers = ("layer1", "layer2")
     Params = ResNetParams
 
+    @classmethod
+    def example_params(cls) -> dict:
+        return {"width": 8}  # narrow: the conformance checks stay fast
+
     def __init__(self, params=None, **kwargs) -> None:
         super().__init__(params, **kwargs)
         w = self.params.width

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.interfaces import Params, VolumeLoader
-from anomaly3d_core.io.sitk_geometry import image_to_volume
+from anomaly3d_core.io.sitk_geometry import image_to_volume, volume_to_image
 from anomaly3d_core.io.volume import Volume
+from anomaly3d_plugins.loaders import examples
 from anomaly3d_plugins.loaders.itk import check_information
 
 CHOOSE = (
@@ -32,6 +34,15 @@ class DicomLoader(VolumeLoader):
     extensions = (".dcm",)
     reads_directories = True
     Params = DicomParams
+
+    @classmethod
+    def example_file(cls, folder: Path) -> Path:
+        volume = cls.example_volume()
+        return write_series(volume.array, volume.affine, Path(folder), "example_series")
+
+    @classmethod
+    def example_volume(cls) -> Volume:
+        return examples.example_volume(np.int16)  # a series of int16 slices, one file each
 
     @classmethod
     def sniff(cls, path: Path) -> bool:
@@ -74,3 +85,38 @@ class DicomLoader(VolumeLoader):
         volume = image_to_volume(image, str(folder))
         volume.meta.update({"format": "dicom", "series_uid": uid, "n_slices": len(files)})
         return volume
+
+
+def write_series(
+    array, affine, folder: Path, name: str = "series", series_uid: str = "1.2.826.0.1.3680043.2.1125.1"
+) -> Path:
+    """One file per slice with the geometry tags a scanner would write (int16 pixels)."""
+    out = folder / name
+    out.mkdir(parents=True, exist_ok=True)
+    image = sitk.Cast(volume_to_image(np.asarray(array, np.float32), affine), sitk.sitkInt16)
+    direction = image.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        piece = image[:, :, k]
+        origin = image.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {
+            "0008|0060": "MR",
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.99",
+            "0020|000e": series_uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in origin),
+            "0020|0037": "\\".join(
+                f"{v:.6f}"
+                for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])
+            ),
+            "0028|0030": f"{image.GetSpacing()[1]:.6f}\\{image.GetSpacing()[0]:.6f}",
+            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+        }
+        for tag, value in tags.items():
+            piece.SetMetaData(tag, value)
+        writer.SetFileName(str(out / f"{series_uid.split('.')[-1]}_{k:03d}.dcm"))
+        writer.Execute(piece)
+    return out

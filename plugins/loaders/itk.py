@@ -14,8 +14,9 @@ import SimpleITK as sitk
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.interfaces import VolumeLoader
 from anomaly3d_core.io import limits
-from anomaly3d_core.io.sitk_geometry import image_to_volume
+from anomaly3d_core.io.sitk_geometry import image_to_volume, volume_to_image
 from anomaly3d_core.io.volume import Volume
+from anomaly3d_plugins.loaders import examples
 
 # the key that names the separate data file of a detached header
 _DATA_FILE = {".mhd": r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", ".nhdr": r"^\s*data ?file\s*:\s*(.+?)\s*$"}
@@ -57,6 +58,30 @@ def check_information(reader: sitk.ImageFileReader, path: str | Path, n_files: i
 class ItkLoader(VolumeLoader):
     name = "itk"
     extensions = (".nrrd", ".nhdr", ".mha", ".mhd")
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        """NRRD (``NRRD000x`` magic) or a MetaImage header (``ObjectType = Image`` near the top)."""
+        try:
+            with open(path, "rb") as f:
+                head = f.read(1024)
+        except OSError:
+            return False
+        return head.startswith(b"NRRD") or re.search(rb"^\s*ObjectType\s*=\s*Image", head, re.M) is not None
+
+    @classmethod
+    def example_file(cls, folder: Path) -> list[Path]:
+        volume = examples.example_volume()
+        paths = []
+        for ext in (".nrrd", ".mha", ".mhd"):
+            path = Path(folder) / f"example{ext}"
+            sitk.WriteImage(volume_to_image(volume.array, volume.affine), str(path))
+            paths.append(path)
+        return paths
+
+    @classmethod
+    def example_volume(cls) -> Volume:
+        return examples.example_volume()
 
     def load(self, path: str | Path) -> Volume:
         path = Path(path)

@@ -13,6 +13,7 @@ from pathlib import Path
 from anomaly3d_core.interfaces import VolumeLoader
 from anomaly3d_core.io.nifti import read_nifti
 from anomaly3d_core.io.volume import Volume
+from anomaly3d_plugins.loaders import examples
 
 
 class NiftiLoader(VolumeLoader):
@@ -29,6 +30,17 @@ class NiftiLoader(VolumeLoader):
         except (OSError, EOFError):
             return False
         return len(header) == 348 and header[344:347] in (b"n+1", b"ni1", b"n+2")
+
+    @classmethod
+    def example_file(cls, folder: Path) -> Path:
+        from anomaly3d_core.io.files import save_nifti
+
+        volume = examples.example_volume()
+        return save_nifti(volume.array, volume.affine, Path(folder) / "example.nii.gz")
+
+    @classmethod
+    def example_volume(cls) -> Volume:
+        return examples.example_volume()
 
     def load(self, path: str | Path) -> Volume:
         data, affine = read_nifti(path)

@@ -20,18 +20,48 @@ from anomaly3d_core.errors import DataError
 from anomaly3d_core.interfaces import VolumeLoader
 from anomaly3d_core.io import limits
 from anomaly3d_core.io.volume import Volume
+from anomaly3d_plugins.loaders import examples
+
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 class NumpyLoader(VolumeLoader):
     name = "numpy"
     extensions = (".npy", ".npz")
 
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        """A ``.npy`` header, or a zip archive holding ``.npy`` members (``.npz``)."""
+        try:
+            with open(path, "rb") as f:
+                if f.read(6) == _NPY_MAGIC:
+                    return True
+            if not zipfile.is_zipfile(path):
+                return False
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+            return bool(names) and all(n.endswith(".npy") for n in names)
+        except (OSError, zipfile.BadZipFile):
+            return False
+
+    @classmethod
+    def example_file(cls, folder: Path) -> list[Path]:
+        volume, folder = examples.example_volume(), Path(folder)
+        np.save(folder / "example.npy", volume.array)
+        np.save(folder / "example.affine.npy", volume.affine)  # the sidecar
+        np.savez(folder / "example_archive.npz", volume=volume.array, affine=volume.affine)
+        return [folder / "example.npy", folder / "example_archive.npz"]
+
+    @classmethod
+    def example_volume(cls) -> Volume:
+        return examples.example_volume()
+
     def load(self, path: str | Path) -> Volume:
         path = Path(path)
-        stem = path.name[: -len(path.suffix)]
+        stem = self.output_stem(path)
         affine = None
         try:
-            if path.suffix.lower() == ".npz":
+            if path.suffix.lower() == ".npz" or _is_zip(path):
                 with np.load(path, allow_pickle=False) as npz:
                     keys = [k for k in npz.files if k != "affine"]
                     if not keys:
@@ -83,6 +113,15 @@ class NumpyLoader(VolumeLoader):
             if "affine" in meta:
                 return np.array(meta["affine"], dtype=np.float64), str(js)
         return None, "identity"
+
+
+def _is_zip(path: Path) -> bool:
+    """An ``.npz`` by content, whatever the file is called (the server names its copies itself)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def check_header(f: IO[bytes], path: Path) -> tuple[int, ...]:
