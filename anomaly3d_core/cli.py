@@ -41,7 +41,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set training.num_epochs=5 (repeatable)",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress details (plugins: show parameters)"
+    )
+    parser.add_argument(
+        "-p",
+        dest="plugin_switches",
+        action="append",
+        default=[],
+        metavar="no:PACKAGE",
+        help="turn one plugin package off for this run, e.g. -p no:anomaly3d-extra (repeatable; "
+        "like ANOMALY3D_DISABLE_PLUGINS)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("plugins", help="list every discovered component by family, with package and version")
+    p = sub.add_parser(
+        "plugins",
+        help="list every discovered component by family, with package and version (-v: parameters), "
+        "and broken or disabled plugin packages",
+    )
     _common(p)
 
     p = sub.add_parser("demo", help="make demo data, fit, score, evaluate and log to MLflow")
@@ -150,16 +165,77 @@ def _report(failures: Any, what: str) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from anomaly3d_core.registry import FAMILIES, get_registry
+    from anomaly3d_core.registry import DISABLE_PLUGINS_ENV, FAMILIES, get_registry
 
-    reg = get_registry()
+    reg = get_registry(warn=False)  # broken packages are listed below, not warned about
     for family in FAMILIES:
         print(f"{family}:")
+        clashes = reg.clashes(family)
         for info in reg.infos(family):
+            name = info.qualified if info.name in clashes else info.name
             print(
-                f"  {info.name:<14}{info.package + ' ' + info.version:<24}{info.cls.__module__}.{info.cls.__qualname__}"
+                f"  {name:<14}{info.package + ' ' + info.version:<24}{info.cls.__module__}.{info.cls.__qualname__}"
             )
+            if args.verbose:
+                for line in _component_details(info.cls):
+                    print(f"      {line}")
+    clashing = [(f, n, infos) for f in FAMILIES for n, infos in reg.clashes(f).items()]
+    if clashing:
+        print("\nname clashes (write package:name to choose one):")
+        for family, name, infos in clashing:
+            print(f"  {family[:-1]} '{name}': " + ", ".join(i.qualified for i in infos))
+    if reg.broken:
+        print("\nbroken plugin packages (skipped; everything else works):")
+        for broken in reg.broken:
+            print(f"  {broken.line()}")
+    if reg.disabled or reg.unknown_disabled:
+        print(f"\nturned off ({DISABLE_PLUGINS_ENV} or -p no:PACKAGE):")
+        for package, version in reg.disabled:
+            print(f"  {package} {version}")
+        for package in reg.unknown_disabled:
+            print(f"  {package} (not an installed plugin package)")
+    for line in reg.deprecations:
+        print(f"\ndeprecated: {line}")
     return EXIT_OK
+
+
+def _component_details(cls: Any) -> list[str]:
+    """One line per contract attribute and per parameter (type, default, description) of ``cls``."""
+    from anomaly3d_core.interfaces import Autoencoder, FeatureExtractor, ThresholdMethod, VolumeLoader
+
+    doc = (cls.__doc__ or "").strip().splitlines()
+    lines = [doc[0]] if doc and cls.__doc__ not in {c.__doc__ for c in cls.__mro__[1:]} else []
+    if issubclass(cls, FeatureExtractor) and cls.layers:
+        lines.append(f"layers: {', '.join(cls.layers)} (default: {', '.join(cls.default_layers) or 'none'})")
+    elif issubclass(cls, Autoencoder):
+        lines.append(
+            "fitted by "
+            + ("the gradient loop" if cls.trainable else "fit_closed_form (no gradient loop)")
+            + ("" if cls.per_feature_residual else "; one score per patch")
+        )
+    elif issubclass(cls, ThresholdMethod):
+        lines.append(f"calibration: {cls.calibration}")
+    elif issubclass(cls, VolumeLoader):
+        what = ", ".join(cls.extensions) or "no extension"
+        lines.append(f"reads: {what}" + (", folders" if cls.reads_directories else ""))
+    fields = cls.Params.model_fields
+    if not fields:
+        lines.append("parameters: none")
+    for name, field in fields.items():
+        if field.is_required():
+            default = "required"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = f"default {value!r}"
+        desc = f"  {field.description}" if field.description else ""
+        lines.append(f"{name}: {_type_name(field.annotation)}, {default}{desc}")
+    return lines
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "").replace("NoneType", "None")
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -341,6 +417,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("anomaly3d_core").setLevel(logging.DEBUG)
     logging.captureWarnings(True)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if args.plugin_switches:
+        from anomaly3d_core.registry import DISABLE_PLUGINS_ENV
+
+        bad = [p for p in args.plugin_switches if not p.startswith("no:") or not p[3:].strip()]
+        if bad:
+            print(
+                f"anomaly3d: error: -p {bad[0]}: only -p no:PACKAGE (turn a plugin package off) is supported",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        names = [p[3:].strip() for p in args.plugin_switches]
+        current = os.environ.get(DISABLE_PLUGINS_ENV, "")
+        os.environ[DISABLE_PLUGINS_ENV] = ",".join([current, *names] if current else names)
     if not args.debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

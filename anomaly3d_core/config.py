@@ -32,10 +32,24 @@ class Section(BaseModel):
 
 
 class ComponentSpec(Section):
-    """A plugin choice: its registered ``type`` name and its ``args``."""
+    """A plugin choice: its registered ``type`` name (or ``package:name``) and its ``args``.
+
+    Default ``args`` belong to the default ``type``: a section that names another type without
+    giving ``args`` starts from that component's own defaults (``--set threshold.type=sigma`` does
+    not inherit the percentile's ``percentile: 99.5``).
+    """
 
     type: str
     args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _args_follow_type(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "type" in data and "args" not in data:
+            default = cls.model_fields["type"].default
+            if data["type"] != default:
+                return {**data, "args": {}}
+        return data
 
 
 class PreprocessingConfig(Section):
@@ -241,13 +255,16 @@ class PipelineConfig(Section):
         return flatten(self.model_dump(mode="json"))
 
     def plugin_specs(self) -> list[tuple[str, str]]:
-        """``(family, name)`` of every plugin this config uses."""
-        return [
+        """``(family, name)`` of every plugin this config names (the loader when one is named)."""
+        specs = [
             ("extractors", self.extractor.type),
             ("autoencoders", self.autoencoder.type),
             ("thresholds", self.threshold.type),
             ("thresholds", self.threshold.volume.method.type),
         ]
+        if self.data.loader != "auto":
+            specs.append(("loaders", self.data.loader))
+        return specs
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -305,9 +322,25 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides to a nested dict."""
-    for item in overrides:
+# component section -> its family: the sections whose ``type`` picks a plugin with its own ``args``
+_COMPONENT_SECTIONS = {
+    "extractor": "extractors",
+    "autoencoder": "autoencoders",
+    "threshold": "thresholds",
+    "method": "thresholds",
+}
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Iterable[str], registry: Any = None) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides to a nested dict.
+
+    ``args`` belong to the component they were written for: an override that changes a
+    component's ``type`` (or ``data.loader``) without also setting its ``args`` keeps only the
+    arguments the new component declares.
+    """
+    items = list(overrides)
+    keys = [item.split("=", 1)[0].strip() for item in items]
+    for item in items:
         if "=" not in item:
             raise ConfigError(f"--set expects dotted.key=value, got '{item}'")
         key, value = item.split("=", 1)
@@ -317,8 +350,50 @@ def apply_overrides(tree: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
-        node[parts[-1]] = parse_value(value)
+        new = parse_value(value)
+        old = node.get(parts[-1])
+        node[parts[-1]] = new
+        if parts[-1] == "type" and len(parts) > 1 and parts[-2] in _COMPONENT_SECTIONS:
+            family, args_key = _COMPONENT_SECTIONS[parts[-2]], "args"
+        elif parts[-2:] == ["data", "loader"]:
+            family, args_key = "loaders", "loader_args"
+        else:
+            continue
+        if old is None:  # the section's type was left at its default
+            old = _default_type(parts[-2] if family != "loaders" else "loader")
+        args = node.get(args_key)
+        prefix = ".".join(parts[:-1] + [args_key])
+        if (
+            old is not None
+            and old != new
+            and isinstance(args, dict)
+            and args
+            and not any(k == prefix or k.startswith(prefix + ".") for k in keys)
+        ):
+            node[args_key] = _args_kept(family, new, args, registry)
     return tree
+
+
+def _default_type(section: str) -> str | None:
+    defaults = {
+        "extractor": ExtractorConfig.model_fields["type"].default,
+        "autoencoder": AutoencoderConfig.model_fields["type"].default,
+        "threshold": ThresholdConfig.model_fields["type"].default,
+        "method": VolumeDecisionConfig().method.type,
+        "loader": DataConfig.model_fields["loader"].default,
+    }
+    return defaults.get(section)
+
+
+def _args_kept(family: str, name: Any, args: dict[str, Any], registry: Any) -> dict[str, Any]:
+    """The ``args`` (written for another component) that component ``name`` also declares."""
+    if not isinstance(name, str) or (family == "loaders" and name == "auto"):
+        return {}
+    try:
+        fields = (registry or get_registry()).get(family, name).Params.model_fields
+    except PluginError:
+        return {}  # the unknown name is reported when the config is validated
+    return {k: v for k, v in args.items() if k in fields}
 
 
 def validate_plugins(config: PipelineConfig, registry: Any = None) -> PipelineConfig:
@@ -361,7 +436,7 @@ def build_config(
     tree: Mapping[str, Any] | None = None, overrides: Iterable[str] = (), registry: Any = None
 ) -> PipelineConfig:
     """Validate a nested dict (plus ``--set`` overrides) into a :class:`PipelineConfig`."""
-    data = apply_overrides(copy.deepcopy(dict(tree or {})), overrides)
+    data = apply_overrides(copy.deepcopy(dict(tree or {})), overrides, registry)
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as exc:

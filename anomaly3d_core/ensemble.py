@@ -60,9 +60,10 @@ class EnsembleConfig(Section):
         return yaml.safe_dump({"ensemble": self.model_dump(mode="json")}, sort_keys=False)
 
     def plugin_specs(self) -> list[tuple[str, str]]:
+        """``(family, name)`` of every plugin the ensemble and its members name."""
         specs = [("thresholds", self.threshold.type), ("thresholds", self.threshold.volume.method.type)]
         for m in self.members:
-            specs += [("extractors", m.extractor.type), ("autoencoders", m.autoencoder.type)]
+            specs += [spec for spec in m.plugin_specs() if spec not in specs]
         return specs
 
     @field_validator("members", mode="before")
@@ -96,7 +97,9 @@ def build_ensemble_config(
     for i, member in enumerate(cfg.members):
         try:
             members.append(
-                build_config(apply_overrides(member.model_dump(mode="json"), overrides), registry=registry)
+                build_config(
+                    apply_overrides(member.model_dump(mode="json"), overrides, registry), registry=registry
+                )
             )
         except ConfigError as exc:
             raise ConfigError(f"ensemble.members.{i}: {exc}") from None
@@ -217,4 +220,8 @@ class EnsemblePipeline(Detector):
         return ens
 
     def plugin_specs(self) -> list[tuple[str, str]]:
-        return self.config.plugin_specs()
+        """The config's plugins, and the loaders that read each member's training scans."""
+        specs = self.config.plugin_specs()
+        for member in self.members:
+            specs += [spec for spec in member.plugin_specs() if spec not in specs]
+        return specs

@@ -11,7 +11,9 @@ folder's MLflow entry code (``MLmodel``, ``python_model``) is not imported. Only
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,11 @@ from anomaly3d_core.detector import Detector, model_files_dir
 from anomaly3d_core.ensemble import ENSEMBLE_FILE, EnsembleConfig, EnsemblePipeline, build_ensemble_config
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, PluginError
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
-from anomaly3d_core.registry import get_registry
+from anomaly3d_core.registry import DISABLE_PLUGINS_ENV, get_registry
 
 DetectorConfig = PipelineConfig | EnsembleConfig
 PLUGINS_FILE = "plugins.json"  # written next to the detector's files by mlops.serving
+log = logging.getLogger(__name__)
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -76,7 +79,7 @@ def build_detector(config: DetectorConfig, device: str | None = None, registry: 
 def load_detector(path: str | Path, device: str | None = None, registry: Any = None) -> Detector:
     """Load a saved pipeline or ensemble (an MLflow model folder or a plain folder)."""
     inner = model_files_dir(path)
-    check_plugins_installed(path, inner, registry)
+    registry = check_plugins_installed(path, inner, registry)
     kind = EnsemblePipeline if (inner / ENSEMBLE_FILE).is_file() else AnomalyDetectionPipeline
     return kind.load_files(inner, device, registry)
 
@@ -104,34 +107,93 @@ def _needed_plugins(inner: Path) -> list[tuple[str, str]]:
     return needed
 
 
-def check_plugins_installed(path: str | Path, inner: Path, registry: Any = None) -> None:
-    """Refuse, with what to install, a model that needs a plugin this environment lacks."""
+def _read_provenance(inner: Path) -> list[dict[str, Any]]:
+    """The entries of a saved detector's ``plugins.json`` (none when it is missing or malformed)."""
+    try:
+        entries = json.loads((inner / PLUGINS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(entries, list):
+        return []
+    return [
+        e
+        for e in entries
+        if isinstance(e, dict)
+        and all(isinstance(e.get(k), str) for k in ("family", "name", "package", "version"))
+    ]
+
+
+def _missing_reason(entry: dict[str, Any] | None, reg: Any, path: str | Path) -> tuple[str, str]:
+    """``(where it comes from and why it is not here, what to do)`` for a plugin this environment lacks."""
+    if not entry:
+        reqs = Path(path) / "requirements.txt"
+        listed = [
+            line.strip()
+            for line in (reqs.read_text().splitlines() if reqs.is_file() else [])
+            if line.strip() and not line.startswith(("#", "anomaly3d=="))
+        ]
+        source = "a plugin package" + (f" (the model lists {', '.join(listed)})" if listed else "")
+        return f"{source}, which is not installed here", "install the package that provides it"
+    package, version = entry["package"], entry["version"]
+    pin = f"pip install '{package}=={version}'"
+    state = reg.package_state(package) if hasattr(reg, "package_state") else None
+    if state == "disabled":
+        return (
+            f"package '{package}' {version}, which is installed but turned off here",
+            f"remove it from {DISABLE_PLUGINS_ENV} (or drop -p no:{package})",
+        )
+    if state:
+        return (
+            f"package '{package}' {version}, which is installed but broken here ({state})",
+            f"fix it or {pin}",
+        )
+    try:
+        installed = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed and installed != version:
+        return f"package '{package}' {version}; version {installed} is installed here and lacks it", pin
+    return f"package '{package}' {version}, which is not installed here", pin
+
+
+def check_plugins_installed(path: str | Path, inner: Path, registry: Any = None) -> Any:
+    """Refuse, with what to install, a model that needs a plugin this environment lacks.
+
+    Returns the registry to load the model with: ``registry`` itself, or, where a name the model
+    uses is now registered by several packages, a view that picks the package the model was saved
+    with (``plugins.json``), so a newly installed clashing package does not break the model.
+    """
     reg = registry or get_registry()
-    provenance: dict[tuple[str, str], dict[str, str]] = {}
-    if (inner / PLUGINS_FILE).is_file():
-        try:
-            for entry in json.loads((inner / PLUGINS_FILE).read_text()):
-                provenance[(entry["family"], entry["name"])] = entry
-        except (ValueError, KeyError, TypeError):
-            provenance = {}
+    provenance = {(e["family"], e["name"]): e for e in _read_provenance(inner)}
+    preferred: dict[tuple[str, str], str] = {}
     for family, name in _needed_plugins(inner):
+        entry = provenance.get((family, name))
+        if entry and ":" not in name and name in reg.clashes(family):
+            preferred[(family, name)] = entry["package"]
         try:
-            reg.get(family, name)
-        except PluginError:
-            entry = provenance.get((family, name))
-            if entry:
-                source = f"package '{entry['package']}' {entry['version']}"
-                fix = f"pip install '{entry['package']}=={entry['version']}'"
-            else:
-                reqs = Path(path) / "requirements.txt"
-                listed = [
-                    line.strip()
-                    for line in (reqs.read_text().splitlines() if reqs.is_file() else [])
-                    if line.strip() and not line.startswith(("#", "anomaly3d=="))
-                ]
-                source = "a plugin package" + (f" (the model lists {', '.join(listed)})" if listed else "")
-                fix = "install the package that provides it"
+            reg.with_preferences(preferred).get(family, name)
+        except PluginError as exc:
+            if ":" not in name and name in reg.clashes(family):
+                raise Anomaly3DError(f"{path}: {exc}") from None
+            source, fix = _missing_reason(entry, reg, path)
             raise Anomaly3DError(
-                f"{path}: this model needs the {family[:-1]} plugin '{name}' from {source}, which is not "
-                f"installed here; {fix} and retry (`anomaly3d plugins` lists what is installed)"
+                f"{path}: this model needs the {family[:-1]} plugin '{name}' from {source}; {fix} and retry "
+                "(`anomaly3d plugins` lists what is installed)"
             ) from None
+    for entry in provenance.values():  # loaders that read the training scans: wanted, not required
+        if entry.get("required", True) or entry["family"] != "loaders":
+            continue
+        try:
+            reg.get("loaders", entry["name"])
+        except PluginError:
+            source, fix = _missing_reason(entry, reg, path)
+            log.warning(
+                "%s: this model was fitted on scans read by the loader plugin '%s' from %s; to read that "
+                "format (%s) here: %s",
+                path,
+                entry["name"],
+                source,
+                ", ".join(entry.get("extensions") or []) or "its files",
+                fix,
+            )
+    return reg.with_preferences(preferred) if preferred else registry

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from writers import WRITERS
 
 from anomaly3d_core.mlops.serving import decode_nifti
 
@@ -115,6 +116,12 @@ def test_mlflow_models_serve_answers(saved_model, demo_dir, tmp_path):
         row = body["predictions"][0]
         assert set(row) == {"volume_score", "is_anomalous", "threshold", "score_map"}
         assert decode_nifti(row["score_map"]).shape == nib.load(scan).shape
+        # any format a loader plugin reads, named in the request; the score map is NIfTI on its grid
+        img = nib.load(scan)
+        nrrd = WRITERS["itk-nrrd"](np.asarray(img.dataobj, np.float32), img.affine, tmp_path, "scan")
+        status, body = _post(port, {"dataframe_records": [{"volume": _b64(nrrd), "format": "nrrd"}]})
+        assert status == 200, body
+        assert decode_nifti(body["predictions"][0]["score_map"]).shape == img.shape
         status, body = _post(port, {"dataframe_records": [{"volume": "definitely not base64!"}]})
         assert 400 <= status < 500 and "not valid base64" in json.dumps(body)
         status, body = _post(port, {"dataframe_records": [{"volume": base64.b64encode(b"hello").decode()}]})

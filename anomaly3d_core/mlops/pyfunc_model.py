@@ -1,4 +1,5 @@
-"""The pyfunc model class that MLflow serves: base64 scans in, scores and score maps out.
+"""The pyfunc model class that MLflow serves: base64 scans (any format a loader plugin reads) in,
+scores and NIfTI score maps on the input's grid out.
 
 Every failure reaches the client as a 4xx/5xx with one line naming the row and the reason, never
 a traceback or a server path: bad input is a 400, anything unexpected a 500 whose details go to
@@ -18,9 +19,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from anomaly3d_core.errors import Anomaly3DError, DataError
 from anomaly3d_core.io.files import check_volume
-from anomaly3d_core.io.nifti import read_nifti
-from anomaly3d_core.io.volume import Volume
-from anomaly3d_core.mlops.serving import decode_bytes, encode_nifti
+from anomaly3d_core.mlops.serving import decode_bytes, encode_nifti, read_payload
 from anomaly3d_core.persistence import load_detector
 
 log = logging.getLogger("anomaly3d.serving")
@@ -59,14 +58,17 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        if "volume" not in getattr(model_input, "columns", []):
+        columns = getattr(model_input, "columns", [])
+        if "volume" not in columns:
             raise ServingError(
-                "request rows need a 'volume' field (base64 .nii/.nii.gz)", error_code=INVALID_PARAMETER_VALUE
+                "request rows need a 'volume' field (base64 of a scan file; 'format' names a non-NIfTI format)",
+                error_code=INVALID_PARAMETER_VALUE,
             )
+        formats = list(model_input["format"]) if "format" in columns else [None] * len(model_input)
         rows = []
-        for i, text in enumerate(model_input["volume"]):
+        for i, (text, fmt) in enumerate(zip(model_input["volume"], formats, strict=True)):
             try:
-                rows.append(self._score_row(text, i))
+                rows.append(self._score_row(text, i, fmt))
             except ServingError:
                 raise
             except DataError as exc:
@@ -86,9 +88,10 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
                 ) from None
         return pd.DataFrame(rows, columns=["volume_score", "is_anomalous", "threshold", "score_map"])
 
-    def _score_row(self, text: Any, i: int) -> dict[str, Any]:
-        data, affine = read_nifti(decode_bytes(text), "'volume'")
-        volume = check_volume(Volume(data, affine, f"row {i}"))
+    def _score_row(self, text: Any, i: int, fmt: Any = None) -> dict[str, Any]:
+        registry = getattr(self.pipeline, "registry", None)
+        volume = check_volume(read_payload(decode_bytes(text), fmt, registry, "'volume'"))
+        volume.path = f"row {i}"
         result = self.pipeline.score(volume)
         return {
             "volume_score": float(result.volume_score),

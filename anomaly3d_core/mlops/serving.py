@@ -1,8 +1,11 @@
 """The saved model is an MLflow pyfunc model, so ``mlflow models serve`` can score scans over HTTP.
 
-Request rows: ``{"volume": "<base64 of a .nii or .nii.gz file>"}``. Response rows:
-``volume_score``, ``is_anomalous``, ``threshold`` and ``score_map`` (base64 ``.nii.gz`` on the
-input's grid). Payloads are read within the limits of :mod:`anomaly3d_core.io.limits`.
+Request rows: ``{"volume": "<base64 of a scan file>", "format": "<optional>"}``: NIfTI is
+recognised by itself; any other one-file format a registered loader reads is named in ``format``
+(a loader name such as ``itk`` or an extension such as ``nrrd``) or recognised by the loader's
+``sniff``. Response rows: ``volume_score``, ``is_anomalous``, ``threshold`` and ``score_map``
+(base64 ``.nii.gz`` on the input's grid, whatever the input format). Payloads are read within the
+limits of :mod:`anomaly3d_core.io.limits`.
 
 A model folder is written whole or not at all: into a temporary sibling, swapped in by rename,
 under a lock that a concurrent second writer finds taken (:func:`~anomaly3d_core.io.files.replace_tree`).
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +31,11 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from anomaly3d_core.errors import DataError
+from anomaly3d_core.errors import DataError, PluginError
 from anomaly3d_core.io import limits
 from anomaly3d_core.io.files import check_model_target, replace_tree
-from anomaly3d_core.io.nifti import nifti_image
+from anomaly3d_core.io.nifti import nifti_image, read_nifti
+from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.registry import get_registry
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -45,7 +50,9 @@ def encode_nifti(array: np.ndarray, affine: np.ndarray) -> str:
 def decode_bytes(text: Any) -> bytes:
     """The file bytes of a base64 ``volume`` field, refused when larger than ``max_bytes`` could ever need."""
     if not isinstance(text, str) or not text:
-        raise ValueError("'volume' must be a non-empty base64 string of a .nii or .nii.gz file")
+        raise ValueError(
+            "'volume' must be a non-empty base64 string of a scan file (.nii, .nii.gz or another format)"
+        )
     cap = limits.current().max_bytes
     if len(text) // 4 * 3 > cap + (1 << 20):  # a compressed file is never much larger than its content
         raise ValueError(
@@ -66,14 +73,134 @@ def decode_nifti(text: str) -> nib.Nifti1Image:
         raise ValueError(str(exc)) from None
 
 
-def _requirements(model: Any) -> list[str]:
-    """The project itself plus every third-party package whose plugins this model uses."""
+def plugin_provenance(model: Any) -> list[dict[str, Any]]:
+    """The package and version behind every plugin the model needs: those its config names
+    (``required``) and the loaders that read its training scans (loaders carry their extensions)."""
     reg = model.registry or get_registry()
-    reqs = {f"anomaly3d=={importlib.metadata.version('anomaly3d')}"}
+    required = set(model.config.plugin_specs())
+    entries = []
     for family, name in model.plugin_specs():
         info = reg.info(family, name)
-        if info.package != "anomaly3d":
-            reqs.add(f"{info.package}=={info.version}")
+        entry = {
+            "family": family,
+            "name": name,
+            "package": info.package,
+            "version": info.version,
+            "required": (family, name) in required,
+        }
+        if family == "loaders":
+            entry["extensions"] = list(info.cls.extensions)
+        entries.append(entry)
+    return entries
+
+
+def _looks_like_nifti(raw: bytes) -> bool:
+    """Whether the bytes (gzipped or not) start with a NIfTI-1/2 (or ANALYZE) header size."""
+    head = raw[:8]
+    if raw[:2] == b"\x1f\x8b":
+        try:  # only the first bytes are inflated
+            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(raw[:4096], 8)
+        except zlib.error:
+            return False
+    return len(head) >= 4 and (
+        int.from_bytes(head[:4], "little") in (348, 540) or int.from_bytes(head[:4], "big") in (348, 540)
+    )
+
+
+def _formats(reg: Any) -> str:
+    return ", ".join(
+        f"{i.name} ({' '.join(i.cls.extensions)})" if i.cls.extensions else i.name
+        for i in reg.infos("loaders")
+        if not i.cls.reads_directories
+    )
+
+
+def _loader_for_format(fmt: str, reg: Any) -> tuple[Any, list[str]]:
+    """The loader class a request's ``format`` names (a loader name, ``package:name`` or an extension)
+    and the file suffixes to try."""
+    try:
+        cls = reg.get("loaders", fmt)
+        return cls, list(cls.extensions) or [""]
+    except PluginError as exc:
+        if fmt in reg.clashes("loaders"):
+            raise DataError(None, f"format: {exc}") from None
+    ext = "." + fmt.lower().lstrip(".")
+    for info in reg.infos("loaders"):
+        if ext in (e.lower() for e in info.cls.extensions):
+            return info.cls, [ext]
+    raise DataError(None, f"unknown format '{fmt}'; use a loader name or extension: {_formats(reg)}")
+
+
+def read_payload(raw: bytes, fmt: Any = None, registry: Any = None, label: str = "'volume'") -> Volume:
+    """A request row's scan, read within the limits: NIfTI in memory; another format through the
+    loader plugin that ``fmt`` names (a loader name or an extension) or, without ``fmt``, the one
+    whose ``sniff`` recognises the content. The loader reads a private temporary copy."""
+    reg = registry or get_registry()
+    fmt = fmt.strip() if isinstance(fmt, str) and fmt.strip() else None  # pandas gives NaN for no format
+    cls, suffixes = _loader_for_format(fmt, reg) if fmt else (None, [])
+    if cls is not None and cls.reads_directories:
+        raise DataError(
+            None,
+            f"format '{fmt}' reads a folder of files (a series); the server takes one file per row: "
+            f"send it in a one-file format ({_formats(reg)})",
+        )
+    if cls is None and not _looks_like_nifti(raw):
+        cls, suffixes = _sniff(raw, reg)
+    if cls is None or (cls.name == "nifti" and ".nii.gz" in cls.extensions):
+        try:
+            data, affine = read_nifti(raw, label)
+        except DataError as exc:
+            if fmt:
+                raise
+            raise DataError(
+                None, f"{exc.reason}; for another format name it in the row's 'format' field: {_formats(reg)}"
+            ) from None
+        return Volume(data, affine, label)
+    with tempfile.TemporaryDirectory(prefix="anomaly3d-serve-") as tmp:
+        first: DataError | None = None
+        for suffix in suffixes:
+            path = Path(tmp) / f"volume{suffix}"
+            path.write_bytes(raw)
+            try:
+                volume = cls().load(path)
+                break
+            except DataError as exc:
+                first = first or DataError(None, exc.reason)
+            except Exception as exc:  # a loader's library error, never raw to the client
+                text = " ".join(str(exc).split())
+                first = first or DataError(
+                    None, f"cannot be read as {cls.name} ({type(exc).__name__}: {text})"
+                )
+            finally:
+                path.unlink(missing_ok=True)
+        else:
+            raise first or DataError(None, f"cannot be read as {cls.name}")
+    volume.path = label
+    return volume
+
+
+def _sniff(raw: bytes, reg: Any) -> tuple[Any, list[str]]:
+    """The first one-file loader whose ``sniff`` recognises the bytes (written to a private file)."""
+    with tempfile.TemporaryDirectory(prefix="anomaly3d-sniff-") as tmp:
+        path = Path(tmp) / "volume"
+        path.write_bytes(raw)
+        for info in reg.infos("loaders"):
+            if info.cls.reads_directories:
+                continue
+            try:
+                if info.cls.sniff(path):
+                    return info.cls, list(info.cls.extensions) or [""]
+            except Exception:  # a plugin's sniff that fails means "not mine"
+                continue
+    return None, []
+
+
+def _requirements(model: Any) -> list[str]:
+    """The project itself plus every third-party package whose plugins this model uses, loaders included."""
+    reqs = {f"anomaly3d=={importlib.metadata.version('anomaly3d')}"}
+    for entry in plugin_provenance(model):
+        if entry["package"] != "anomaly3d" and entry["version"] != "?":
+            reqs.add(f"{entry['package']}=={entry['version']}")
     return sorted(reqs)
 
 
@@ -99,7 +226,7 @@ def signature() -> Any:
     from mlflow.types import ColSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "volume")]),
+        inputs=Schema([ColSpec("string", "volume"), ColSpec("string", "format", required=False)]),
         outputs=Schema(
             [
                 ColSpec("double", "volume_score"),
@@ -114,12 +241,7 @@ def signature() -> Any:
 def write_plugin_list(model: Any, folder: Path) -> None:
     """``plugins.json``: the package and version behind every plugin the model needs, so loading it
     where one is missing can say what to install."""
-    reg = model.registry or get_registry()
-    entries = []
-    for family, name in model.plugin_specs():
-        info = reg.info(family, name)
-        entries.append({"family": family, "name": name, "package": info.package, "version": info.version})
-    (folder / PLUGINS_FILE).write_text(json.dumps(entries, indent=2))
+    (folder / PLUGINS_FILE).write_text(json.dumps(plugin_provenance(model), indent=2))
 
 
 def save_pyfunc(pipeline: Any, path: str | Path) -> Path:

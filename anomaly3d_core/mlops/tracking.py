@@ -46,12 +46,17 @@ def _experiment(name: str, uri: str) -> str:
 
 
 def plugin_versions(config: Any, registry: Any = None) -> dict[str, str]:
-    """``plugin.<family>.<name>`` -> ``package==version`` for every plugin the config uses."""
-    reg = registry or get_registry()
+    """``plugin.<family>.<name>`` -> ``package==version`` for every plugin a config or a fitted
+    detector uses (a detector adds the loaders that read its training scans).
+
+    A name chosen as ``package:name`` gets the key ``plugin.<family>.<package>.<name>``.
+    """
+    reg = registry or getattr(config, "registry", None) or get_registry()
     out = {}
     for family, name in sorted(set(config.plugin_specs())):
         info = reg.info(family, name)
-        out[f"plugin.{family}.{name}"] = f"{info.package}=={info.version}"
+        key = f"plugin.{family}.{info.package}.{info.name}" if ":" in name else f"plugin.{family}.{info.name}"
+        out[key] = f"{info.package}=={info.version}"
     return out
 
 
@@ -140,8 +145,13 @@ def log_pyfunc_if_active(pipeline: Any, registered_model_name: str | None = None
     """Log the fitted pipeline as the run's MLflow model (no-op without an active run)."""
     import mlflow
 
-    if mlflow.active_run() is None:
+    run = mlflow.active_run()
+    if run is None:
         return None
     from anomaly3d_core.mlops.serving import log_pyfunc
 
+    logged = mlflow.get_run(run.info.run_id).data.params
+    extra = {k: v for k, v in plugin_versions(pipeline).items() if k not in logged}
+    if extra:  # the loaders that read the training scans are known only after fitting
+        mlflow.log_params(extra)
     return log_pyfunc(pipeline, registered_model_name)
