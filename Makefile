@@ -25,12 +25,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/anomaly3d demo --out demo_output --config experiments/configs/brain_mri.yaml
 
+# tests/test_plugin_packages.py also builds examples/anomaly3d-example-plugin with pip, installs it
+# into a temporary folder (not the venv) and runs its own test suite and the CLI on it.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check anomaly3d_core plugins experiments tests
-	$(BIN)/ruff format --check anomaly3d_core plugins experiments tests
+	$(BIN)/ruff check anomaly3d_core plugins experiments tests examples
+	$(BIN)/ruff format --check anomaly3d_core plugins experiments tests examples
 
 # The benchmark table and the speed figures in README (about 20 minutes on 2 CPU cores).
 bench: $(STAMP)
