@@ -205,8 +205,12 @@ def _component_details(cls: Any) -> list[str]:
 
     doc = (cls.__doc__ or "").strip().splitlines()
     lines = [doc[0]] if doc and cls.__doc__ not in {c.__doc__ for c in cls.__mro__[1:]} else []
-    if issubclass(cls, FeatureExtractor) and cls.layers:
-        lines.append(f"layers: {', '.join(cls.layers)} (default: {', '.join(cls.default_layers) or 'none'})")
+    if issubclass(cls, FeatureExtractor):
+        lines.append(
+            f"layers: {', '.join(cls.layers)} (default: {', '.join(cls.default_layers) or 'none'})"
+            if cls.layers
+            else "layers: set from the parameters"
+        )
     elif issubclass(cls, Autoencoder):
         lines.append(
             "fitted by "

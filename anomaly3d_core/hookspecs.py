@@ -1,8 +1,12 @@
 """Hook specifications of the ``anomaly3d`` plugin host.
 
 A plugin is a module (or object) registered under the ``anomaly3d`` entry-point group that
-implements one or more of these hooks with :data:`hookimpl`. Each hook returns a list of
-component classes; every class carries a unique ``name`` within its family.
+implements one or more of these hooks with :data:`hookimpl`. Each hook takes no arguments and
+returns a list (not a single class) of component classes of its family; every class carries a
+unique ``name`` within its family. What each class must provide is in
+:mod:`anomaly3d_core.interfaces`, and :mod:`anomaly3d_core.testing` checks it. A hook that is
+misspelt, unmarked, or returns something else sets its package aside as broken (see
+:mod:`anomaly3d_core.registry`), without affecting other packages.
 """
 
 from __future__ import annotations

@@ -227,6 +227,8 @@ class Registry:
     def __init__(
         self, pm: pluggy.PluginManager, preferred: Mapping[tuple[str, str], str] | None = None
     ) -> None:
+        from pydantic import BaseModel
+
         from anomaly3d_core.interfaces import FAMILY_BASES, api_version_problem, family_of
 
         self.pm = pm
@@ -304,6 +306,14 @@ class Registry:
                         broken(
                             f"{label} has no valid name (got {name!r})",
                             "set a class attribute name = 'my_name' (letters, digits, _ . -; no ':' or spaces)",
+                            label,
+                        )
+                        continue
+                    params = getattr(cls, "Params", None)
+                    if not (isinstance(params, type) and issubclass(params, BaseModel)):
+                        broken(
+                            f"{label} ('{name}') has no pydantic Params model (got {params!r})",
+                            "set Params to a subclass of anomaly3d_core.interfaces.Params",
                             label,
                         )
                         continue

@@ -40,7 +40,7 @@ class FeatureExtractor3D:
         if checkpoint:
             AnomalyNet.load_checkpoint(self.model, checkpoint)
         self.device = resolve_device(device)
-        self.model.to(self.device).eval().requires_grad_(False)
+        self.model.freeze().to(self.device)
 
     @property
     def layers(self) -> tuple[str, ...]:

@@ -96,6 +96,11 @@ BROKEN = {
         + "@hookimpl\ndef anomaly3d_register_thresholds():\n    return [Cut]\n",
         ["has no valid name"],
     ),
+    "bad-params": (
+        HEADER.replace('name = "cut"', 'name = "cut"\n    Params = dict')
+        + "@hookimpl\ndef anomaly3d_register_thresholds():\n    return [Cut]\n",
+        ["has no pydantic Params model", "subclass of anomaly3d_core.interfaces.Params"],
+    ),
     "hook-args": (
         HEADER + "@hookimpl\ndef anomaly3d_register_thresholds(config):\n    return [Cut]\n",
         ["do not match the hook specifications"],

@@ -17,6 +17,7 @@ real distributions on disk: ``plugins`` lists each with the reason, and every ot
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import json
 import os
 import shutil
@@ -220,7 +221,7 @@ print(json.dumps({{"shape": list(img.shape), "affine": img.affine.tolist(), "unn
         "plugin.extractors.filterbank": f"{PACKAGE}==0.1.0",
         "plugin.autoencoders.pca": f"{PACKAGE}==0.1.0",
         "plugin.thresholds.top_fraction": f"{PACKAGE}==0.1.0",
-        "plugin.thresholds.sigma": "anomaly3d==0.1.0",
+        "plugin.thresholds.sigma": f"anomaly3d=={importlib.metadata.version('anomaly3d')}",
         "plugin.loaders.mgh": f"{PACKAGE}==0.1.0",
     }
 
