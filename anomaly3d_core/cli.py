@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, top: bool = False) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -46,7 +46,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "-p",
-        dest="plugin_switches",
+        dest="top_plugin_switches" if top else "plugin_switches",  # before or after the command: both count
         action="append",
         default=[],
         metavar="no:PACKAGE",
@@ -57,7 +57,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="anomaly3d", description="Unsupervised anomaly detection in 3D medical images.")
-    _common(parser)
+    _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser(
@@ -421,17 +421,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("anomaly3d_core").setLevel(logging.DEBUG)
     logging.captureWarnings(True)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if args.plugin_switches:
+    switches = getattr(args, "top_plugin_switches", []) + getattr(args, "plugin_switches", [])
+    if switches:
         from anomaly3d_core.registry import DISABLE_PLUGINS_ENV
 
-        bad = [p for p in args.plugin_switches if not p.startswith("no:") or not p[3:].strip()]
+        bad = [p for p in switches if not p.startswith("no:") or not p[3:].strip()]
         if bad:
             print(
                 f"anomaly3d: error: -p {bad[0]}: only -p no:PACKAGE (turn a plugin package off) is supported",
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        names = [p[3:].strip() for p in args.plugin_switches]
+        names = [p[3:].strip() for p in switches]
         current = os.environ.get(DISABLE_PLUGINS_ENV, "")
         os.environ[DISABLE_PLUGINS_ENV] = ",".join([current, *names] if current else names)
     if not args.debug:

@@ -203,7 +203,7 @@ def test_other_commands_warn_once_and_work(monkeypatch, caplog, tmp_path, saved_
 def test_disable_switch_on_the_command_line(monkeypatch, capsys):
     _install(monkeypatch, {"pkg-misspelt-hook": BROKEN["misspelt-hook"][0], "good-pkg": GOOD})
     monkeypatch.delenv("ANOMALY3D_DISABLE_PLUGINS", raising=False)
-    assert main(["plugins", "-p", "no:pkg-misspelt-hook", "-p", "no:good-pkg"]) == 0
+    assert main(["-p", "no:pkg-misspelt-hook", "plugins", "-p", "no:good-pkg"]) == 0  # before or after
     out = capsys.readouterr().out
     assert "broken plugin packages" not in out and "  max " not in out
     assert "turned off" in out and "pkg-misspelt-hook 0.1" in out and "good-pkg 0.1" in out
