@@ -206,6 +206,12 @@ class ThresholdConfig(ComponentSpec):
         description="robust: each scan's scores become (s - median) / (1.4826 MAD) over its own "
         "foreground, so scans from different grids, sites and noise levels share one scale",
     )
+    depth_normalization: bool = Field(
+        False,
+        description="score each voxel against the training normals' scores at the same depth (mm from "
+        "the foreground's edge): removes the edge effects of each scan's own pose, field of view and "
+        "voxel size without needing a shared grid",
+    )
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     volume: VolumeDecisionConfig = Field(default_factory=VolumeDecisionConfig)
 

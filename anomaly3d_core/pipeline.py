@@ -224,8 +224,19 @@ class AnomalyDetectionPipeline(Detector):
                 self.model_.autoencoder, train_vec, val_vec, t, device=self.device, callbacks=callbacks
             )
         self.model_.eval()
+        if cfg.threshold.depth_normalization:
+            self.postprocessor_.fit_depth(
+                [self._scan_scores(p) for p in train], [p.mask for p in train], [p.spacing for p in train]
+            )
         if cfg.threshold.normative:
-            self.postprocessor_.fit_normative([self._scan_scores(p) for p in train])
+            self.postprocessor_.fit_normative(
+                [
+                    self.postprocessor_.transform(self._scan_scores(p), p.mask, spacing=p.spacing)
+                    for p in train
+                ]
+                if cfg.threshold.depth_normalization
+                else [self._scan_scores(p) for p in train]
+            )
         self.calibrate(val)
         self.n_train_volumes_, self.n_val_volumes_ = len(train), len(val)
         self.val_volumes_ = [p.source for p in val]
@@ -350,7 +361,9 @@ class AnomalyDetectionPipeline(Detector):
     def score_prepared(self, prep: Prepared) -> np.ndarray:
         """Final voxel scores on the preprocessed grid (smoothed, normative when fitted so)."""
         self._check_fitted("score_prepared")
-        return self.postprocessor_.transform(self._scan_scores(prep), prep.mask, prep.source.path)
+        return self.postprocessor_.transform(
+            self._scan_scores(prep), prep.mask, prep.source.path, spacing=prep.spacing
+        )
 
     # ---------------------------------------------------------------- persistence
     def save_files(self, path: str | Path) -> Path:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from anomaly3d_core.config import ThresholdConfig
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
-from anomaly3d_core.postprocess.postprocessor import PostProcessor, robust_standardize
+from anomaly3d_core.postprocess.postprocessor import PostProcessor, depth_band, robust_standardize
 
 
 def _scan(seed: int, scale: float, lesion: bool = False) -> np.ndarray:
@@ -66,3 +67,33 @@ def test_normative_statistics_and_their_grid_check(tmp_path):
     assert state["history"] == {"train_loss": [1.0]}
     assert again.threshold_ == post.threshold_ and again.volume_threshold_ == post.volume_threshold_
     np.testing.assert_array_equal(again.normative_["mean"], post.normative_["mean"])
+
+
+def _ball_scan(seed: int, lesion: bool = False, radius: float = 9.0) -> tuple[np.ndarray, np.ndarray]:
+    """Scores that are high near the foreground's edge (as patch residuals are), plus noise."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices((24, 24, 24)).astype(float) - 11.5
+    fg = np.sqrt((grid**2).sum(0)) < radius
+    depth = ndimage.distance_transform_edt(np.pad(fg, 1))[1:-1, 1:-1, 1:-1]
+    scores = np.where(fg, 4.0 * np.exp(-depth / 1.5) + 0.3 * np.abs(rng.normal(size=fg.shape)), 0.0)
+    if lesion:
+        scores[10:13, 10:13, 10:13] += 2.0  # deep inside, weaker than the edge effect
+    return scores.astype(np.float32), fg
+
+
+def test_depth_normalization_removes_the_edge_effect():
+    from sklearn.metrics import average_precision_score
+
+    train = [_ball_scan(i, radius=8.0 + i) for i in range(4)]  # heads of different sizes
+    test, fg = _ball_scan(9, lesion=True, radius=10.0)
+    truth = np.zeros(fg.shape, bool)
+    truth[10:13, 10:13, 10:13] = True
+    aps = {}
+    for depth in (False, True):
+        post = PostProcessor(ThresholdConfig(smoothing_sigma=0.0, depth_normalization=depth))
+        if depth:
+            post.fit_depth([s for s, _ in train], [m for _, m in train], [(1.0, 1.0, 1.0)] * 4)
+        final = post.transform(post.scan_scores(test, fg), fg)
+        aps[depth] = average_precision_score(truth[fg], final[fg])
+    assert aps[False] < 0.5 and aps[True] > 0.95, aps
+    assert depth_band(np.ones((5, 5, 5), bool), (1.0, 1.0, 1.0))[2, 2, 2] == 3  # the array border is an edge

@@ -37,6 +37,17 @@ def robust_standardize(scores: np.ndarray, foreground: np.ndarray) -> np.ndarray
     return ((scores - median) / scale).astype(np.float32)
 
 
+#: Lower edges (mm) of the depth bands: distance of a voxel from the nearest voxel outside the foreground.
+DEPTH_EDGES_MM = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0)
+
+
+def depth_band(foreground: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Each voxel's depth band (index into :data:`DEPTH_EDGES_MM`); the array's border counts as outside."""
+    padded = np.pad(foreground, 1)
+    depth = ndimage.distance_transform_edt(padded, sampling=spacing)[1:-1, 1:-1, 1:-1]
+    return np.searchsorted(np.asarray(DEPTH_EDGES_MM), depth, side="right") - 1
+
+
 class PostProcessor:
     """Smoothing, normative statistics, calibration and decisions for one detector's scores."""
 
@@ -72,11 +83,36 @@ class PostProcessor:
         self.normative_ = {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
         return self
 
+    def fit_depth(
+        self, scan_maps: list[np.ndarray], foregrounds: list[np.ndarray], spacings: list
+    ) -> PostProcessor:
+        """Median and robust spread of the training normals' :meth:`scan_scores` in each depth band."""
+        scores = np.concatenate([m[fg] for m, fg in zip(scan_maps, foregrounds, strict=True)])
+        bands = np.concatenate([depth_band(fg, sp)[fg] for fg, sp in zip(foregrounds, spacings, strict=True)])
+        median, scale = np.zeros(len(DEPTH_EDGES_MM)), np.ones(len(DEPTH_EDGES_MM))
+        for band in range(len(DEPTH_EDGES_MM)):
+            values = scores[bands == band]
+            if values.size >= 50:
+                median[band] = np.median(values)
+                scale[band] = max(float(median_abs_deviation(values, scale="normal")), 1e-6)
+            elif band:  # too few voxels this deep: reuse the band above
+                median[band], scale[band] = median[band - 1], scale[band - 1]
+        self.depth_ = {"median": median.tolist(), "scale": scale.tolist()}
+        return self
+
     def transform(
-        self, smoothed: np.ndarray, foreground: np.ndarray, source: str | None = None
+        self,
+        scan_scores: np.ndarray,
+        foreground: np.ndarray,
+        source: str | None = None,
+        spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     ) -> np.ndarray:
-        """Smoothed raw scores -> final scores on the same grid (zero outside ``foreground``)."""
-        scores = smoothed
+        """:meth:`scan_scores` -> final scores on the same grid (zero outside ``foreground``)."""
+        scores = scan_scores
+        depth = getattr(self, "depth_", None)
+        if depth is not None:
+            band = depth_band(foreground, spacing)
+            scores = (scores - np.asarray(depth["median"])[band]) / np.asarray(depth["scale"])[band]
         if self.normative_ is not None:
             if scores.shape != self.normative_["mean"].shape:
                 raise DataError(
@@ -86,7 +122,7 @@ class PostProcessor:
                 )
             scores = np.maximum((scores - self.normative_["mean"]) / self.normative_["std"], 0.0)
         else:
-            scores = scores.copy()
+            scores = scores.astype(np.float32, copy=True)
         scores[~foreground] = 0.0
         return scores
 
@@ -124,6 +160,7 @@ class PostProcessor:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         return {
+            "depth": getattr(self, "depth_", None),
             "threshold": self.threshold_,
             "volume_threshold": self.volume_threshold_,
             "score_stats": self.score_stats_,
@@ -133,6 +170,8 @@ class PostProcessor:
     def load_state_dict(self, state: dict[str, Any]) -> PostProcessor:
         self.threshold_, self.volume_threshold_ = state["threshold"], state["volume_threshold"]
         self.score_stats_, self.normal_volume_scores_ = state["score_stats"], state["normal_volume_scores"]
+        if state.get("depth") is not None:
+            self.depth_ = state["depth"]
         return self
 
     def save(self, folder: Path, extra: dict[str, Any] | None = None) -> None:
