@@ -2,6 +2,11 @@
 
 Lesion kinds ``tumour`` and ``infarct`` are used for tuning; ``ms`` and ``haemorrhage`` are held
 out of tuning and reported separately.
+
+The native-space set (``make_benchmark_data(root / "native", space="native")``, or
+``python experiments/bench_data.py OUT --native``) has the same structure, with scans as a
+multi-site study acquires them: each with its own head pose, voxel size (1-2 mm, some thick-slice),
+axis order, field of view and intensity units (``anomaly3d_core.demo.native``).
 """
 
 from __future__ import annotations
@@ -14,22 +19,38 @@ from anomaly3d_core.demo.datasets import make_demo_dataset
 
 TUNING_KINDS = ("tumour", "infarct")
 HELD_OUT_KINDS = ("ms", "haemorrhage")
+#: the native-space set's seeds are offset so that it shares no subject with the template-space set
+SEED_OFFSET = {"template": 0, "native": 1000}
 
 
 def make_benchmark_data(
-    root: Path, n_train: int = 16, n_test_normal: int = 8, n_test_anomalous: int = 16
+    root: Path,
+    n_train: int = 16,
+    n_test_normal: int = 8,
+    n_test_anomalous: int = 16,
+    space: str = "template",
 ) -> Path:
-    """``root/train``; ``root/tune`` + ``tune_masks``; ``root/test`` + ``test_masks`` + ``test_manifest.csv``."""
+    """``root/train``; ``root/tune`` + ``tune_masks``; ``root/test`` + ``test_masks`` + ``test_manifest.csv``.
+
+    ``space="native"`` writes the native-space set (by convention under ``<data>/native``).
+    """
     if (root / "test_manifest.csv").is_file():
         return root
+    off = SEED_OFFSET[space]
     sets = {
-        "train": dict(seed=100, n_train=n_train, n_test_normal=0, n_test_anomalous=0),
-        "tune": dict(seed=200, n_train=0, n_test_normal=2, n_test_anomalous=6, lesion_kinds=TUNING_KINDS),
-        "test": dict(seed=300, n_train=0, n_test_normal=n_test_normal, n_test_anomalous=n_test_anomalous),
+        "train": dict(seed=100 + off, n_train=n_train, n_test_normal=0, n_test_anomalous=0),
+        "tune": dict(
+            seed=200 + off, n_train=0, n_test_normal=2, n_test_anomalous=6, lesion_kinds=TUNING_KINDS
+        ),
+        "test": dict(
+            seed=300 + off, n_train=0, n_test_normal=n_test_normal, n_test_anomalous=n_test_anomalous
+        ),
     }
     for name, kwargs in sets.items():
         tmp = root / f".{name}"
-        make_demo_dataset(tmp, **kwargs)
+        if tmp.exists():  # left over from an interrupted run
+            shutil.rmtree(tmp)
+        make_demo_dataset(tmp, space=space, **kwargs)
         if name == "train":
             shutil.move(tmp / "train", root / "train")
         else:
@@ -43,5 +64,6 @@ def make_benchmark_data(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--native", action="store_true", help="write the native-space set into OUT")
     args = parser.parse_args()
-    print(make_benchmark_data(args.out))
+    print(make_benchmark_data(args.out, space="native" if args.native else "template"))

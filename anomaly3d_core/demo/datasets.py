@@ -197,8 +197,24 @@ def make_demo_dataset(
     n_train: int | None = None,
     n_test_normal: int | None = None,
     n_test_anomalous: int | None = None,
+    space: str = "template",
 ) -> Path:
-    """Write the demo set (see module docstring) and return ``out``."""
+    """Write the demo set (see module docstring) and return ``out``.
+
+    ``space="native"`` writes scans as a multi-site study acquires them instead (head pose, voxel
+    size, axis order, field of view and intensity units vary; see :mod:`.native`); there
+    ``voxel_size`` is the template grid the subjects are built on before resampling.
+    """
+    if space == "native":
+        from anomaly3d_core.demo.native import make_native_dataset
+
+        return make_native_dataset(
+            out, size, seed, lesion_kinds, voxel_size, n_train, n_test_normal, n_test_anomalous
+        )
+    if space != "template":
+        from anomaly3d_core.errors import ConfigError, did_you_mean
+
+        raise ConfigError("space: " + did_you_mean(space, ("template", "native"), "space"))
     if size not in SIZES:
         from anomaly3d_core.errors import ConfigError, did_you_mean
 

@@ -1,0 +1,259 @@
+"""The native-space benchmark: scans as a multi-site study acquires them, each on its own grid.
+
+    python experiments/benchmark_native.py [--data DIR] [--out DIR] [--only NAME ...]
+
+Data: ``bench_data.make_benchmark_data(DIR, space="native")`` with fixed seeds (default DIR
+``bench_output/data/native``): 16 training normals; a tuning set with only ``tumour`` and
+``infarct``; a test set of 8 normals and 16 lesioned subjects with four lesion kinds. Each scan has
+its own head pose, voxel size (1-2 mm, some thick-slice), axis order, field of view and intensity
+units (``anomaly3d_core.demo.native``). Every method scores each test scan on its own native grid.
+
+Rows: the native preset (no registration), the template preset with affine registration to
+MNI152 (the normative route), and the intensity baseline |I - median| / MAD. Voxel metrics are
+pooled over the brain voxels (nonzero) of all test scans on their native grids, so a 1 mm scan
+weighs up to 8x a 2 mm one; "voxel AP (mm³)" weights each voxel by its volume instead. "per-scan
+AP" is the mean over lesioned scans of each scan's own voxel AP: the gap between it and the
+pooled AP measures how comparable score scales are across scans. "held-out kinds" pools the ``ms``
+and ``haemorrhage`` subjects with the normals. Fit times are cold (no preprocessing cache, so
+registration is included). Results: ``benchmark_native.json`` and ``benchmark_native.md`` in
+``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
+
+NATIVE_CONFIG = HERE / "configs" / "brain_mri_native.yaml"
+TEMPLATE_CONFIG = HERE / "configs" / "brain_mri.yaml"
+ENTRIES: dict[str, tuple[str, Any, dict[str, Any]]] = {
+    "native preset (brain_mri_native.yaml)": ("pipeline", NATIVE_CONFIG, {}),
+    "preset + registration (brain_mri.yaml, register_to=mni152)": (
+        "pipeline",
+        TEMPLATE_CONFIG,
+        {"data.preprocessing.register_to": "mni152"},
+    ),
+    "baseline: intensity MAD z-score": ("baseline", "intensity_mad", {}),
+}
+
+
+# ---------------------------------------------------------------------------------- helpers
+def config_tree(path: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A preset YAML as a dict with ``--set``-style dotted ``overrides``; tracking and the cache off."""
+    import yaml
+
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    settings = {"tracking.enabled": False, "data.cache": False, **(overrides or {})}
+    for dotted, value in settings.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = copy.deepcopy(value)
+    return tree
+
+
+def read_scan(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel array (float32, native grid) and affine of a NIfTI file."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return np.asarray(img.get_fdata(dtype=np.float32)), img.affine
+
+
+def split_files(data: Path, split: str) -> tuple[list[Path], dict[str, str]]:
+    """Scans of ``split`` (``tune`` or ``test``) and their lesion kinds ('' for normals)."""
+    rows = list(csv.DictReader(open(data / f"{split}_manifest.csv")))
+    kinds = {Path(r["file"]).name: r["lesion_kind"] for r in rows}
+    return sorted((data / split).glob("*.nii.gz")), kinds
+
+
+def per_scan_ap(truths: list[np.ndarray], scores: list[np.ndarray]) -> float:
+    """Mean over scans with lesion voxels of each scan's own voxel AP (inputs: foreground voxels)."""
+    from sklearn.metrics import average_precision_score
+
+    aps = [average_precision_score(t, s) for t, s in zip(truths, scores, strict=True) if 0 < t.sum() < t.size]
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+def metrics(
+    truths: list[np.ndarray],
+    scores: list[np.ndarray],
+    vscores: list[float],
+    voxel_mm3: list[float] | None = None,
+    full: bool = True,
+) -> dict[str, float]:
+    """Pooled voxel AP/AUROC/best Dice, sample AUROC and per-scan AP; inputs are foreground voxels.
+
+    ``full=False`` computes only pooled AP, sample AUROC and per-scan AP (fast, for sweeps).
+    """
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+    y = np.concatenate(truths)
+    s = np.concatenate(scores).astype(np.float64)
+    labels = [int(t.any()) for t in truths]
+    out = {
+        "pixel_ap": float(average_precision_score(y, s)),
+        "volume_auroc": float(roc_auc_score(labels, vscores))
+        if 0 < sum(labels) < len(labels)
+        else float("nan"),
+        "per_scan_ap": per_scan_ap(truths, scores),
+    }
+    if full:
+        out["pixel_auc"] = float(roc_auc_score(y, s))
+        precision, recall, _ = precision_recall_curve(y, s)
+        out["pixel_best_dice"] = float(
+            np.nanmax(2 * precision * recall / np.maximum(precision + recall, 1e-12))
+        )
+        if voxel_mm3 is not None:
+            w = np.concatenate(
+                [np.full(t.size, v, np.float32) for t, v in zip(truths, voxel_mm3, strict=True)]
+            )
+            out["pixel_ap_mm3"] = float(average_precision_score(y, s, sample_weight=w))
+    return out
+
+
+def top_fraction_mean(values: np.ndarray, fraction: float = 0.01) -> float:
+    """Mean of the top ``fraction`` of ``values`` (the pipeline's default volume score)."""
+    k = max(1, int(round(values.size * fraction)))
+    return float(np.partition(values, values.size - k)[-k:].mean())
+
+
+# ---------------------------------------------------------------------------------- methods
+def make_method(entry: tuple[str, Any, dict[str, Any]]) -> tuple[Callable, Callable]:
+    """``fit(train_paths)`` and ``score(path) -> (native score map, volume score)`` for an entry."""
+    kind, spec, overrides = entry
+    state: dict[str, Any] = {}
+    if kind == "pipeline":
+        from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+
+        def fit(paths: list[Path]) -> None:
+            state["pipe"] = AnomalyDetectionPipeline(config_tree(spec, overrides)).fit(list(paths))
+
+        def score(path: Path) -> tuple[np.ndarray, float]:
+            r = state["pipe"].score(path)
+            return np.asarray(r.score_map, np.float32), float(r.volume_score)
+
+        return fit, score
+    import baselines
+
+    from anomaly3d_core.io.volume import Volume
+
+    model = {"intensity_mad": baselines.IntensityMAD}[spec]()
+
+    def fit_baseline(paths: list[Path]) -> None:
+        model.fit([Volume(*read_scan(p)) for p in paths])
+
+    def score_baseline(path: Path) -> tuple[np.ndarray, float]:
+        s, vs = model.score(Volume(*read_scan(path)))
+        return s, float(vs)
+
+    return fit_baseline, score_baseline
+
+
+def score_split(
+    score: Callable, data: Path, split: str
+) -> tuple[list[np.ndarray], list[np.ndarray], list[float], list[float], list[str], list[float]]:
+    """Foreground truths and scores per scan, volume scores, voxel volumes, kinds and seconds per scan."""
+    paths, kinds = split_files(data, split)
+    truths, scores, vscores, mm3, names, seconds = [], [], [], [], [], []
+    for path in paths:
+        t0 = time.perf_counter()
+        smap, vs = score(path)
+        seconds.append(time.perf_counter() - t0)
+        image, affine = read_scan(path)
+        mask, _ = read_scan(data / f"{split}_masks" / path.name)
+        if smap.shape != image.shape:
+            raise RuntimeError(f"{path.name}: score map {smap.shape} is not on the scan's grid {image.shape}")
+        fg = image != 0
+        truths.append(mask[fg] > 0)
+        scores.append(smap[fg])
+        vscores.append(vs)
+        mm3.append(float(abs(np.linalg.det(affine[:3, :3]))))
+        names.append(kinds.get(path.name, ""))
+    return truths, scores, vscores, mm3, names, seconds
+
+
+def run_one(name: str, data: Path) -> dict[str, Any]:
+    fit, score = make_method(ENTRIES[name])
+    train = sorted((data / "train").glob("*.nii.gz"))
+    t0 = time.perf_counter()
+    fit(train)
+    fit_s = time.perf_counter() - t0
+    truths, scores, vscores, mm3, kinds, seconds = score_split(score, data, "test")
+    held = [i for i, k in enumerate(kinds) if k in HELD_OUT_KINDS or not k]
+    pick = lambda xs: [xs[i] for i in held]  # noqa: E731
+    return {
+        "name": name,
+        "fit_seconds": round(fit_s, 1),
+        "seconds_per_scan": round(float(np.median(seconds)), 3),
+        "all": metrics(truths, scores, vscores, mm3),
+        "held_out_kinds": metrics(pick(truths), pick(scores), pick(vscores), full=False),
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| method | voxel AP (pooled) | voxel AUROC (pooled) | best Dice | sample AUROC | AP held-out kinds "
+        "| per-scan AP (mean) | voxel AP (mm³) | fit (s) | s / scan |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        a, h = r["all"], r["held_out_kinds"]
+        lines.append(
+            f"| {r['name']} | {a['pixel_ap']:.3f} | {a['pixel_auc']:.3f} | {a['pixel_best_dice']:.3f} "
+            f"| {a['volume_auroc']:.3f} | {h['pixel_ap']:.3f} | {a['per_scan_ap']:.3f} "
+            f"| {a.get('pixel_ap_mm3', float('nan')):.3f} | {r['fit_seconds']:.0f} | {r['seconds_per_scan']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=Path("bench_output/data/native"))
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--only", nargs="*", help="entry names (substring match)")
+    args = parser.parse_args()
+    print(f"native benchmark data in {make_benchmark_data(args.data, space='native')}", flush=True)
+    names = [n for n in ENTRIES if not args.only or any(o in n for o in args.only)]
+    results = []
+    for name in names:
+        print(f"-- {name}", flush=True)
+        results.append(run_one(name, args.data))
+        r = results[-1]
+        print(
+            f"   voxel AP {r['all']['pixel_ap']:.3f}, sample AUROC {r['all']['volume_auroc']:.3f}, "
+            f"per-scan AP {r['all']['per_scan_ap']:.3f}, fit {r['fit_seconds']} s",
+            flush=True,
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "benchmark_native.json"
+    if args.only and previous.is_file():  # a partial rerun updates its rows and keeps the others
+        fresh = {r["name"]: r for r in results}
+        results = [fresh.pop(r["name"], r) for r in json.loads(previous.read_text())] + list(fresh.values())
+        order = list(ENTRIES)
+        results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    text = table(results)
+    previous.write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "benchmark_native.md").write_text(text + "\n")
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
