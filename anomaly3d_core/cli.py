@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="small", help="tiny, small, medium or large")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--voxel-size", type=float, default=2.0, help="mm per voxel (2 = the template's own grid)")
+    p.add_argument(
+        "--space",
+        choices=("template", "native"),
+        default="template",
+        help="native: each scan with its own pose, voxel size, axis order, field of view and intensity units",
+    )
     _common(p)
 
     p = sub.add_parser("fit", help="train a pipeline on scans of normal subjects")
@@ -246,7 +252,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from anomaly3d_core.demo.datasets import make_demo_dataset
 
     _check_out(args.out)
-    out = make_demo_dataset(args.out, args.size, args.seed, voxel_size=args.voxel_size)
+    out = make_demo_dataset(args.out, args.size, args.seed, voxel_size=args.voxel_size, space=args.space)
     print(f"demo data written to {out} (train/, test/, test_masks/, manifest.csv)")
     return EXIT_OK
 

@@ -33,7 +33,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from anomaly3d_core.demo.datasets import LESION_KINDS, SIZES, Atlas, add_lesion, mni_atlas
+from anomaly3d_core.demo.anatomy import LESION_KINDS, SIZES, Atlas, add_lesion, mni_atlas
+from anomaly3d_core.errors import ConfigError, did_you_mean
 from anomaly3d_core.io.files import save_nifti
 from anomaly3d_core.preprocess.augmentation import smooth_field
 from anomaly3d_core.progress import progress
@@ -244,8 +245,6 @@ def make_native_dataset(
 ) -> Path:
     """Write the native-space demo set (layout as :func:`.datasets.make_demo_dataset`) and return ``out``."""
     if size not in SIZES:
-        from anomaly3d_core.errors import ConfigError, did_you_mean
-
         raise ConfigError("size: " + did_you_mean(size, SIZES, "size"))
     dn_train, dn_normal, dn_anom = SIZES[size]
     n_train = dn_train if n_train is None else n_train
