@@ -62,8 +62,10 @@ class PreprocessingConfig(Section):
     pad_multiple: int = Field(8, ge=1)
     normalize_method: Literal["z_score", "min_max", "percentile", "none"] = "z_score"
     clip_percentile: tuple[float, float] | None = (0.5, 99.5)
-    register_to: Literal["none", "mni152"] = Field(
-        "none", description="affine registration to a template before everything else (brain MRI: mni152)"
+    register_to: Literal["none", "auto", "mni152"] = Field(
+        "none",
+        description="affine registration to a template before everything else (brain MRI: mni152); "
+        "auto registers each scan to MNI152 unless it already lies in MNI152 space",
     )
 
     _triple = field_validator("target_shape", mode="before")(_triple)

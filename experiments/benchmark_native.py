@@ -42,6 +42,11 @@ NATIVE_CONFIG = HERE / "configs" / "brain_mri_native.yaml"
 TEMPLATE_CONFIG = HERE / "configs" / "brain_mri.yaml"
 ENTRIES: dict[str, tuple[str, Any, dict[str, Any]]] = {
     "native preset (brain_mri_native.yaml)": ("pipeline", NATIVE_CONFIG, {}),
+    "native preset without score normalisation (round 1)": (
+        "pipeline",
+        NATIVE_CONFIG,
+        {"threshold.scan_normalization": "none", "threshold.depth_normalization": False},
+    ),
     "preset + registration (brain_mri.yaml, register_to=mni152)": (
         "pipeline",
         TEMPLATE_CONFIG,

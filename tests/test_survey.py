@@ -35,3 +35,18 @@ def test_template_grids_and_native_grids_are_told_apart(demo_dir, tmp_path):
     assert "register_to: auto" in mixed.advice(True, "none")
     assert "registers each one" in mixed.advice(True, "auto")
     assert "brain_mri.yaml adds normative scoring" in mixed.advice(False, "none")
+
+
+def test_register_to_auto_registers_only_scans_outside_template_space(demo_dir):
+    from anomaly3d_core.config import PreprocessingConfig
+    from anomaly3d_core.io.files import load_volume
+    from anomaly3d_core.io.volume import Volume
+    from anomaly3d_core.preprocess.preprocessing import Preprocessor
+
+    auto = Preprocessor(PreprocessingConfig(register_to="auto"))
+    template_scan = load_volume(list_inputs(demo_dir / "train")[0])
+    assert auto.registration_target(template_scan) is None
+    native_scan = Volume(np.ones((20, 30, 10), np.float32), oblique_affine())
+    assert auto.registration_target(native_scan) == "mni152"
+    assert Preprocessor(PreprocessingConfig(register_to="none")).registration_target(native_scan) is None
+    assert Preprocessor(PreprocessingConfig(register_to="mni152")).registration_target(template_scan) == "mni152"

@@ -19,6 +19,7 @@ from skimage.filters import threshold_otsu
 from anomaly3d_core.config import PreprocessingConfig
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.io.volume import Volume
+from anomaly3d_core.preprocess.survey import in_template_space
 
 
 @dataclass
@@ -36,6 +37,8 @@ class PreprocessRecord:
     pad_after: tuple[int, int, int]
     registration: list[float] | None = None  # template -> scan affine transform, when registered
     reference_affine: list[list[float]] | None = None
+    registration_dice: float | None = None  # fit quality, see registration.registration_quality
+    registration_metric: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,7 +47,9 @@ class PreprocessRecord:
     def from_dict(cls, data: dict) -> PreprocessRecord:
         """Inverse of :meth:`to_dict` after a JSON round trip (lists back to tuples)."""
         matrices = ("original_affine", "to_canonical", "registration", "reference_affine")
-        return cls(**{k: v if k in matrices else tuple(v) for k, v in data.items()})
+        return cls(
+            **{k: tuple(v) if isinstance(v, list) and k not in matrices else v for k, v in data.items()}
+        )
 
 
 @dataclass
@@ -130,6 +135,18 @@ class Preprocessor:
     def __init__(self, config: PreprocessingConfig | None = None) -> None:
         self.config = config or PreprocessingConfig()
 
+    def registration_target(self, volume: Volume) -> str | None:
+        """The template this scan is registered to, if any (``auto``: unless it is in MNI152 space already)."""
+        target = self.config.register_to
+        if target == "none":
+            return None
+        if target == "auto":
+            from anomaly3d_core.preprocess.registration import reference  # nilearn's template, on demand
+
+            ref = reference("mni152")
+            return None if in_template_space(volume.shape, volume.affine, ref) else "mni152"
+        return target
+
     def __call__(self, volume: Volume, mask: np.ndarray | None = None) -> Prepared:
         """Preprocess ``volume``; an optional ``mask`` (e.g. ground truth) is carried along on the same grid."""
         cfg = self.config
@@ -138,12 +155,14 @@ class Preprocessor:
             raise DataError(
                 volume.path, f"mask grid {tuple(mask.shape)} differs from the scan's {tuple(arr.shape)}"
             )
-        registration, reference_affine = None, None
-        if cfg.register_to != "none":
+        registration, reference_affine, quality = None, None, {}
+        target = self.registration_target(volume)
+        if target is not None:
             from anomaly3d_core.preprocess import registration as reg
 
-            ref = reg.reference(cfg.register_to)
-            arr, registration = reg.register(volume, ref)
+            ref = reg.reference(target)
+            fit = reg.register(volume, target)
+            arr, registration, quality = fit.array, fit.params, fit.quality
             affine, reference_affine = ref.affine.copy(), ref.affine.tolist()
             if mask is not None:
                 mask = reg.register_mask(mask, volume.affine, ref, registration)
@@ -206,6 +225,7 @@ class Preprocessor:
             pad_after=after,
             registration=registration,
             reference_affine=reference_affine,
+            **quality,
         )
         prepared = Prepared(np.ascontiguousarray(arr, dtype=np.float32), fg, affine, record, volume)
         prepared.target = mask  # type: ignore[attr-defined]
