@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from anomaly3d_core.errors import ConfigError, did_you_mean
 from anomaly3d_core.preprocess.augmentation import smooth_field
 
 LESION_KINDS: tuple[str, ...] = ("tumour", "infarct", "ms", "haemorrhage")
@@ -173,3 +174,21 @@ def make_subject(
     image = np.sqrt((image + rng.normal(0, sigma, image.shape)) ** 2 + rng.normal(0, sigma, image.shape) ** 2)
     image = np.where(brain, image, 0.0).astype(np.float32)
     return image * 1000.0, mask & brain
+
+
+def subject_plan(
+    size: str,
+    lesion_kinds: tuple[str, ...],
+    n_train: int | None = None,
+    n_test_normal: int | None = None,
+    n_test_anomalous: int | None = None,
+) -> list[tuple[str, str | None]]:
+    """``(split, lesion kind or None)`` for every subject of a demo set of ``size`` (counts may be given)."""
+    if size not in SIZES:
+        raise ConfigError("size: " + did_you_mean(size, SIZES, "size"))
+    dn_train, dn_normal, dn_anom = SIZES[size]
+    n_train = dn_train if n_train is None else n_train
+    n_test_normal = dn_normal if n_test_normal is None else n_test_normal
+    n_test_anomalous = dn_anom if n_test_anomalous is None else n_test_anomalous
+    plan: list[tuple[str, str | None]] = [("train", None)] * n_train + [("test", None)] * n_test_normal
+    return plan + [("test", lesion_kinds[i % len(lesion_kinds)]) for i in range(n_test_anomalous)]

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from anomaly3d_core.demo.anatomy import LESION_KINDS, SIZES, Atlas, add_lesion, make_subject, mni_atlas
+from anomaly3d_core.demo.anatomy import (
+    LESION_KINDS,
+    SIZES,
+    Atlas,
+    add_lesion,
+    make_subject,
+    mni_atlas,
+    subject_plan,
+)
 from anomaly3d_core.demo.native import make_native_dataset
 from anomaly3d_core.errors import ConfigError, did_you_mean
 from anomaly3d_core.io.files import save_nifti
@@ -51,17 +59,10 @@ def make_demo_dataset(
         )
     if space != "template":
         raise ConfigError("space: " + did_you_mean(space, ("template", "native"), "space"))
-    if size not in SIZES:
-        raise ConfigError("size: " + did_you_mean(size, SIZES, "size"))
-    dn_train, dn_normal, dn_anom = SIZES[size]
-    n_train = dn_train if n_train is None else n_train
-    n_test_normal = dn_normal if n_test_normal is None else n_test_normal
-    n_test_anomalous = dn_anom if n_test_anomalous is None else n_test_anomalous
+    plan = subject_plan(size, lesion_kinds, n_train, n_test_normal, n_test_anomalous)
     out = Path(out)
     atlas = mni_atlas(voxel_size)
     rows = []
-    plan = [("train", None)] * n_train + [("test", None)] * n_test_normal
-    plan += [("test", lesion_kinds[i % len(lesion_kinds)]) for i in range(n_test_anomalous)]
     test_index = 100
     for i, (split, kind) in enumerate(progress(plan, desc="demo subjects", total=len(plan))):
         rng = np.random.default_rng([seed, i])

@@ -33,8 +33,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from anomaly3d_core.demo.anatomy import LESION_KINDS, SIZES, Atlas, add_lesion, mni_atlas
-from anomaly3d_core.errors import ConfigError, did_you_mean
+from anomaly3d_core.demo.anatomy import LESION_KINDS, Atlas, add_lesion, mni_atlas, subject_plan
 from anomaly3d_core.io.files import save_nifti
 from anomaly3d_core.preprocess.augmentation import smooth_field
 from anomaly3d_core.progress import progress
@@ -244,17 +243,10 @@ def make_native_dataset(
     n_test_anomalous: int | None = None,
 ) -> Path:
     """Write the native-space demo set (layout as :func:`.datasets.make_demo_dataset`) and return ``out``."""
-    if size not in SIZES:
-        raise ConfigError("size: " + did_you_mean(size, SIZES, "size"))
-    dn_train, dn_normal, dn_anom = SIZES[size]
-    n_train = dn_train if n_train is None else n_train
-    n_test_normal = dn_normal if n_test_normal is None else n_test_normal
-    n_test_anomalous = dn_anom if n_test_anomalous is None else n_test_anomalous
+    plan = subject_plan(size, lesion_kinds, n_train, n_test_normal, n_test_anomalous)
     out = Path(out)
     atlas = mni_atlas(source_voxel_size)
     rows = []
-    plan = [("train", None)] * n_train + [("test", None)] * n_test_normal
-    plan += [("test", lesion_kinds[i % len(lesion_kinds)]) for i in range(n_test_anomalous)]
     test_index = 100
     for i, (split, kind) in enumerate(progress(plan, desc="native demo subjects", total=len(plan))):
         # a stream of its own: native subject i shares no draws with template-space subject i
