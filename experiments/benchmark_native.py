@@ -47,10 +47,11 @@ ENTRIES: dict[str, tuple[str, Any, dict[str, Any]]] = {
         NATIVE_CONFIG,
         {"threshold.scan_normalization": "none", "threshold.depth_normalization": False},
     ),
-    "preset + registration (brain_mri.yaml, register_to=mni152)": (
+    "recommended: brain_mri.yaml (register_to: auto, normative)": ("pipeline", TEMPLATE_CONFIG, {}),
+    "brain_mri.yaml with scan and depth normalisation": (
         "pipeline",
         TEMPLATE_CONFIG,
-        {"data.preprocessing.register_to": "mni152"},
+        {"threshold.scan_normalization": "robust", "threshold.depth_normalization": True},
     ),
     "baseline: intensity MAD z-score": ("baseline", "intensity_mad", {}),
 }
