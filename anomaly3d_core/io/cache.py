@@ -25,7 +25,7 @@ from anomaly3d_core.io.files import atomic_write
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.preprocess.preprocessing import Prepared, PreprocessRecord
 
-VERSION = "2"
+VERSION = "3"  # 3: multi-resolution registration (registered volumes differ)
 DEFAULT_MAX_MB = 4096
 
 
