@@ -34,6 +34,7 @@ from anomaly3d_core.io.files import (
     scan_stem,
     write_lock,
 )
+from anomaly3d_core.preprocess.registration import QUALITY_KEYS, registration_quality
 from anomaly3d_core.progress import progress
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,15 @@ SUMMARY_KEYS = (
 )
 
 
-CSV_FIELDS = ("file", "volume_score", "is_anomalous", "threshold", "score_map", "mask")
+CSV_FIELDS = (
+    "file",
+    "volume_score",
+    "is_anomalous",
+    "threshold",
+    "score_map",
+    "mask",
+    *QUALITY_KEYS,  # empty for scans that were not registered
+)
 
 
 @dataclass
@@ -75,6 +84,7 @@ def write_result(result: ScoreResult, out_dir: Path, stem: str | None = None) ->
         "threshold": round(result.threshold, 6),
         "score_map": score,
         "mask": mask,
+        **{k: round(v, 4) for k, v in registration_quality(result.prepared).items()},
     }
 
 
