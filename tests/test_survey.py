@@ -49,4 +49,6 @@ def test_register_to_auto_registers_only_scans_outside_template_space(demo_dir):
     native_scan = Volume(np.ones((20, 30, 10), np.float32), oblique_affine())
     assert auto.registration_target(native_scan) == "mni152"
     assert Preprocessor(PreprocessingConfig(register_to="none")).registration_target(native_scan) is None
-    assert Preprocessor(PreprocessingConfig(register_to="mni152")).registration_target(template_scan) == "mni152"
+    assert (
+        Preprocessor(PreprocessingConfig(register_to="mni152")).registration_target(template_scan) == "mni152"
+    )
