@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomaly3d_core.config import EmbeddingConfig
+from anomaly3d_core.errors import ConfigError, did_you_mean
 from anomaly3d_core.model.layers import mlp
 from anomaly3d_core.model.training import Trainer, fit_loop, shuffled_batches
 
@@ -33,8 +34,6 @@ class FeatureEmbedding(nn.Module):
         super().__init__()
         self.scales = tuple(sorted(scales))
         if embedding_method not in METHODS:
-            from anomaly3d_core.errors import ConfigError, did_you_mean
-
             raise ConfigError(
                 "embedding.embedding_method: " + did_you_mean(embedding_method, METHODS, "method")
             )

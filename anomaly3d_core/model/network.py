@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomaly3d_core.errors import ConfigError
+from anomaly3d_core.errors import ConfigError, did_you_mean
 from anomaly3d_core.interfaces import Autoencoder, FeatureExtractor
 from anomaly3d_core.model.embedding import FeatureEmbedding
 
@@ -79,8 +79,6 @@ class AnomalyNet(nn.Module):
             )
         unknown = [name for name in chosen if name not in extractor.layer_channels]
         if unknown:
-            from anomaly3d_core.errors import did_you_mean
-
             raise ConfigError(
                 "extractor.layers: " + did_you_mean(unknown[0], extractor.layer_channels, "layer")
             )

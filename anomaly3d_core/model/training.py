@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from anomaly3d_core.config import TrainingConfig
+from anomaly3d_core.errors import ConfigError
 from anomaly3d_core.io.files import atomic_write
 from anomaly3d_core.model import distributed
 from anomaly3d_core.progress import progress
@@ -38,14 +39,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        from anomaly3d_core.errors import ConfigError
-
         raise ConfigError(
             f"training.device: '{device}' is not a device; use auto, cpu, cuda or cuda:N"
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from anomaly3d_core.errors import ConfigError
-
         raise ConfigError(
             f"training.device: '{device}' requested but CUDA is not available here; use auto or cpu"
         )
@@ -257,8 +254,6 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 def _load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
     """``last.pt``, read with ``weights_only=True`` and refused unless it fits ``model``."""
-    from anomaly3d_core.errors import ConfigError
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:

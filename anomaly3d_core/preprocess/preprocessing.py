@@ -19,6 +19,7 @@ from skimage.filters import threshold_otsu
 from anomaly3d_core.config import PreprocessingConfig
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.io.volume import Volume
+from anomaly3d_core.preprocess import registration as registration_module
 from anomaly3d_core.preprocess.survey import in_template_space
 
 
@@ -141,9 +142,7 @@ class Preprocessor:
         if target == "none":
             return None
         if target == "auto":
-            from anomaly3d_core.preprocess.registration import reference  # nilearn's template, on demand
-
-            ref = reference("mni152")
+            ref = registration_module.reference("mni152")
             return None if in_template_space(volume.shape, volume.affine, ref) else "mni152"
         return target
 
@@ -158,14 +157,12 @@ class Preprocessor:
         registration, reference_affine, quality = None, None, {}
         target = self.registration_target(volume)
         if target is not None:
-            from anomaly3d_core.preprocess import registration as reg
-
-            ref = reg.reference(target)
-            fit = reg.register(volume, target)
+            ref = registration_module.reference(target)
+            fit = registration_module.register(volume, target)
             arr, registration, quality = fit.array, fit.params, fit.quality
             affine, reference_affine = ref.affine.copy(), ref.affine.tolist()
             if mask is not None:
-                mask = reg.register_mask(mask, volume.affine, ref, registration)
+                mask = registration_module.register_mask(mask, volume.affine, ref, registration)
         transform = (
             ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))
             if cfg.reorient and registration is None
@@ -252,9 +249,7 @@ class Preprocessor:
         full[tuple(slice(a, b) for a, b in zip(record.crop_start, record.crop_stop, strict=True))] = arr
         full = resize(full, record.canonical_shape, order=order)
         if record.registration is not None:
-            from anomaly3d_core.preprocess.registration import to_native
-
-            return to_native(
+            return registration_module.to_native(
                 full,
                 np.asarray(record.reference_affine),
                 record.registration,

@@ -36,7 +36,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from anomaly3d_core.errors import DataError
+from anomaly3d_core.errors import ConfigError, DataError, did_you_mean
 from anomaly3d_core.io.sitk_geometry import volume_to_image
 from anomaly3d_core.io.volume import Volume
 
@@ -135,8 +135,6 @@ class Template:
 def template(name: str) -> Template:
     """The named template, prepared once per process."""
     if name != "mni152":
-        from anomaly3d_core.errors import ConfigError, did_you_mean
-
         raise ConfigError("data.preprocessing.register_to: " + did_you_mean(name, TEMPLATES, "template"))
     volume, brain = _mni152()
     return Template.from_volume(volume, brain, name)
