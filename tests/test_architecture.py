@@ -19,7 +19,7 @@ def _module_name(path: Path) -> str:
 def _imports(path: Path, modules: set[str]) -> set[str]:
     """Every anomaly3d_core module imported anywhere in ``path`` (function-level imports included)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
@@ -73,7 +73,7 @@ def test_no_import_cycle_in_the_package():
 
 
 def test_core_never_imports_the_builtin_plugins():
-    offenders = [str(p) for p in ROOT.rglob("*.py") if "anomaly3d_plugins" in p.read_text()]
+    offenders = [str(p) for p in ROOT.rglob("*.py") if "anomaly3d_plugins" in p.read_text(encoding="utf-8")]
     assert offenders == []
 
 
@@ -82,7 +82,7 @@ def test_core_never_imports_the_builtin_plugins():
     ["ensemble.py", "mlops/tuning.py", "mlops/serving.py", "mlops/pyfunc_model.py", "runner.py", "cli.py"],
 )
 def test_detector_users_call_no_private_method(module):
-    text = (ROOT / module).read_text()
+    text = (ROOT / module).read_text(encoding="utf-8")
     calls = re.findall(r"\b(?!self\b|cls\b)([a-z_]\w*)\._[a-z]\w*\(", text)
     assert calls == [], f"{module} calls private methods on {calls}"
 
