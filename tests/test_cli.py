@@ -104,7 +104,10 @@ def test_fit_score_evaluate_with_a_bad_file(demo_dir, tmp_path, capsys):
         "threshold",
         "score_map",
         "mask",
+        "registration_dice",
+        "registration_metric",
     }
+    assert rows[0]["registration_dice"] == ""  # the demo scans are in template space: not registered
     for scan in sorted((demo_dir / "test").iterdir()):
         stem = scan.name.split(".")[0]
         score = nib.load(out / f"{stem}_score.nii.gz")
