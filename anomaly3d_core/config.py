@@ -96,8 +96,53 @@ class DataConfig(Section):
         default_factory=dict, description="the loader's parameters, e.g. {series_uid: ...} for dicom"
     )
     cache: bool = Field(True, description="cache preprocessed volumes on disk (see anomaly3d_core.io.cache)")
+    sequences: list[str] | None = Field(
+        None,
+        description="the sequences of a subject, as BIDS suffixes (e.g. [T1w, FLAIR]), one input channel "
+        "each; none: one file per subject",
+    )
+    reference_sequence: str | None = Field(
+        None, description="the sequence whose grid the others are resampled onto (default: the first)"
+    )
+    coregister: bool = Field(
+        True, description="rigidly co-register each sequence to the reference (mutual information)"
+    )
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+
+    @field_validator("sequences")
+    @classmethod
+    def _sequences(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("sequences: give at least one name (e.g. [T1w, FLAIR]) or leave it out")
+        bad = [s for s in v if not s.isalnum()]
+        if bad:
+            raise ValueError(
+                f"sequences: '{bad[0]}' is not a BIDS suffix (letters and digits only, e.g. T2w)"
+            )
+        if len(set(v)) != len(v):
+            raise ValueError(f"sequences: {v} names a sequence twice")
+        return list(v)
+
+    @model_validator(mode="after")
+    def _reference(self) -> DataConfig:
+        if self.reference_sequence is not None:
+            names = self.sequences or []
+            if self.reference_sequence not in names:
+                raise ValueError(
+                    f"reference_sequence: '{self.reference_sequence}' is not one of sequences {names}"
+                )
+        return self
+
+    @property
+    def channels(self) -> list[str]:
+        """The sequences in channel order: the reference first, then the others as listed."""
+        if not self.sequences:
+            return []
+        ref = self.reference_sequence or self.sequences[0]
+        return [ref, *[s for s in self.sequences if s != ref]]
 
 
 class PatchConfig(Section):

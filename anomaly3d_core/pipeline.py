@@ -28,6 +28,7 @@ from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
 from anomaly3d_core.io import cache, limits
 from anomaly3d_core.io.data import BatchFailures, VolumeLike, as_volume
 from anomaly3d_core.io.files import find_loader, load_volume, save_nifti
+from anomaly3d_core.io.subjects import Subject, as_subject
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.model.embedding import FeatureEmbedding
 from anomaly3d_core.model.network import AnomalyNet, feature_units
@@ -42,6 +43,7 @@ from anomaly3d_core.model.training import (
 from anomaly3d_core.postprocess.postprocessor import STATE_FILE, PostProcessor
 from anomaly3d_core.preprocess.augmentation import augment_from_config
 from anomaly3d_core.preprocess.preprocessing import Prepared, Preprocessor
+from anomaly3d_core.preprocess.sequences import read_subject
 from anomaly3d_core.registry import get_registry
 
 log = logging.getLogger(__name__)
@@ -96,12 +98,7 @@ class AnomalyDetectionPipeline(Detector):
     def build_network(self) -> AnomalyNet:
         """A fresh, untrained network for this config."""
         cfg, reg = self.config, self._registry()
-        extractor = reg.get("extractors", cfg.extractor.type)(cfg.extractor.args)
-        if extractor.in_channels != 1:
-            raise ConfigError(
-                f"extractor.args.in_channels: {extractor.in_channels}, but the pipeline reads single-channel "
-                "scans; leave it at 1"
-            )
+        extractor = self._extractor()
         if cfg.extractor.checkpoint:
             AnomalyNet.load_checkpoint(extractor, cfg.extractor.checkpoint)
         layers = AnomalyNet.check_layers(extractor, cfg.extractor.layers)
@@ -132,10 +129,53 @@ class AnomalyDetectionPipeline(Detector):
             cfg.patches.score_mode,
         )
 
-    def read(self, path: str | Path) -> Volume:
-        """Read one scan with this pipeline's loader setting."""
+    @property
+    def channels(self) -> list[str]:
+        """The sequences a subject gives, reference first (empty: one file per scan)."""
+        return self.config.data.channels
+
+    def _extractor(self) -> Any:
+        """The configured extractor with one input channel per sequence (``in_channels`` derived)."""
+        cfg, reg = self.config, self._registry()
+        cls = reg.get("extractors", cfg.extractor.type)
+        want = max(1, len(self.channels))
+        args = dict(cfg.extractor.args)
+        if "in_channels" in cls.Params.model_fields and "in_channels" not in cfg.extractor.args:
+            args["in_channels"] = want
+        extractor = cls(args)
+        if extractor.in_channels != want:
+            given = "" if "in_channels" in cls.Params.model_fields else " and has no in_channels parameter"
+            raise ConfigError(
+                f"extractor '{cfg.extractor.type}' takes {extractor.in_channels} input channel(s){given}, but "
+                f"data.sequences gives {want} ({', '.join(self.channels) or 'one file per scan'}); leave "
+                "extractor.args.in_channels out (it is derived) or choose an extractor with in_channels"
+            )
+        return extractor
+
+    def read(self, item: str | Path | Subject | Mapping[str, Any]) -> Volume:
+        """Read one scan (a file) or one subject's sequences (put on one grid) with this pipeline's settings."""
+        data = self.config.data
+        if isinstance(item, Subject | Mapping):
+            if not self.channels:
+                raise DataError(
+                    str(as_subject(item)),
+                    "a subject with sequences needs data.sequences in the config (e.g. [T1w, FLAIR]); this model "
+                    "reads one file per scan",
+                )
+            return read_subject(as_subject(item), self.channels, self._read_one, data.coregister)
+        if len(self.channels) > 1:
+            raise DataError(
+                item,
+                f"one file cannot give the {' and '.join(self.channels)} scans this model takes per subject; give "
+                f"a BIDS dataset, a subject,sequence,path manifest or {{'{self.channels[0]}': path, ...}}",
+            )
+        return self._read_one(item)
+
+    def _read_one(self, item: VolumeLike) -> Volume:
+        if not isinstance(item, str | Path):
+            return as_volume(item)
         return load_volume(
-            path, self.config.data.loader, self.registry, loader_args=self.config.data.loader_args
+            item, self.config.data.loader, self.registry, loader_args=self.config.data.loader_args
         )
 
     def set_reading(self, overrides: Sequence[str]) -> None:
@@ -150,7 +190,14 @@ class AnomalyDetectionPipeline(Detector):
 
     def prepare(self, item: VolumeLike, mask: np.ndarray | None = None) -> Prepared:
         """Load (if needed) and preprocess one scan; a working grid beyond the limits is refused first."""
-        volume = self.read(item) if isinstance(item, str | Path) else as_volume(item)
+        volume = self.read(item) if isinstance(item, str | Path | Subject | Mapping) else as_volume(item)
+        want = max(1, len(self.channels))
+        if volume.channels != want:
+            raise DataError(
+                volume.path,
+                f"{volume.channels} sequence(s) per voxel, but this model takes {want} "
+                f"({', '.join(self.channels) or 'one 3D scan'})",
+            )
         pre = self.config.data.preprocessing
         if pre.register_to == "none":  # registration resamples onto the template's fixed grid
             grid = limits.resampled_shape(
@@ -181,7 +228,7 @@ class AnomalyDetectionPipeline(Detector):
                 "no usable training volumes" + (f":\n{self.failures_.report()}" if self.failures_ else ""),
             )
         self.postprocessor_ = PostProcessor(cfg.threshold, self._registry())
-        self.postprocessor_.check_shared_grid([p.array.shape for p in train + val])
+        self.postprocessor_.check_shared_grid([p.shape for p in train + val])
         if not val:
             train, val = self._split(train, gen)
         if cfg.data.augmentation.enabled:
@@ -245,14 +292,18 @@ class AnomalyDetectionPipeline(Detector):
 
     def _prepare_all(self, items: Sequence[VolumeLike] | None) -> list[Prepared]:
         out = []
-        for item in items or []:
+        for index, item in enumerate(items or []):
+            if isinstance(item, Mapping):  # in-memory subjects are named by their position
+                item = as_subject(item, index)
             try:
                 out.append(self._prepare_cached(item))
-                if isinstance(item, str | Path):  # provenance: the loader plugins this model was fitted with
-                    self._note_loader(item)
+                files = as_subject(item).files.values() if isinstance(item, Subject | Mapping) else [item]
+                for file in files:  # provenance: the loader plugins this model was fitted with
+                    if isinstance(file, str | Path):
+                        self._note_loader(file)
             except Exception as exc:  # one bad file never stops the fit, whatever it raises
                 self.failures_.record(
-                    str(item) if isinstance(item, str | Path) else "(in-memory volume)", exc
+                    str(item) if isinstance(item, str | Path | Subject) else "(in-memory volume)", exc
                 )
         return out
 
@@ -273,15 +324,25 @@ class AnomalyDetectionPipeline(Detector):
 
     def _prepare_cached(self, item: VolumeLike) -> Prepared:
         """:meth:`prepare`, through the on-disk cache for files (see :mod:`anomaly3d_core.io.cache`)."""
-        if not self.config.data.cache or not isinstance(item, str | Path) or not Path(item).exists():
+        data = self.config.data
+        files = (
+            [as_subject(item).files.get(s) for s in self.channels]
+            if isinstance(item, Subject | Mapping)
+            else [item]
+        )
+        if not data.cache or not all(isinstance(f, str | Path) and Path(f).exists() for f in files):
             return self.prepare(item)
         settings = {
-            "loader": self.config.data.loader,
-            "loader_args": self.config.data.loader_args,
-            "preprocessing": self.config.data.preprocessing.model_dump(mode="json"),
+            "loader": data.loader,
+            "loader_args": data.loader_args,
+            "preprocessing": data.preprocessing.model_dump(mode="json"),
         }
-        key = cache.content_key(item, settings)
-        prepared = cache.load(key, item)
+        if isinstance(item, Subject | Mapping):
+            settings |= {"sequences": self.channels, "coregister": data.coregister}
+            key = cache.subject_key(files, settings)
+        else:
+            key = cache.content_key(item, settings)
+        prepared = cache.load(key, files[0])
         if prepared is None:
             prepared = self.prepare(item)
             cache.store(key, prepared)

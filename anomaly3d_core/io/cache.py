@@ -70,6 +70,14 @@ def content_key(path: str | Path, settings: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def subject_key(files: list[str | Path], settings: dict[str, Any]) -> str:
+    """The key of a subject's sequences read together: every file's :func:`content_key`, in order."""
+    h = hashlib.sha256()
+    for f in files:
+        _field(h, content_key(f, settings).encode())
+    return h.hexdigest()
+
+
 def load(key: str, path: str | Path | None = None) -> Prepared | None:
     """The cached preprocessing for ``key``, as if read from ``path`` (the path that asks now)."""
     root = cache_dir()

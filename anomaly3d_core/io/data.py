@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,12 +13,14 @@ import numpy as np
 from anomaly3d_core.config import PreprocessingConfig
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.io.files import check_volume, load_volume
+from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.preprocess.augmentation import augment_volume
 from anomaly3d_core.preprocess.preprocessing import Preprocessor
 
 log = logging.getLogger(__name__)
-VolumeLike = Volume | np.ndarray | str | Path
+#: one scan: a volume, an array, a file; or a subject with several sequences ({"T1w": ..., "FLAIR": ...})
+VolumeLike = Volume | np.ndarray | str | Path | Subject | Mapping[str, Any]
 
 
 @dataclass

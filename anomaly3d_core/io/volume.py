@@ -13,8 +13,10 @@ class Volume:
     """A 3D scan with its world geometry.
 
     ``array`` is indexed (i, j, k) as in NIfTI; ``affine`` maps voxel indices to RAS+ millimetres.
-    ``path`` is where it was read from (``None`` for in-memory data); ``meta`` carries loader extras
-    such as the DICOM series UID.
+    A subject with several sequences is one volume whose array has the sequences as a last axis
+    (i, j, k, c), as a 4D NIfTI does, all on the reference sequence's grid; ``meta["sequences"]``
+    names them. ``path`` is where it was read from (``None`` for in-memory data; for a subject,
+    its reference sequence's file); ``meta`` carries loader extras such as the DICOM series UID.
     """
 
     array: np.ndarray
@@ -29,7 +31,17 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+        """The spatial grid (a subject's sequences are a further axis, see :attr:`channels`)."""
+        return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        """Sequences per voxel: 1 for a plain 3D scan."""
+        return int(self.array.shape[3]) if self.array.ndim == 4 else 1
+
+    def channel(self, index: int = 0) -> np.ndarray:
+        """One sequence's 3D array (index 0 is the reference sequence)."""
+        return self.array[..., index] if self.array.ndim == 4 else self.array
 
     @property
     def spacing(self) -> tuple[float, float, float]:

@@ -255,12 +255,12 @@ class AnomalyNet(nn.Module):
 
     @torch.no_grad()
     def score_map(self, array: np.ndarray, device: torch.device, amp: bool = False) -> np.ndarray:
-        """Dense voxel score map of a preprocessed array, same shape."""
-        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
+        """Dense voxel score map of a preprocessed array (``(X, Y, Z)`` or ``(C, X, Y, Z)``), shape ``(X, Y, Z)``."""
+        x = as_batch(array).to(device)
         if self.voxel_residuals:
             return self.score_voxels(x, amp=amp).cpu().numpy()
         grid = self.score_grid(x, amp=amp)
-        return self.blend(grid, tuple(array.shape)).cpu().numpy()
+        return self.blend(grid, tuple(x.shape[2:])).cpu().numpy()
 
     @torch.no_grad()
     def sample_patches(
@@ -274,7 +274,7 @@ class AnomalyNet(nn.Module):
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training patches ``(n, C, p, p, p)`` and their centres ``(n, 3)``, mostly inside the foreground."""
-        x = torch.from_numpy(array)[None, None].to(device)
+        x = as_batch(array).to(device)
         feat = self.features(x).float()
         view, grid = self.grid_patches(feat)
         size = tuple(pf * self.feature_stride for pf in self.patch_f)
@@ -296,6 +296,12 @@ class AnomalyNet(nn.Module):
         i, j, k = candidates // (grid[1] * grid[2]), (candidates // grid[2]) % grid[1], candidates % grid[2]
         picked = view[i.to(view.device), j.to(view.device), k.to(view.device)]
         return picked.cpu().clone(), centres[candidates]
+
+
+def as_batch(array: np.ndarray) -> torch.Tensor:
+    """A one-item batch ``(1, C, X, Y, Z)`` of a prepared array (a 3D array is one channel)."""
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return t[None, None] if t.ndim == 3 else t[None]
 
 
 def feature_units(voxels: tuple[int, int, int], stride: int) -> tuple[int, int, int]:

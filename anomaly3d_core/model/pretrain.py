@@ -39,14 +39,16 @@ class _Decoder(nn.Module):
 
 
 def _crops(arrays: list[np.ndarray], size: int, n: int, rng: np.random.Generator) -> torch.Tensor:
+    """``n`` random crops ``(n, C, size, size, size)`` of prepared arrays (3D ones are one channel)."""
     out = []
     for _ in range(n):
         a = arrays[rng.integers(len(arrays))]
-        starts = [rng.integers(0, max(1, s - size + 1)) for s in a.shape]
-        crop = a[tuple(slice(st, st + size) for st in starts)]
-        crop = np.pad(crop, [(0, size - c) for c in crop.shape], mode="edge")
+        a = a if a.ndim == 4 else a[None]
+        starts = [rng.integers(0, max(1, s - size + 1)) for s in a.shape[1:]]
+        crop = a[(slice(None), *(slice(st, st + size) for st in starts))]
+        crop = np.pad(crop, [(0, 0)] + [(0, size - c) for c in crop.shape[1:]], mode="edge")
         out.append(crop)
-    return torch.from_numpy(np.stack(out)[:, None].astype(np.float32))
+    return torch.from_numpy(np.stack(out).astype(np.float32))
 
 
 def pretrain_extractor(

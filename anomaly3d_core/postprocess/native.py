@@ -12,7 +12,7 @@ def to_native(scores: np.ndarray, prep: Prepared, foreground: str) -> tuple[np.n
     """Prepared-grid scores on the input's grid, zero outside its own foreground, and that foreground."""
     native = Preprocessor.invert(scores, prep.record, order=1)
     # interpolation back to the native grid must not leak scores outside the scan's own foreground
-    fg = foreground_mask(prep.source.array, foreground)
+    fg = foreground_mask(prep.source.channel(0), foreground)  # a subject's reference sequence
     native[~fg] = 0.0
     return native, fg
 
@@ -38,4 +38,7 @@ def native_prepared(volume: Volume, foreground: str) -> Prepared:
         pad_after=zeros,
     )
     array = np.asarray(volume.array, dtype=np.float32)
-    return Prepared(array, foreground_mask(array, foreground), np.asarray(volume.affine), record, volume)
+    fg = foreground_mask(volume.channel(0), foreground)
+    return Prepared(
+        np.moveaxis(array, -1, 0) if array.ndim == 4 else array, fg, np.asarray(volume.affine), record, volume
+    )

@@ -72,6 +72,10 @@ def augment_volume(
 def augment_from_config(
     volume: np.ndarray, config: AugmentationConfig, rng: np.random.Generator
 ) -> np.ndarray:
+    """Augment a prepared array; the sequences of a ``(C, X, Y, Z)`` array move together."""
+    if volume.ndim == 4:  # one seed for every channel: the same rotation, deformation and flips
+        seed = int(rng.integers(2**32))
+        return np.stack([augment_from_config(c, config, np.random.default_rng(seed)) for c in volume])
     return augment_volume(
         volume,
         rotation_range=config.rotation_range,

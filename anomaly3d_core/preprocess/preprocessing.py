@@ -3,6 +3,11 @@
 Steps, each optional: reorient to RAS+ -> resample (spacing or shape) -> foreground mask ->
 intensity normalisation inside the foreground -> crop to the foreground (+ margin) -> pad to
 a multiple the network needs. :meth:`Preprocessor.invert` undoes them in reverse order.
+
+A subject with several sequences (a volume with a channel axis last, see
+:mod:`~anomaly3d_core.preprocess.sequences`) goes through the same steps: registration and the
+foreground come from the reference sequence, every sequence is normalised on its own, and the
+prepared array has the channels first, ``(C, X, Y, Z)``, as the network takes them.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class PreprocessRecord:
 
 @dataclass
 class Prepared:
-    """A preprocessed volume: network-ready array, foreground mask, grid affine and the record."""
+    """A preprocessed volume: network-ready array (``(X, Y, Z)``, or ``(C, X, Y, Z)`` for several
+    sequences), foreground mask, grid affine and the record."""
 
     array: np.ndarray
     mask: np.ndarray
@@ -66,6 +72,22 @@ class Prepared:
     @property
     def spacing(self) -> tuple[float, float, float]:
         return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The spatial grid (without the channel axis)."""
+        return tuple(int(s) for s in self.mask.shape)  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        return int(self.array.shape[0]) if self.array.ndim == 4 else 1
+
+
+def _each_channel(fn, arr: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """Apply ``fn`` to each 3D channel of a channel-last array (or to a 3D array)."""
+    if arr.ndim == 3:
+        return fn(arr)
+    return np.stack([fn(arr[..., c]) for c in range(arr.shape[3])], axis=-1)
 
 
 def resize(array: np.ndarray, shape: tuple[int, ...], order: int = 1) -> np.ndarray:
@@ -150,16 +172,23 @@ class Preprocessor:
         """Preprocess ``volume``; an optional ``mask`` (e.g. ground truth) is carried along on the same grid."""
         cfg = self.config
         arr, affine = np.asarray(volume.array, dtype=np.float32), volume.affine
-        if mask is not None and tuple(mask.shape) != tuple(arr.shape):
+        if mask is not None and tuple(mask.shape) != tuple(volume.shape):
             raise DataError(
-                volume.path, f"mask grid {tuple(mask.shape)} differs from the scan's {tuple(arr.shape)}"
+                volume.path, f"mask grid {tuple(mask.shape)} differs from the scan's {tuple(volume.shape)}"
             )
         registration, reference_affine, quality = None, None, {}
         target = self.registration_target(volume)
-        if target is not None:
+        if target is not None:  # the reference sequence is registered; the others follow its transform
             ref = registration_module.reference(target)
-            fit = registration_module.register(volume, target)
+            first = Volume(volume.channel(0), volume.affine, volume.path) if volume.channels > 1 else volume
+            fit = registration_module.register(first, target)
             arr, registration, quality = fit.array, fit.params, fit.quality
+            if volume.channels > 1:
+                others = [
+                    registration_module.apply_transform(volume.channel(c), volume.affine, ref, registration)
+                    for c in range(1, volume.channels)
+                ]
+                arr = np.stack([arr, *others], axis=-1)
             affine, reference_affine = ref.affine.copy(), ref.affine.tolist()
             if mask is not None:
                 mask = registration_module.register_mask(mask, volume.affine, ref, registration)
@@ -171,25 +200,25 @@ class Preprocessor:
         if transform is None or np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
             transform = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
         else:
-            affine = affine @ ornt.inv_ornt_aff(transform, arr.shape)
+            affine = affine @ ornt.inv_ornt_aff(transform, arr.shape[:3])
             arr = np.ascontiguousarray(ornt.apply_orientation(arr, transform))
             mask = None if mask is None else np.ascontiguousarray(ornt.apply_orientation(mask, transform))
-        canonical_shape = arr.shape
-        new_shape = self._target_shape(arr.shape, affine)
+        canonical_shape = arr.shape[:3]
+        new_shape = self._target_shape(canonical_shape, affine)
         if new_shape != canonical_shape:
             affine = resized_affine(affine, canonical_shape, new_shape)
-            arr = resize(arr, new_shape, order=1)
+            arr = _each_channel(lambda a: resize(a, new_shape, order=1), arr)
             mask = None if mask is None else resize(mask.astype(np.float32), new_shape, order=0) > 0.5
-        fg = foreground_mask(arr, cfg.foreground)
+        fg = foreground_mask(arr if arr.ndim == 3 else arr[..., 0], cfg.foreground)
         if not fg.any():
             raise DataError(volume.path, f"no foreground found with method '{cfg.foreground}'")
-        arr = normalize(arr, fg, cfg.normalize_method, cfg.clip_percentile)
-        start, stop = (0, 0, 0), arr.shape
+        arr = _each_channel(lambda a: normalize(a, fg, cfg.normalize_method, cfg.clip_percentile), arr)
+        start, stop = (0, 0, 0), arr.shape[:3]
         if cfg.crop_foreground:
             idx = np.argwhere(fg)
             start = tuple(int(max(0, v - cfg.crop_margin)) for v in idx.min(axis=0))
             stop = tuple(
-                int(min(s, v + 1 + cfg.crop_margin)) for v, s in zip(idx.max(axis=0), arr.shape, strict=True)
+                int(min(s, v + 1 + cfg.crop_margin)) for v, s in zip(idx.max(axis=0), fg.shape, strict=True)
             )
             sl = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
             arr, fg = arr[sl], fg[sl]
@@ -197,13 +226,19 @@ class Preprocessor:
             shift = np.eye(4)
             shift[:3, 3] = start
             affine = affine @ shift
-        size = np.array(arr.shape)
+        size = np.array(arr.shape[:3])
         total = (-size) % cfg.pad_multiple
         before, after = tuple(int(v) for v in total // 2), tuple(int(v) for v in total - total // 2)
         if total.any():
             widths = list(zip(before, after, strict=True))
-            arr = np.pad(
-                arr, widths, constant_values=float(arr[fg].min()) if cfg.normalize_method != "none" else 0.0
+            inside = fg.copy()
+            arr = _each_channel(
+                lambda a: np.pad(
+                    a,
+                    widths,
+                    constant_values=float(a[inside].min()) if cfg.normalize_method != "none" else 0.0,
+                ),
+                arr,
             )
             fg = np.pad(fg, widths)
             mask = None if mask is None else np.pad(mask, widths)
@@ -211,7 +246,7 @@ class Preprocessor:
             shift[:3, 3] = -np.array(before)
             affine = affine @ shift
         record = PreprocessRecord(
-            original_shape=tuple(int(s) for s in volume.array.shape),
+            original_shape=tuple(int(s) for s in volume.shape),
             original_affine=volume.affine.tolist(),
             to_canonical=np.asarray(transform).tolist(),
             canonical_shape=tuple(int(s) for s in canonical_shape),
@@ -224,6 +259,8 @@ class Preprocessor:
             reference_affine=reference_affine,
             **quality,
         )
+        if arr.ndim == 4:
+            arr = np.moveaxis(arr, -1, 0)
         prepared = Prepared(np.ascontiguousarray(arr, dtype=np.float32), fg, affine, record, volume)
         prepared.target = mask  # type: ignore[attr-defined]
         return prepared

@@ -312,12 +312,21 @@ def to_native(
     return np.ascontiguousarray(np.transpose(sitk.GetArrayViewFromImage(out), (2, 1, 0)))
 
 
-def register_mask(mask: np.ndarray, affine: np.ndarray, ref: Volume, params: list[float]) -> np.ndarray:
-    """Carry a mask on the scan's grid onto the template grid with the same transform (nearest)."""
+def apply_transform(
+    array: np.ndarray, affine: np.ndarray, ref: Volume, params: list[float], order: int = 1
+) -> np.ndarray:
+    """Carry an array on the scan's grid onto the template grid with a fitted transform
+    (linear, or nearest for ``order=0``): a subject's other sequences follow its reference."""
     tx = sitk.AffineTransform(3)
     tx.SetParameters(params[:12])
     tx.SetFixedParameters(params[12:])
-    source = volume_to_image(np.asarray(mask, np.float32), affine)
+    source = volume_to_image(np.asarray(array, np.float32), affine)
     fixed = volume_to_image(np.zeros(ref.shape, np.float32), ref.affine)
-    out = sitk.Resample(source, fixed, tx, sitk.sitkNearestNeighbor, 0.0)
-    return np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0)) > 0.5
+    interp = sitk.sitkNearestNeighbor if order == 0 else sitk.sitkLinear
+    out = sitk.Resample(source, fixed, tx, interp, 0.0, sitk.sitkFloat32)
+    return np.ascontiguousarray(np.transpose(sitk.GetArrayViewFromImage(out), (2, 1, 0)))
+
+
+def register_mask(mask: np.ndarray, affine: np.ndarray, ref: Volume, params: list[float]) -> np.ndarray:
+    """Carry a mask on the scan's grid onto the template grid with the same transform (nearest)."""
+    return apply_transform(mask, affine, ref, params, order=0) > 0.5

@@ -1,0 +1,145 @@
+"""A subject's sequences on one grid, the reference sequence's, before preprocessing.
+
+Each other sequence is checked to cover the reference scan's head, rigidly co-registered to the
+reference (SimpleITK, Mattes mutual information, which compares different contrasts; optional)
+and resampled onto the reference grid. The result is one :class:`Volume` with the sequences as a
+last axis, reference first; each sequence is normalised on its own later, in preprocessing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from anomaly3d_core.errors import DataError
+from anomaly3d_core.io.sitk_geometry import volume_to_image
+from anomaly3d_core.io.subjects import Subject
+from anomaly3d_core.io.volume import Volume
+
+log = logging.getLogger(__name__)
+MIN_OVERLAP = 0.5  # fraction of the reference scan's foreground another sequence must cover
+_SAMPLE_STEP = 3  # voxels between the foreground points the overlap check looks at
+
+
+def coverage(reference: Volume, other: Volume, step: int = _SAMPLE_STEP) -> float:
+    """Fraction of the reference's non-zero voxels that lie inside ``other``'s field of view."""
+    ref = reference.channel(0)
+    idx = np.argwhere(np.abs(ref[::step, ::step, ::step]) > 0) * step
+    if idx.size == 0:
+        return 0.0
+    world = reference.affine @ np.c_[idx, np.ones(len(idx))].T
+    inside = np.linalg.solve(other.affine, world)[:3].T
+    shape = np.asarray(other.shape)
+    ok = np.all((inside >= -0.5) & (inside <= shape - 0.5), axis=1)
+    return float(ok.mean())
+
+
+def _rigid(fixed: sitk.Image, moving: sitk.Image, seed: int = 0) -> tuple[sitk.Transform, float, float]:
+    """Rigid transform (fixed -> moving points) from the scanner's alignment; the metric before and after."""
+    centre = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in fixed.GetSize()])
+    start = sitk.Euler3DTransform()
+    start.SetCenter(centre)
+    spacing = float(np.mean(fixed.GetSpacing()))
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.15, seed + 1)  # SimpleITK's seed 0 means the wall clock
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-3, numberOfIterations=60, gradientMagnitudeTolerance=1e-6
+    )
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([max(1, int(round(4.0 / spacing))), max(1, int(round(2.0 / spacing)))])
+    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+    reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(True)
+    reg.SetInitialTransform(start, inPlace=False)
+    before = float(reg.MetricEvaluate(fixed, moving))
+    out = reg.Execute(fixed, moving)
+    tx = out.GetNthTransform(0) if isinstance(out, sitk.CompositeTransform) else out
+    reg.SetInitialTransform(tx, inPlace=False)
+    return sitk.Euler3DTransform(tx), before, float(reg.MetricEvaluate(fixed, moving))
+
+
+def onto_reference(
+    other: Volume, reference: Volume, coregister: bool, subject: str, sequence: str
+) -> tuple[np.ndarray, dict[str, float]]:
+    """``other`` resampled (linear) onto the reference grid, after a rigid fit when ``coregister``.
+
+    Returns the array and what the fit did (rotation in degrees, shift in mm); a fit that does not
+    improve the metric over the scanner's own alignment is not used.
+    """
+    fixed = volume_to_image(np.asarray(reference.channel(0), np.float32), reference.affine)
+    moving = volume_to_image(np.asarray(other.array, np.float32), other.affine)
+    tx: sitk.Transform = sitk.Euler3DTransform()
+    info = {"rotation_deg": 0.0, "shift_mm": 0.0}
+    if coregister:
+        try:
+            fit, before, after = _rigid(fixed, moving)
+        except RuntimeError as exc:
+            log.warning(
+                "%s: co-registering %s failed (%s); using the scanner's alignment", subject, sequence, exc
+            )
+        else:
+            if after < before:  # Mattes MI is negative: lower is better
+                tx = fit
+                angles = np.degrees(np.abs(fit.GetParameters()[:3]))
+                info = {
+                    "rotation_deg": round(float(angles.max()), 3),
+                    "shift_mm": round(float(np.linalg.norm(fit.GetParameters()[3:])), 3),
+                }
+    out = sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return np.ascontiguousarray(np.transpose(sitk.GetArrayViewFromImage(out), (2, 1, 0))), info
+
+
+def stack_sequences(
+    volumes: dict[str, Volume], channels: Sequence[str], coregister: bool = True, subject: str = "subject"
+) -> Volume:
+    """One volume with every sequence in ``channels`` on the grid of the first (the reference).
+
+    A sequence that covers less than :data:`MIN_OVERLAP` of the reference scan's foreground is
+    refused with the subject's name: it is not the same head, or not the same part of it.
+    """
+    ref = volumes[channels[0]]
+    if len(channels) == 1:
+        ref.meta = {**ref.meta, "sequences": list(channels), "subject": subject}
+        return ref
+    arrays, fits = [np.asarray(ref.array, np.float32)], {}
+    for seq in channels[1:]:
+        other = volumes[seq]
+        covered = coverage(ref, other)
+        if covered < MIN_OVERLAP:
+            raise DataError(
+                subject,
+                f"its {seq} scan covers {covered:.0%} of the {channels[0]} scan's field of view (at least "
+                f"{MIN_OVERLAP:.0%} needed); are both files of the same subject and session?",
+            )
+        array, fits[seq] = onto_reference(other, ref, coregister, subject, seq)
+        arrays.append(array)
+    meta = {**ref.meta, "sequences": list(channels), "subject": subject, "coregistration": fits}
+    meta["files"] = {s: v.path for s, v in volumes.items()}
+    return Volume(np.stack(arrays, axis=-1), ref.affine, ref.path, meta)
+
+
+def read_subject(
+    subject: Subject, channels: Sequence[str], read: Callable[[Any], Volume], coregister: bool = True
+) -> Volume:
+    """Read every sequence of ``subject`` with ``read`` and put them on the reference grid.
+
+    A file that cannot be read is reported with its path, its sequence and the subject.
+    """
+    subject.check(channels)
+    volumes = {}
+    for seq in channels:
+        try:
+            volumes[seq] = read(subject.files[seq])
+        except DataError as exc:
+            raise DataError(
+                exc.path or subject.stem, f"{exc.reason} ({seq} of subject {subject.stem})"
+            ) from None
+    volume = stack_sequences(volumes, channels, coregister, subject.stem)
+    volume.path = volume.path or subject.stem
+    return volume
