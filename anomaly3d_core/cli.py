@@ -163,7 +163,21 @@ def _new_model(config: Any) -> Any:
     )
 
 
-def _report(failures: Any, what: str) -> int:
+def _inputs(spec: str, config_or_model: Any) -> Any:
+    """Files, or subjects when the config names several sequences (``data.sequences``)."""
+    from anomaly3d_core.io.data import list_items
+
+    if hasattr(config_or_model, "channels"):  # a detector
+        channels = config_or_model.channels
+    else:
+        first = config_or_model.members[0] if hasattr(config_or_model, "members") else config_or_model
+        channels = first.data.channels
+    return list_items(spec, channels)
+
+
+def _report(failures: Any, what: str, refused: Sequence[Any] = ()) -> int:
+    for error in refused:  # subjects refused while grouping their files
+        failures.add(error)
     if failures:
         print(f"\n{len(failures)} input(s) failed during {what}:\n{failures.report()}", file=sys.stderr)
         return EXIT_INPUTS_FAILED
@@ -258,7 +272,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from anomaly3d_core.io.files import check_model_target, list_inputs, write_lock
+    from anomaly3d_core.io.files import check_model_target, write_lock
     from anomaly3d_core.mlops.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run
 
     config = _config(args)
@@ -267,8 +281,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     distributed.init_from_env()
     if distributed.is_main():
         check_model_target(args.out)  # before any work
-    train = list_inputs(args.train)
-    val = list_inputs(args.val) if args.val else None
+    found = _inputs(args.train, config)
+    train = found.items
+    val = _inputs(args.val, config).items if args.val else None
     pipe = _new_model(config)
     if not distributed.is_main():  # other torchrun ranks train alongside; rank 0 writes and logs
         pipe.fit(train, val, show_progress=False)
@@ -292,16 +307,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"model written to {out} ({pipe.n_train_volumes_} training, {pipe.n_val_volumes_} validation volumes, "
         f"{len(pipe.history_['train_loss'])} epochs, {pipe.fit_seconds_:.1f} s); threshold {pipe.threshold_:.4g}"
     )
-    return _report(pipe.failures_, "fit")
+    return _report(pipe.failures_, "fit", found.errors)
 
 
-def _print_advice(config: Any, scans: list[Path]) -> None:
+def _print_advice(config: Any, scans: list[Any]) -> None:
     """Tell the user what the scans are (one template grid or their own space) and which preset suits them."""
+    from anomaly3d_core.io.subjects import Subject
     from anomaly3d_core.preprocess.registration import mni152_reference
     from anomaly3d_core.preprocess.survey import survey
 
     first = config.members[0] if hasattr(config, "members") else config
-    found = survey(scans, mni152_reference())
+    channels = first.data.channels
+    files = [Path(s.files[channels[0]]) if isinstance(s, Subject) else s for s in scans]  # reference sequence
+    found = survey(files, mni152_reference())
     print(
         "data: " + found.advice(first.threshold.normative, first.data.preprocessing.register_to), flush=True
     )
@@ -316,32 +334,36 @@ def _log_fit(pipe: Any, out: Path) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from anomaly3d_core.io.files import list_inputs
     from anomaly3d_core.runner import score_files
 
     out = _check_out(args.out)
     pipe = _load_model(args)
-    batch = score_files(pipe, list_inputs(args.input), out)
-    flagged = sum(bool(r["is_anomalous"]) for r in batch.rows)
-    print(
-        f"scored {len(batch.rows)} volume(s), {flagged} flagged anomalous; maps and scores.csv in {args.out}"
+    found = _inputs(args.input, pipe)
+    uri = (
+        args.model
+        if "://" in args.model or args.model.startswith("models:/")
+        else str(Path(args.model).resolve())
     )
-    return _report(batch.failures, "scoring")
+    batch = score_files(pipe, found.items, out, bids_root=found.bids_root, model_uri=uri)
+    flagged = sum(bool(r["is_anomalous"]) for r in batch.rows)
+    where = "a BIDS-Derivatives dataset" if found.bids_root is not None else "maps and scores.csv"
+    print(f"scored {len(batch.rows)} volume(s), {flagged} flagged anomalous; {where} in {args.out}")
+    return _report(batch.failures, "scoring", found.errors)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from anomaly3d_core.io.files import list_inputs
     from anomaly3d_core.mlops.tracking import log_artifact, log_metrics, mlflow_run
     from anomaly3d_core.runner import evaluate_files, summary_table
 
     out = _check_out(args.out)
     pipe = _load_model(args)
     with mlflow_run(pipe.config, "evaluate"):
-        metrics, failures = evaluate_files(pipe, list_inputs(args.input), Path(args.masks), out)
+        found = _inputs(args.input, pipe)
+        metrics, failures = evaluate_files(pipe, found.items, Path(args.masks), out)
         log_metrics(metrics)
         log_artifact(args.out, "evaluation")
     print(summary_table(metrics) + f"metrics.json, summary.txt and plots in {args.out}")
-    return _report(failures, "evaluation")
+    return _report(failures, "evaluation", found.errors)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

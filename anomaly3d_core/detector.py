@@ -121,8 +121,13 @@ class Detector(ABC):
         return None
 
     # ------------------------------------------------------------------ shared
-    def read(self, path: str | Path) -> Volume:
-        """Read one scan (detectors with a configured loader override this)."""
+    @property
+    def channels(self) -> list[str]:
+        """The sequences a subject gives, reference first; empty for one file per scan."""
+        return []
+
+    def read(self, path: Any) -> Volume:
+        """Read one scan, or one subject's sequences (detectors with a configured loader override this)."""
         return load_volume(path, registry=self.registry)
 
     def set_reading(self, overrides: Sequence[str]) -> None:

@@ -37,6 +37,7 @@ from anomaly3d_core.config import (
 from anomaly3d_core.detector import Detector
 from anomaly3d_core.errors import Anomaly3DError, ConfigError
 from anomaly3d_core.io.data import VolumeLike, as_volume
+from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.model.training import EpochCallback
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
@@ -162,7 +163,11 @@ class EnsemblePipeline(Detector):
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
-    def read(self, path: str | Path) -> Volume:
+    @property
+    def channels(self) -> list[str]:
+        return self.members[0].channels
+
+    def read(self, path: Any) -> Volume:
         return self.members[0].read(path)
 
     def set_reading(self, overrides: Sequence[str]) -> None:
@@ -171,7 +176,7 @@ class EnsemblePipeline(Detector):
 
     def prepare(self, item: VolumeLike) -> Prepared:
         """The ensemble works on the input's own grid; each member prepares the scan its own way."""
-        volume = self.read(item) if isinstance(item, str | Path) else as_volume(item)
+        volume = self.read(item) if isinstance(item, str | Path | Subject | Mapping) else as_volume(item)
         return native_prepared(volume, self.foreground_method)
 
     def score_prepared(self, prep: Prepared) -> np.ndarray:

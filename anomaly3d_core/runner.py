@@ -26,6 +26,7 @@ import numpy as np
 from anomaly3d_core.detector import Detector, ScoreResult
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.io.data import BatchFailures
+from anomaly3d_core.io.derivatives import bids_uri, derivative_names, write_description, write_sidecar
 from anomaly3d_core.io.files import (
     atomic_write,
     load_volume,
@@ -34,6 +35,7 @@ from anomaly3d_core.io.files import (
     scan_stem,
     write_lock,
 )
+from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.preprocess.registration import QUALITY_KEYS, registration_quality
 from anomaly3d_core.progress import progress
 
@@ -55,6 +57,8 @@ SUMMARY_KEYS = (
 
 CSV_FIELDS = (
     "file",
+    "subject",  # subject and session: for inputs with several sequences
+    "session",
     "volume_score",
     "is_anomalous",
     "threshold",
@@ -71,10 +75,17 @@ class ScoredBatch:
     failures: BatchFailures = field(default_factory=BatchFailures)
 
 
-def write_result(result: ScoreResult, out_dir: Path, stem: str | None = None) -> dict[str, Any]:
-    """Write ``<stem>_score.nii.gz`` and ``<stem>_mask.nii.gz`` on the input's grid; returns the CSV row."""
+def write_result(
+    result: ScoreResult, out_dir: Path, stem: str | None = None, names: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Write the score map and mask on the input's grid; returns the CSV row.
+
+    Named ``<stem>_score.nii.gz`` and ``<stem>_mask.nii.gz``, or as ``names`` says (BIDS-Derivatives).
+    """
     stem = stem or scan_stem(result.volume.path or "volume")
-    score, mask = f"{stem}_score.nii.gz", f"{stem}_mask.nii.gz"
+    score, mask = (
+        (names["score_map"], names["mask"]) if names else (f"{stem}_score.nii.gz", f"{stem}_mask.nii.gz")
+    )
     save_nifti(result.score_map.astype(np.float32), result.volume.affine, out_dir / score)
     save_nifti(result.mask.astype(np.uint8), result.volume.affine, out_dir / mask)
     return {
@@ -144,22 +155,38 @@ def _uninterrupted() -> Iterator[None]:
 
 
 def score_files(
-    pipeline: Detector, inputs: list[Path], out_dir: Path, keep_results: bool = False
+    pipeline: Detector,
+    inputs: list[Path | Subject],
+    out_dir: Path,
+    keep_results: bool = False,
+    bids_root: Path | None = None,
+    model_uri: str = "",
 ) -> ScoredBatch:
-    """Score every input, write its maps and its ``scores.csv`` row; bad inputs go to ``failures``."""
+    """Score every input (a file or a subject), write its maps and its ``scores.csv`` row; bad inputs
+    go to ``failures``. Subjects of a BIDS dataset (``bids_root``) are written as BIDS-Derivatives
+    (:mod:`anomaly3d_core.io.derivatives`) with a JSON sidecar each."""
     batch = ScoredBatch()
     stems = output_stems(inputs, pipeline.registry)  # a name clash refuses the batch before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     with write_lock(out_dir / "scores.csv", "scores.csv", blocking=True):
         write_csv(read_scores(out_dir), out_dir / "scores.csv")  # drop rows whose maps are gone
+    if bids_root is not None:
+        write_description(out_dir, model_uri, bids_root)
     for path, stem in progress(list(zip(inputs, stems, strict=True)), desc="scoring", total=len(inputs)):
         try:
             result = pipeline.score(pipeline.read(path))
         except Exception as exc:  # one bad file never stops the batch, whatever it raises
             batch.failures.record(path, exc)
             continue
+        bids = isinstance(path, Subject) and path.bids and bids_root is not None
+        names = derivative_names(path, pipeline.channels[0]) if bids else None
         with _uninterrupted():
-            row = write_result(result, out_dir, stem)
+            row = write_result(result, out_dir, stem, names)
+            if isinstance(path, Subject):
+                row |= {"subject": path.subject, "session": path.session or ""}
+            if names is not None:
+                sources = [bids_uri(f, bids_root) for f in path.files.values()]
+                write_sidecar(out_dir / names["sidecar"], row, model_uri, sources)
             record_row(out_dir, row)
         batch.rows.append(row)
         if keep_results:
@@ -201,7 +228,7 @@ def find_mask(scan: Path, masks_dir: Path, registry: Any = None, stem: str | Non
 
 def evaluate_files(
     pipeline: Detector,
-    inputs: list[Path],
+    inputs: list[Path | Subject],
     masks_dir: Path,
     out_dir: Path,
     n_overlays: int | None = None,
@@ -219,10 +246,11 @@ def evaluate_files(
     for path, stem in progress(list(zip(inputs, stems, strict=True)), desc="evaluating", total=len(inputs)):
         try:
             volume = pipeline.read(path)
-            mask_path = find_mask(path, masks_dir, pipeline.registry, stem)
+            scan = Path(volume.path) if isinstance(path, Subject) else path  # a subject: its reference file
+            mask_path = find_mask(scan, masks_dir, pipeline.registry, stem)
             truth = load_volume(mask_path, registry=pipeline.registry, allow_constant=True).array > 0
-            if truth.shape != volume.array.shape:
-                raise DataError(path, f"mask grid {truth.shape} differs from the scan's {volume.array.shape}")
+            if truth.shape != volume.shape:
+                raise DataError(path, f"mask grid {truth.shape} differs from the scan's {volume.shape}")
             result = pipeline.score(volume)
         except Exception as exc:  # one bad file never stops the batch, whatever it raises
             failures.record(path, exc)
@@ -274,7 +302,7 @@ def evaluate_files(
         r = results[i]
         (out_dir / "overlays" / names[i]).parent.mkdir(parents=True, exist_ok=True)
         plotting.plot_overlay(
-            r.volume.array,
+            r.volume.channel(0),
             r.score_map,
             r.mask,
             truths[i],

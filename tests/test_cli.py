@@ -99,6 +99,8 @@ def test_fit_score_evaluate_with_a_bad_file(demo_dir, tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert len(rows) == 4 and set(rows[0]) == {
         "file",
+        "subject",
+        "session",
         "volume_score",
         "is_anomalous",
         "threshold",

@@ -12,8 +12,8 @@ import numpy as np
 
 from anomaly3d_core.config import PreprocessingConfig
 from anomaly3d_core.errors import DataError
-from anomaly3d_core.io.files import check_volume, load_volume
-from anomaly3d_core.io.subjects import Subject
+from anomaly3d_core.io.files import check_volume, list_inputs, load_volume
+from anomaly3d_core.io.subjects import Subject, find_subjects, is_bids_root
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.preprocess.augmentation import augment_volume
 from anomaly3d_core.preprocess.preprocessing import Preprocessor
@@ -117,3 +117,28 @@ def load_dataset(
             None, f"none of the {len(volume_paths)} volumes could be loaded:\n{failures.report()}"
         )
     return out
+
+
+@dataclass
+class Inputs:
+    """What a command works through: files (one sequence) or subjects, and the subjects refused while grouping."""
+
+    items: list[Any]
+    errors: list[DataError] = field(default_factory=list)
+    bids_root: Path | None = None
+
+
+def list_items(spec: str | Path, channels: Sequence[str], registry: Any = None) -> Inputs:
+    """Files for a one-file-per-scan model (``channels`` empty), subjects otherwise."""
+    if not channels:
+        p = Path(spec)
+        if is_bids_root(p) and not any(p.glob("*.nii*")):
+            raise DataError(
+                p,
+                "a BIDS dataset: set data.sequences (e.g. --set 'data.sequences=[T1w]') to read its subjects",
+            )
+        return Inputs(list(list_inputs(spec, registry)))
+    subjects, errors, root = find_subjects(spec, channels)
+    if not subjects:
+        raise DataError(spec, "no usable subject:\n" + "\n".join(f"  {e}" for e in errors))
+    return Inputs(list(subjects), errors, root)

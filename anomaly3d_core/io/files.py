@@ -27,6 +27,7 @@ import numpy as np
 
 from anomaly3d_core.errors import Anomaly3DError, DataError, PluginError
 from anomaly3d_core.io import limits
+from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.registry import get_registry
 
@@ -365,7 +366,7 @@ def scan_stem(path: str | Path, registry: Any = None) -> str:
     return best[1].output_stem(Path(path)) if best else name
 
 
-def output_stems(paths: Sequence[str | Path], registry: Any = None) -> list[str]:
+def output_stems(paths: Sequence[str | Path | Subject], registry: Any = None) -> list[str]:
     """One unique output stem per input, the only rule for naming outputs (``STEM_score.nii.gz``, ...).
 
     The stem is the input's name without its loader's extension. Inputs whose stems clash (same
@@ -374,12 +375,12 @@ def output_stems(paths: Sequence[str | Path], registry: Any = None) -> list[str]
     (``a/sub``, ``b/sub``); a clash that remains (``sub.nii`` next to ``sub.nii.gz``) refuses the
     batch, naming both files, before anything is scored.
     """
-    stems = [scan_stem(p, registry) for p in paths]
+    stems = [p.stem if isinstance(p, Subject) else scan_stem(p, registry) for p in paths]
     groups: dict[str, list[int]] = defaultdict(list)
     for i, stem in enumerate(stems):
         groups[stem.casefold()].append(i)
     clashing = [i for group in groups.values() if len(group) > 1 for i in group]
-    if clashing:
+    if clashing and not any(isinstance(p, Subject) for p in paths):
         parents = [os.path.dirname(os.path.abspath(p)) for p in paths]
         root = os.path.commonpath(parents)
         for i in clashing:

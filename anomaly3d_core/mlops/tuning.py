@@ -32,7 +32,9 @@ from anomaly3d_core.config import PipelineConfig, apply_overrides, build_config
 from anomaly3d_core.demo.synthetic import inject_anomalies
 from anomaly3d_core.detector import Detector
 from anomaly3d_core.errors import ConfigError, DataError, did_you_mean
-from anomaly3d_core.io.files import atomic_write, list_inputs, load_volume, replace_tree
+from anomaly3d_core.io.data import list_items
+from anomaly3d_core.io.files import atomic_write, load_volume, replace_tree
+from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.mlops.tracking import log_metrics, log_pyfunc_if_active, mlflow_run
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 from anomaly3d_core.runner import find_mask
@@ -138,19 +140,32 @@ class ValidationSet:
 
     @classmethod
     def build(
-        cls, normals: Sequence[Path], val: Sequence[Path] | None, val_masks: Path | None, seed: int
+        cls,
+        normals: Sequence[Any],
+        val: Sequence[Any] | None,
+        val_masks: Path | None,
+        seed: int,
+        read: Any = load_volume,
     ) -> ValidationSet:
+        """``read`` turns an input (a file or a subject) into a volume, as the tuned pipeline reads it."""
 
         if val:
             if val_masks is None:
                 raise ConfigError(
                     "--val needs --val-masks (a folder of ground-truth masks with the same file names)"
                 )
-            vols = [load_volume(p) for p in val]
-            masks = [load_volume(find_mask(p, val_masks), allow_constant=True).array > 0 for p in val]
+            vols = [read(p) for p in val]
+            masks = [
+                load_volume(
+                    find_mask(Path(str(v.path)), val_masks, stem=str(p) if isinstance(p, Subject) else None),
+                    allow_constant=True,
+                ).array
+                > 0
+                for p, v in zip(val, vols, strict=True)
+            ]
             return cls(vols, masks, "labelled")
         rng = np.random.default_rng(seed)
-        pairs = [inject_anomalies(load_volume(p), rng) for p in normals]
+        pairs = [inject_anomalies(read(p), rng) for p in normals]
         return cls([v for v, _ in pairs], [m for _, m in pairs], "synthetic")
 
     def metrics(self, detector: Detector) -> dict[str, float]:
@@ -199,7 +214,9 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
         return 0
     if not args.train:
         raise ConfigError("tune needs --train (a folder, file or glob of normal scans), or --write-best")
-    inputs = list_inputs(args.train)
+    channels = config.data.channels
+    found = list_items(args.train, channels)
+    inputs = found.items
     if len(inputs) < 3:
         raise DataError(
             args.train, f"{len(inputs)} scan(s); tuning needs at least 3 normal scans (train + held-out)"
@@ -208,9 +225,10 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
     train, held = inputs[n_hold:], inputs[:n_hold]
     val = ValidationSet.build(
         held,
-        list_inputs(args.val) if args.val else None,
+        list_items(args.val, channels).items if args.val else None,
         Path(args.val_masks) if args.val_masks else None,
         config.training.seed,
+        AnomalyDetectionPipeline(config).read,
     )
     trials = trials_dir(out, args.study_name)
 
