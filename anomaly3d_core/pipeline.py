@@ -440,8 +440,19 @@ class AnomalyDetectionPipeline(Detector):
         )
         example = self.example_volume()
         if example is not None:  # a scan this model accepts, for the MLflow input example
-            save_nifti(example.array, example.affine, out / EXAMPLE_FILE)
+            for name, array in zip(self._example_files(), self._example_arrays(example), strict=True):
+                save_nifti(array, example.affine, out / name)
         return out
+
+    def _example_files(self) -> list[str]:
+        """One example file per sequence (all on the reference grid), or ``example.nii.gz``."""
+        if len(self.channels) > 1:
+            return [EXAMPLE_FILE.replace(".nii.gz", f"_{seq}.nii.gz") for seq in self.channels]
+        return [EXAMPLE_FILE]
+
+    @staticmethod
+    def _example_arrays(example: Volume) -> list[np.ndarray]:
+        return [example.channel(c) for c in range(example.channels)]
 
     def example_volume(self) -> Volume | None:
         """A held-out normal scan this model was calibrated on (kept with a saved model), if any."""
@@ -477,8 +488,11 @@ class AnomalyDetectionPipeline(Detector):
         pipe.postprocessor_, state = PostProcessor.load(folder, pipe.config.threshold, pipe._registry())
         pipe.history_ = state.get("history", {})
         pipe.loaders_used_ = [n for n in state.get("loaders_used", []) if isinstance(n, str)]
-        if (folder / EXAMPLE_FILE).is_file():
-            pipe.example_ = load_volume(folder / EXAMPLE_FILE)
+        files = [folder / name for name in pipe._example_files()]
+        if all(f.is_file() for f in files):
+            parts = [load_volume(f) for f in files]
+            array = parts[0].array if len(parts) == 1 else np.stack([v.array for v in parts], axis=-1)
+            pipe.example_ = Volume(array, parts[0].affine, str(files[0]))
         return pipe
 
     def plugin_specs(self) -> list[tuple[str, str]]:

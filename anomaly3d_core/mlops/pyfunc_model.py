@@ -19,6 +19,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from anomaly3d_core.errors import Anomaly3DError, DataError
 from anomaly3d_core.io.files import check_volume
+from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.mlops.serving import decode_bytes, encode_nifti, read_payload
 from anomaly3d_core.persistence import load_detector
 
@@ -59,14 +60,20 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         columns = getattr(model_input, "columns", [])
-        if "volume" not in columns:
+        channels = self.pipeline.channels
+        wanted = channels if len(channels) > 1 else ["volume"]
+        missing = [c for c in wanted if c not in columns]
+        if missing:
             raise ServingError(
-                "request rows need a 'volume' field (base64 of a scan file; 'format' names a non-NIfTI format)",
+                f"request rows need the field(s) {', '.join(repr(c) for c in missing)} (base64 of a scan file"
+                + (", one per sequence" if len(wanted) > 1 else "")
+                + "; 'format' names a non-NIfTI format)",
                 error_code=INVALID_PARAMETER_VALUE,
             )
         formats = list(model_input["format"]) if "format" in columns else [None] * len(model_input)
+        scans = model_input[wanted].to_dict("records") if len(wanted) > 1 else list(model_input["volume"])
         rows = []
-        for i, (text, fmt) in enumerate(zip(model_input["volume"], formats, strict=True)):
+        for i, (text, fmt) in enumerate(zip(scans, formats, strict=True)):
             try:
                 rows.append(self._score_row(text, i, fmt))
             except ServingError:
@@ -89,10 +96,21 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=["volume_score", "is_anomalous", "threshold", "score_map"])
 
     def _score_row(self, text: Any, i: int, fmt: Any = None) -> dict[str, Any]:
+        """Score one row: ``text`` is a base64 scan, or ``{sequence: base64}`` for several sequences."""
         registry = getattr(self.pipeline, "registry", None)
-        volume = check_volume(read_payload(decode_bytes(text), fmt, registry, "'volume'"))
-        volume.path = f"row {i}"
-        result = self.pipeline.score(volume)
+        if isinstance(text, dict):
+            subject = {}
+            for seq, item in text.items():
+                subject[seq] = check_volume(
+                    read_payload(decode_bytes(item, repr(seq)), fmt, registry, repr(seq))
+                )
+                subject[seq].path = f"row {i} {seq}"
+            result = self.pipeline.score(Subject(f"row {i}", subject))
+        else:
+            volume = check_volume(read_payload(decode_bytes(text), fmt, registry, "'volume'"))
+            volume.path = f"row {i}"
+            result = self.pipeline.score(volume)
+        volume = result.volume
         return {
             "volume_score": float(result.volume_score),
             "is_anomalous": bool(result.is_anomalous),

@@ -47,21 +47,21 @@ def encode_nifti(array: np.ndarray, affine: np.ndarray) -> str:
     return base64.b64encode(gzip.compress(img.to_bytes(), compresslevel=4)).decode("ascii")
 
 
-def decode_bytes(text: Any) -> bytes:
-    """The file bytes of a base64 ``volume`` field, refused when larger than ``max_bytes`` could ever need."""
+def decode_bytes(text: Any, label: str = "'volume'") -> bytes:
+    """The file bytes of a base64 field (``label`` names it), refused when larger than ``max_bytes`` could ever need."""
     if not isinstance(text, str) or not text:
         raise ValueError(
-            "'volume' must be a non-empty base64 string of a scan file (.nii, .nii.gz or another format)"
+            f"{label} must be a non-empty base64 string of a scan file (.nii, .nii.gz or another format)"
         )
     cap = limits.current().max_bytes
     if len(text) // 4 * 3 > cap + (1 << 20):  # a compressed file is never much larger than its content
         raise ValueError(
-            f"'volume' holds about {len(text) // 4 * 3:,} bytes, above the limit of {cap:,} ({limits.ENV['max_bytes']})"
+            f"{label} holds about {len(text) // 4 * 3:,} bytes, above the limit of {cap:,} ({limits.ENV['max_bytes']})"
         )
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("'volume' is not valid base64") from None
+        raise ValueError(f"{label} is not valid base64") from None
 
 
 def decode_nifti(text: str) -> nib.Nifti1Image:
@@ -209,6 +209,13 @@ def input_example(model: Any) -> pd.DataFrame:
     (so the example is valid for models that need a particular grid), else a small synthetic scan."""
     holder = model.members[0] if hasattr(model, "members") else model
     example = holder.example_volume()
+    channels = model.channels
+    if len(channels) > 1:  # one column per sequence, named by it
+        if example is None or example.channels != len(channels):
+            return pd.DataFrame({seq: [example_volume_b64()] for seq in channels})
+        return pd.DataFrame(
+            {seq: [encode_nifti(example.channel(c), example.affine)] for c, seq in enumerate(channels)}
+        )
     text = encode_nifti(example.array, example.affine) if example is not None else example_volume_b64()
     return pd.DataFrame({"volume": [text]})
 
@@ -221,12 +228,17 @@ def example_volume_b64(shape: tuple[int, int, int] = (24, 24, 24)) -> str:
     return encode_nifti(arr, np.diag([2.0, 2.0, 2.0, 1.0]))
 
 
-def signature() -> Any:
+def signature(channels: list[str] | tuple[str, ...] = ()) -> Any:
+    """Request and response columns: ``volume`` (base64 scan), or one base64 column per sequence for a
+    model of several (``T1w``, ``FLAIR``, ...); ``format`` optional."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    scans = (
+        [ColSpec("string", seq) for seq in channels] if len(channels) > 1 else [ColSpec("string", "volume")]
+    )
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "volume"), ColSpec("string", "format", required=False)]),
+        inputs=Schema([*scans, ColSpec("string", "format", required=False)]),
         outputs=Schema(
             [
                 ColSpec("double", "volume_score"),
@@ -256,7 +268,7 @@ def save_pyfunc(pipeline: Any, path: str | Path) -> Path:
                 str(new),
                 python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
                 artifacts={"pipeline": str(files)},
-                signature=signature(),
+                signature=signature(pipeline.channels),
                 input_example=input_example(pipeline),
                 pip_requirements=_requirements(pipeline),
             )
@@ -273,7 +285,7 @@ def log_pyfunc(pipeline: Any, registered_model_name: str | None = None) -> Any:
             name="model",
             python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
             artifacts={"pipeline": str(files)},
-            signature=signature(),
+            signature=signature(pipeline.channels),
             input_example=input_example(pipeline),
             pip_requirements=_requirements(pipeline),
             registered_model_name=registered_model_name,
