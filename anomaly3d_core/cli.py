@@ -368,35 +368,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from anomaly3d_core.demo.datasets import make_demo_dataset
-    from anomaly3d_core.io.files import list_inputs
     from anomaly3d_core.mlops.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run, ui_command
     from anomaly3d_core.runner import evaluate_files, score_files, summary_table
 
     config = _config(args)
     out = _check_out(args.out)
-    data = out / "data"
+    first = config.members[0] if hasattr(config, "members") else config
+    channels = first.data.channels  # several sequences: the demo data is written as BIDS with them
+    data = out / ("data" if not channels else "data_" + "_".join(sorted(channels)))
     t0 = time.perf_counter()
     if not (data / "manifest.csv").is_file():
-        print(f"[1/4] making demo data ({args.size}) in {data} ...", flush=True)
-        make_demo_dataset(data, args.size, args.seed)
+        what = f"{args.size}, {' + '.join(channels)}, BIDS" if channels else args.size
+        print(f"[1/4] making demo data ({what}) in {data} ...", flush=True)
+        make_demo_dataset(data, args.size, args.seed, sequences=tuple(channels or ["T1w"]))
     else:
         print(f"[1/4] using demo data in {data}", flush=True)
     pipe = _new_model(config)
-    _print_advice(config, list_inputs(str(data / "train")))
+    train, tests = _inputs(str(data / "train"), config), _inputs(str(data / "test"), config)
+    _print_advice(config, train.items)
     with mlflow_run(config, "demo", tags={"data": str(data)}) as run:
         print("[2/4] fitting on normal subjects ...", flush=True)
-        pipe.fit(
-            list_inputs(str(data / "train")), callbacks=[epoch_logger()] if config.tracking.enabled else ()
-        )
+        pipe.fit(train.items, callbacks=[epoch_logger()] if config.tracking.enabled else ())
         pipe.save(out / "model")
         _log_fit(pipe, out / "model")
         log_artifact(out / "model" / "training_curves.png", "plots")
         print(f"      {pipe.fit_seconds_:.1f} s, {len(pipe.history_['train_loss'])} epochs", flush=True)
         print("[3/4] scoring test subjects ...", flush=True)
-        tests = list_inputs(str(data / "test"))
-        batch = score_files(pipe, tests, out / "scores")
+        uri = str((out / "model").resolve())
+        batch = score_files(pipe, tests.items, out / "scores", bids_root=tests.bids_root, model_uri=uri)
         print("[4/4] evaluating against ground truth ...", flush=True)
-        metrics, failures = evaluate_files(pipe, tests, data / "test_masks", out / "evaluation")
+        metrics, failures = evaluate_files(pipe, tests.items, data / "test_masks", out / "evaluation")
         log_metrics({**metrics, "fit_seconds": pipe.fit_seconds_})
         log_artifact(out / "evaluation", "evaluation")
         for row in batch.rows[: config.tracking.log_score_maps]:
@@ -409,7 +410,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"MLflow run           : {run.info.run_id}  ->  {ui_command(config)}")
     print(f"total {time.perf_counter() - t0:.0f} s")
     failures.items.extend(batch.failures.items)
-    return _report(failures, "demo")
+    return _report(failures, "demo", [*train.errors, *tests.errors])
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

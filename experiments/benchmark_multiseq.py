@@ -1,0 +1,155 @@
+"""The multi-sequence benchmark: the same subjects scored from T1w alone and from T1w with FLAIR (and T2w).
+
+    python experiments/benchmark_multiseq.py [--space template|native] [--data DIR] [--out DIR] [--only NAME ...]
+
+Data: ``bench_data.make_benchmark_data(DIR, sequences=("T1w", "T2w", "FLAIR"), space=...)`` with
+fixed seeds (default DIR ``bench_output/data/multiseq`` or ``multiseq_native``), written as BIDS:
+16 training normals; a tuning set (``tumour`` and ``infarct`` only, not used here: the presets
+were fixed before this benchmark); a test set of 8 normals and 16 lesioned subjects with four
+lesion kinds. In native space every sequence has its own grid (FLAIR with 3-4 mm slices) and the
+head moves slightly between sequences.
+
+Every row uses one preset (``brain_mri.yaml`` in template space, ``brain_mri_native.yaml`` in
+native space) with the same training budget; only ``data.sequences`` differs. Score maps lie on
+each subject's T1w grid, where the ground truth is. Voxel metrics are pooled over the T1w brain
+voxels of all test subjects; "lesion sens." is the fraction of ground-truth lesions (connected
+components) that the model's own decision mask touches, for all kinds and for the small MS-like
+lesions; "held-out AP" pools the ``ms`` and ``haemorrhage`` subjects with the normals. Results:
+``benchmark_multiseq[_native].json`` and ``.md`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
+from benchmark_native import config_tree, metrics, read_scan  # noqa: E402
+
+SEQUENCES = ("T1w", "T2w", "FLAIR")
+PRESETS = {"template": HERE / "configs" / "brain_mri.yaml", "native": HERE / "configs" / "brain_mri_native.yaml"}
+ENTRIES: dict[str, list[str]] = {
+    "T1w alone": ["T1w"],
+    "T1w + FLAIR": ["T1w", "FLAIR"],
+    "T1w + T2w + FLAIR": ["T1w", "T2w", "FLAIR"],
+}
+
+
+def lesion_sensitivity(truths: list[np.ndarray], preds: list[np.ndarray]) -> float:
+    """Fraction of ground-truth lesions (26-connected components) touched by the predicted mask."""
+    from anomaly3d_core.evaluation.metrics import lesion_detection
+
+    tp = fn = 0
+    for t, p in zip(truths, preds, strict=True):
+        if t.any():
+            found = lesion_detection(t, p)
+            tp, fn = tp + found["tp"], fn + found["fn"]
+    return tp / (tp + fn) if tp + fn else float("nan")
+
+
+def run_one(name: str, data: Path, space: str) -> dict[str, Any]:
+    from anomaly3d_core.io.data import list_items
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+
+    sequences = ENTRIES[name]
+    pipe = AnomalyDetectionPipeline(config_tree(PRESETS[space], {"data.sequences": sequences}))
+    train = list_items(data / "train", pipe.channels).items
+    t0 = time.perf_counter()
+    pipe.fit(train, show_progress=False)
+    fit_s = time.perf_counter() - t0
+    kinds = {r["subject"]: r["lesion_kind"] for r in csv.DictReader(open(data / "test_manifest.csv"))}
+    truths, scores, vscores, preds, names, seconds = [], [], [], [], [], []
+    for subject in list_items(data / "test", pipe.channels).items:
+        t0 = time.perf_counter()
+        result = pipe.score(subject)
+        seconds.append(time.perf_counter() - t0)
+        image, _ = read_scan(Path(subject.files["T1w"]))
+        mask, _ = read_scan(data / "test_masks" / f"{subject.stem}.nii.gz")
+        if result.score_map.shape != image.shape:
+            raise RuntimeError(f"{subject}: score map {result.score_map.shape} is not on the T1w grid {image.shape}")
+        fg = image != 0
+        truths.append(mask[fg] > 0)
+        scores.append(result.score_map[fg])
+        vscores.append(float(result.volume_score))
+        preds.append((mask > 0, result.mask & fg))
+        names.append(kinds.get(subject.stem, kinds.get(subject.subject, "")))
+    held = [i for i, k in enumerate(names) if k in HELD_OUT_KINDS or not k]
+    ms = [i for i, k in enumerate(names) if k == "ms"]
+    pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
+    return {
+        "name": name,
+        "sequences": sequences,
+        "fit_seconds": round(fit_s, 1),
+        "seconds_per_subject": round(float(np.median(seconds)), 3),
+        "all": metrics(truths, scores, vscores),
+        "held_out_kinds": metrics(pick(truths, held), pick(scores, held), pick(vscores, held), full=False),
+        "lesion_sensitivity": lesion_sensitivity([p[0] for p in preds], [p[1] for p in preds]),
+        "ms_lesion_sensitivity": lesion_sensitivity(*zip(*pick(preds, ms), strict=True)) if ms else float("nan"),
+        "n_test": len(names),
+        "n_ms": len(ms),
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| sequences | voxel AP (pooled) | best Dice | sample AUROC | held-out AP | lesion sens. (all) "
+        "| lesion sens. (MS) | fit (s) | s / subject |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        a = r["all"]
+        lines.append(
+            f"| {r['name']} | {a['pixel_ap']:.3f} | {a['pixel_best_dice']:.3f} | {a['volume_auroc']:.3f} "
+            f"| {r['held_out_kinds']['pixel_ap']:.3f} | {r['lesion_sensitivity']:.3f} "
+            f"| {r['ms_lesion_sensitivity']:.3f} | {r['fit_seconds']:.0f} | {r['seconds_per_subject']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", choices=tuple(PRESETS), default="template")
+    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--only", nargs="*", help="entry names (substring match)")
+    args = parser.parse_args()
+    data = args.data or Path("bench_output/data") / ("multiseq" if args.space == "template" else "multiseq_native")
+    print(f"multi-sequence benchmark data in {make_benchmark_data(data, space=args.space, sequences=SEQUENCES)}")
+    names = [n for n in ENTRIES if not args.only or any(o in n for o in args.only)]
+    results = []
+    for name in names:
+        print(f"-- {name}", flush=True)
+        results.append(run_one(name, data, args.space))
+        r = results[-1]
+        print(
+            f"   voxel AP {r['all']['pixel_ap']:.3f}, sample AUROC {r['all']['volume_auroc']:.3f}, MS lesion "
+            f"sensitivity {r['ms_lesion_sensitivity']:.3f}, fit {r['fit_seconds']} s, "
+            f"{r['seconds_per_subject']} s/subject",
+            flush=True,
+        )
+    suffix = "" if args.space == "template" else "_native"
+    args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / f"benchmark_multiseq{suffix}.json"
+    if args.only and previous.is_file():  # a partial rerun updates its rows and keeps the others
+        fresh = {r["name"]: r for r in results}
+        results = [fresh.pop(r["name"], r) for r in json.loads(previous.read_text())] + list(fresh.values())
+        order = list(ENTRIES)
+        results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    text = table(results)
+    previous.write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"benchmark_multiseq{suffix}.md").write_text(text + "\n")
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
