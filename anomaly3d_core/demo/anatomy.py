@@ -169,11 +169,16 @@ def make_subject(
     mask = np.zeros(image.shape, dtype=bool)
     if lesion_kind is not None:
         image, mask = add_lesion(image, brain, gm, wm, lesion_kind, rng, voxel_size)
+    return acquire(image, brain, rng), mask & brain
+
+
+def acquire(image: np.ndarray, brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Bias field and Rician noise of the template-space demo; background zero, units ×1000."""
     image = image * np.exp(0.12 * smooth_field(image.shape, rng, control=3))
     sigma = 0.025 * float(np.percentile(image[brain], 99))
     image = np.sqrt((image + rng.normal(0, sigma, image.shape)) ** 2 + rng.normal(0, sigma, image.shape) ** 2)
     image = np.where(brain, image, 0.0).astype(np.float32)
-    return image * 1000.0, mask & brain
+    return image * 1000.0
 
 
 def subject_plan(
