@@ -23,14 +23,15 @@ includes its oedema, which T1w alone barely shows).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
 from anomaly3d_core.demo.anatomy import LESION_KINDS, _blob, _pick_centre
+from anomaly3d_core.demo.native import _smooth
 from anomaly3d_core.errors import ConfigError, did_you_mean
-from anomaly3d_core.preprocess.augmentation import smooth_field
 
 SEQUENCES: tuple[str, ...] = ("T1w", "T2w", "FLAIR")
 
@@ -39,11 +40,13 @@ TISSUE_LEVELS: dict[str, dict[str, float]] = {
     "T2w": {"wm": 1.0, "gm": 1.4, "csf": 3.2},
     "FLAIR": {"wm": 1.0, "gm": 1.25, "csf": 0.2},
 }
+#: a smooth random field drawn coarse and interpolated: fast on whole volumes
+smooth_field = functools.partial(_smooth, coarse=4)
 TISSUE_SD = 0.06  # subject-to-subject variation of the grey-matter and CSF levels (relative)
 
 #: (low, high) intensity of a lesion part, relative to the sequence's normal white matter
 LESION_LEVELS: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
-    "ms": {"plaque": {"T1w": (0.7, 0.85), "T2w": (1.5, 1.9), "FLAIR": (1.45, 1.8)}},
+    "ms": {"plaque": {"T1w": (0.7, 0.85), "T2w": (1.45, 1.85), "FLAIR": (1.4, 1.75)}},
     "infarct": {"core": {"T1w": (0.25, 0.4), "T2w": (2.2, 2.8), "FLAIR": (1.5, 1.9)}},
     "tumour": {
         "core": {"T1w": (0.35, 0.55), "T2w": (2.2, 2.8), "FLAIR": (1.1, 1.4)},

@@ -39,6 +39,7 @@ from anomaly3d_core.demo.contrasts import (
     check_sequences,
     lesion_parts,
     normal_image,
+    smooth_field,
 )
 from anomaly3d_core.errors import ConfigError, did_you_mean
 from anomaly3d_core.io.files import save_nifti
@@ -67,11 +68,17 @@ class Scan:
 
 @dataclass
 class MultiSequenceSubject:
-    """The scans of one subject by sequence, and its lesion mask on the ``reference`` scan's grid."""
+    """The scans of one subject by sequence, and its lesion mask on the ``reference`` scan's grid.
+
+    ``tissues`` and the lesion's ``parts`` are on the template grid the subject was built on (the
+    scans' own grid in template space).
+    """
 
     scans: dict[str, Scan]
     mask: np.ndarray
     reference: str
+    tissues: Tissues
+    parts: dict[str, np.ndarray]
 
 
 def reference_sequence(sequences: tuple[str, ...]) -> str:
@@ -87,7 +94,7 @@ def _tissues(atlas: Atlas, rng: np.random.Generator, voxel_size: float, space: s
     if space == "native":
         t1, gm, wm, brain = native._deform(arrays, rng, native.DEFORM_MM / voxel_size)
     else:
-        t1, gm, wm, brain = _warp(arrays, rng, deform=2.0 * 2.0 / voxel_size)
+        t1, gm, wm, brain = _warp(arrays, rng, deform=2.0 * 2.0 / voxel_size, field=smooth_field)
     return Tissues(t1, gm, wm, brain > 0.5)
 
 
@@ -148,7 +155,7 @@ def make_multiseq_subject(
             image = add_lesion_contrast(image, tissues, lesion_kind, parts, sequence, srng, voxel_size)
         image = np.where(tissues.brain, image, 0.0).astype(np.float32)
         if space == "template":
-            scans[sequence] = Scan(acquire(image, tissues.brain, srng), atlas.affine.copy())
+            scans[sequence] = Scan(acquire(image, tissues.brain, srng, smooth_field), atlas.affine.copy())
             continue
         motion, angle, shift = (np.eye(4), 0.0, 0.0) if sequence == reference else _motion(srng, head_centre)
         to_scanner = motion @ pose @ atlas.affine
@@ -162,7 +169,7 @@ def make_multiseq_subject(
         scans[sequence] = Scan(nat, affine, info)
         if sequence == reference:
             mask = (_resample(lesion, m, shape) > 0.5) & nat_brain
-    return MultiSequenceSubject(scans, mask, reference)
+    return MultiSequenceSubject(scans, mask, reference, tissues, parts)
 
 
 def make_multiseq_dataset(
