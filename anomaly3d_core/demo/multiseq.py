@@ -183,8 +183,13 @@ def make_multiseq_dataset(
     n_test_anomalous: int | None = None,
     space: str = "template",
     sequences: tuple[str, ...] = SEQUENCES,
+    test_split: str = "test",
 ) -> Path:
-    """Write the multi-sequence demo set (layout in the module docstring) and return ``out``."""
+    """Write the multi-sequence demo set (layout in the module docstring) and return ``out``.
+
+    ``test_split`` names the test subjects' folder, mask folder and ``split`` value (the benchmark
+    data writes its tuning set as ``tune``).
+    """
     sequences = check_sequences(sequences)
     if space not in SPACES:
         raise ConfigError("space: " + did_you_mean(space, SPACES, "space"))
@@ -196,6 +201,7 @@ def make_multiseq_dataset(
     members: dict[str, list[str]] = {}
     test_index = 100
     for i, (split, kind) in enumerate(progress(plan, desc="multi-sequence demo subjects", total=len(plan))):
+        split = test_split if split == "test" else split
         subject = make_multiseq_subject(atlas, (seed, i, stream), kind, sequences, voxel_size, space)
         label = f"{i:03d}" if split == "train" else f"{test_index:03d}"
         if split != "train":
@@ -226,7 +232,7 @@ def make_multiseq_dataset(
             "Normal subjects."
             if split == "train"
             else (
-                f"Normal and lesioned subjects; ground truth in ../{split}_masks, labels in ../manifest.csv."
+                f"Normal and lesioned subjects; ground truth in ../{split}_masks, labels in the manifest CSV beside this folder."
             )
         )
         bids.start_dataset(
