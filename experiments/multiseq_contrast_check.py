@@ -4,7 +4,7 @@ For template-space subjects (2 mm, the benchmark's grid) it measures, per sequen
 contrast-to-noise ratio of the lesion against normal white matter of the same scan,
 ``(mean lesion - mean WM) / sd WM`` (WM: tissue probability > 0.9, away from the lesion; its sd
 holds noise, bias field and texture), and the relative contrast ``mean lesion / mean WM - 1``;
-for the whole lesion (the ground truth) and for each of its parts. Writes
+for the whole lesion (the ground truth) and for each part of a lesion with several. Writes
 ``experiments/results/multiseq_contrast.json``.
 
     python experiments/multiseq_contrast_check.py [--subjects 6]
@@ -43,7 +43,9 @@ def measure(n_subjects: int, voxel_size: float = 2.0) -> dict[str, dict[str, dic
             subject = make_multiseq_subject(atlas, (SEED, k, i), kind, SEQUENCES, voxel_size, "template")
             away = ~ndimage.binary_dilation(subject.mask, iterations=3)
             wm = (subject.tissues.wm > 0.9) & subject.tissues.brain & away
-            regions = {"lesion": subject.mask, **{p: m for p, m in subject.parts.items() if m.any()}}
+            regions = {"lesion": subject.mask}
+            if len(subject.parts) > 1:
+                regions.update({p: m for p, m in subject.parts.items() if m.any()})
             for part, region in regions.items():
                 for sequence, scan in subject.scans.items():
                     acc = sums.setdefault(kind, {}).setdefault(part, {}).setdefault(sequence, np.zeros(3))
