@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="template",
         help="native: each scan with its own pose, voxel size, axis order, field of view and intensity units",
     )
+    p.add_argument(
+        "--sequences",
+        default="T1w",
+        help="comma-separated, of T1w, T2w, FLAIR (default T1w); several write train/ and test/ as BIDS",
+    )
     _common(p)
 
     p = sub.add_parser("fit", help="train a pipeline on scans of normal subjects")
@@ -266,8 +271,12 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from anomaly3d_core.demo.datasets import make_demo_dataset
 
     _check_out(args.out)
-    out = make_demo_dataset(args.out, args.size, args.seed, voxel_size=args.voxel_size, space=args.space)
-    print(f"demo data written to {out} (train/, test/, test_masks/, manifest.csv)")
+    sequences = tuple(s.strip() for s in args.sequences.split(",") if s.strip())
+    out = make_demo_dataset(
+        args.out, args.size, args.seed, voxel_size=args.voxel_size, space=args.space, sequences=sequences
+    )
+    layout = "BIDS datasets train/ and test/" if sequences != ("T1w",) else "train/, test/"
+    print(f"demo data written to {out} ({layout}, test_masks/, manifest.csv)")
     return EXIT_OK
 
 

@@ -7,6 +7,13 @@ The native-space set (``make_benchmark_data(root / "native", space="native")``, 
 ``python experiments/bench_data.py OUT --native``) has the same structure, with scans as a
 multi-site study acquires them: each with its own head pose, voxel size (1-2 mm, some thick-slice),
 axis order, field of view and intensity units (``anomaly3d_core.demo.native``).
+
+The multi-sequence sets (``make_benchmark_data(root / "multiseq", sequences=("T1w", "T2w", "FLAIR"))``,
+or ``python experiments/bench_data.py OUT --sequences T1w,T2w,FLAIR [--native]``, by convention
+under ``<data>/multiseq`` and ``<data>/multiseq_native``) have the same structure, with ``train``,
+``tune`` and ``test`` written as BIDS raw datasets, one file per sequence
+(``anomaly3d_core.demo.multiseq``); masks lie on each subject's T1w grid. A sequence's images do not
+depend on which other sequences are written, so ``T1w`` alone and ``T1w,FLAIR`` share subjects.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from anomaly3d_core.demo.datasets import make_demo_dataset
+from anomaly3d_core.demo.multiseq import make_multiseq_dataset
 
 TUNING_KINDS = ("tumour", "infarct")
 HELD_OUT_KINDS = ("ms", "haemorrhage")
@@ -29,10 +37,12 @@ def make_benchmark_data(
     n_test_normal: int = 8,
     n_test_anomalous: int = 16,
     space: str = "template",
+    sequences: tuple[str, ...] | None = None,
 ) -> Path:
     """``root/train``; ``root/tune`` + ``tune_masks``; ``root/test`` + ``test_masks`` + ``test_manifest.csv``.
 
-    ``space="native"`` writes the native-space set (by convention under ``<data>/native``).
+    ``space="native"`` writes the native-space set (by convention under ``<data>/native``);
+    ``sequences`` the multi-sequence BIDS set (by convention under ``<data>/multiseq[_native]``).
     """
     if (root / "test_manifest.csv").is_file():
         return root
@@ -50,12 +60,16 @@ def make_benchmark_data(
         tmp = root / f".{name}"
         if tmp.exists():  # left over from an interrupted run
             shutil.rmtree(tmp)
-        make_demo_dataset(tmp, space=space, **kwargs)
+        if sequences:
+            make_multiseq_dataset(tmp, space=space, sequences=sequences, test_split=name, **kwargs)
+        else:
+            make_demo_dataset(tmp, space=space, **kwargs)
+        split = name if sequences else "test"
         if name == "train":
             shutil.move(tmp / "train", root / "train")
         else:
-            shutil.move(tmp / "test", root / name)
-            shutil.move(tmp / "test_masks", root / f"{name}_masks")
+            shutil.move(tmp / split, root / name)
+            shutil.move(tmp / f"{split}_masks", root / f"{name}_masks")
             shutil.move(tmp / "manifest.csv", root / f"{name}_manifest.csv")
         shutil.rmtree(tmp)
     return root
@@ -65,5 +79,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
     parser.add_argument("--native", action="store_true", help="write the native-space set into OUT")
+    parser.add_argument(
+        "--sequences", help="comma-separated, e.g. T1w,T2w,FLAIR: the multi-sequence set, as BIDS, into OUT"
+    )
     args = parser.parse_args()
-    print(make_benchmark_data(args.out, space="native" if args.native else "template"))
+    sequences = tuple(s.strip() for s in args.sequences.split(",")) if args.sequences else None
+    print(make_benchmark_data(args.out, space="native" if args.native else "template", sequences=sequences))

@@ -6,6 +6,7 @@ Shared by the template-space generator (:mod:`.datasets`) and the native-space o
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +55,13 @@ def mni_atlas(voxel_size: float = 2.0) -> Atlas:
     return Atlas(t1, np.clip(gm, 0, 1), np.clip(wm, 0, 1), mask > 0.5, affine)
 
 
-def _warp(arrays: list[np.ndarray], rng: np.random.Generator, deform: float) -> list[np.ndarray]:
+#: ``field(shape, rng, control=n)``: a smooth random field in about [-1, 1]
+Field = Callable[..., np.ndarray]
+
+
+def _warp(
+    arrays: list[np.ndarray], rng: np.random.Generator, deform: float, field: Field = smooth_field
+) -> list[np.ndarray]:
     """Apply one random affine jitter plus a smooth deformation to all ``arrays``."""
     shape = arrays[0].shape
     centre = (np.array(shape) - 1) / 2
@@ -73,7 +80,7 @@ def _warp(arrays: list[np.ndarray], rng: np.random.Generator, deform: float) -> 
         np.tensordot(matrix, grid - centre[:, None, None, None], axes=1)
         + (centre + shift)[:, None, None, None]
     )
-    coords += np.stack([deform * smooth_field(shape, rng, control=5) for _ in range(3)])
+    coords += np.stack([deform * field(shape, rng, control=5) for _ in range(3)])
     return [
         ndimage.map_coordinates(a, coords, order=1, mode="constant", cval=0.0).astype(np.float32)
         for a in arrays
@@ -169,11 +176,18 @@ def make_subject(
     mask = np.zeros(image.shape, dtype=bool)
     if lesion_kind is not None:
         image, mask = add_lesion(image, brain, gm, wm, lesion_kind, rng, voxel_size)
-    image = image * np.exp(0.12 * smooth_field(image.shape, rng, control=3))
+    return acquire(image, brain, rng), mask & brain
+
+
+def acquire(
+    image: np.ndarray, brain: np.ndarray, rng: np.random.Generator, field: Field = smooth_field
+) -> np.ndarray:
+    """Bias field and Rician noise of the template-space demo; background zero, units ×1000."""
+    image = image * np.exp(0.12 * field(image.shape, rng, control=3))
     sigma = 0.025 * float(np.percentile(image[brain], 99))
     image = np.sqrt((image + rng.normal(0, sigma, image.shape)) ** 2 + rng.normal(0, sigma, image.shape) ** 2)
     image = np.where(brain, image, 0.0).astype(np.float32)
-    return image * 1000.0, mask & brain
+    return image * 1000.0
 
 
 def subject_plan(

@@ -10,6 +10,9 @@ Layout written by :func:`make_demo_dataset`::
     OUT/test/sub-100.nii.gz ...         normal and lesioned test subjects
     OUT/test_masks/sub-100.nii.gz ...   ground truth (all zero for normal subjects)
     OUT/manifest.csv                    file, split, label, lesion_kind
+
+With several sequences (``sequences=("T1w", "FLAIR")``) or ``layout="bids"``, ``train/`` and
+``test/`` are BIDS raw datasets instead (see :mod:`.multiseq`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from anomaly3d_core.demo.anatomy import (
     mni_atlas,
     subject_plan,
 )
+from anomaly3d_core.demo.contrasts import check_sequences
+from anomaly3d_core.demo.multiseq import make_multiseq_dataset
 from anomaly3d_core.demo.native import make_native_dataset
 from anomaly3d_core.errors import ConfigError, did_you_mean
 from anomaly3d_core.io.files import save_nifti
@@ -46,13 +51,38 @@ def make_demo_dataset(
     n_test_normal: int | None = None,
     n_test_anomalous: int | None = None,
     space: str = "template",
+    sequences: tuple[str, ...] = ("T1w",),
+    layout: str | None = None,
 ) -> Path:
     """Write the demo set (see module docstring) and return ``out``.
 
     ``space="native"`` writes scans as a multi-site study acquires them instead (head pose, voxel
     size, axis order, field of view and intensity units vary; see :mod:`.native`); there
     ``voxel_size`` is the template grid the subjects are built on before resampling.
+
+    ``sequences`` (any of T1w, T2w, FLAIR) and ``layout`` (``"flat"``: one file per subject, only for
+    T1w alone; ``"bids"``; default: ``"bids"`` for several sequences) choose the multi-sequence
+    generator (:mod:`.multiseq`); T1w alone in the flat layout is the single-sequence set.
     """
+    sequences = check_sequences(tuple(sequences))
+    layout = layout or ("flat" if sequences == ("T1w",) else "bids")
+    if layout not in ("flat", "bids"):
+        raise ConfigError("layout: " + did_you_mean(layout, ("flat", "bids"), "layout"))
+    if layout == "bids":
+        return make_multiseq_dataset(
+            out,
+            size,
+            seed,
+            lesion_kinds,
+            voxel_size,
+            n_train,
+            n_test_normal,
+            n_test_anomalous,
+            space,
+            sequences,
+        )
+    if sequences != ("T1w",):
+        raise ConfigError(f"layout 'flat' holds T1w alone, not {list(sequences)}; use layout='bids'")
     if space == "native":
         return make_native_dataset(
             out, size, seed, lesion_kinds, voxel_size, n_train, n_test_normal, n_test_anomalous

@@ -132,10 +132,14 @@ def _world_points(mask: np.ndarray, affine: np.ndarray, step: int = 2) -> np.nda
 
 
 def _native_grid(
-    rng: np.random.Generator, brain_pts: np.ndarray, lesion_pts: np.ndarray
+    rng: np.random.Generator,
+    brain_pts: np.ndarray,
+    lesion_pts: np.ndarray,
+    protocols: tuple[tuple[float, float] | None, ...] = PROTOCOLS,
 ) -> tuple[np.ndarray, tuple[int, int, int], dict[str, Any]]:
-    """A random scanner grid around the head: voxel size, stack, axis order, flips, field of view."""
-    protocol = PROTOCOLS[int(rng.integers(len(PROTOCOLS)))]
+    """A random scanner grid around the head: voxel size (one of ``protocols``), stack, axis order,
+    flips, field of view."""
+    protocol = protocols[int(rng.integers(len(protocols)))]
     if protocol is None:
         in_plane = thickness = float(np.round(rng.uniform(1.0, 2.0), 1))
     else:
@@ -204,8 +208,16 @@ def make_native_subject(
 
     nat_brain = resample(brain) > 0.5
     nat_lesion = (resample(lesion) > 0.5) & nat_brain
-    nat = resample(image)
-    # scanner and site effects on the native grid
+    nat, effects = scanner_effects(resample(image), nat_brain, affine, rng)
+    info.update(effects, pose=pose.tolist())  # pose: template world -> scanner world
+    return NativeSubject(nat, nat_lesion, affine, info)
+
+
+def scanner_effects(
+    nat: np.ndarray, nat_brain: np.ndarray, affine: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Gamma, bias field, Rician noise and intensity units of one scanner, on a native grid."""
+    shape = nat.shape
     ref = float(np.percentile(nat[nat_brain], 99))
     gamma = float(rng.uniform(*GAMMA))
     nat = ref * np.power(np.maximum(nat, 0.0) / ref, gamma)
@@ -221,15 +233,14 @@ def make_native_subject(
         nat = np.round(nat).astype(np.int16)
     else:
         nat = nat.astype(np.float32)
-    info.update(
-        intensity_scale=round(scale, 1),
-        gamma=round(gamma, 3),
-        noise_sigma=round(float(sigma * scale), 2),
-        dtype=str(nat.dtype),
-        shape="x".join(str(n) for n in shape),
-        pose=pose.tolist(),  # template world -> scanner world
-    )
-    return NativeSubject(nat, nat_lesion, affine, info)
+    effects = {
+        "intensity_scale": round(scale, 1),
+        "gamma": round(gamma, 3),
+        "noise_sigma": round(float(sigma * scale), 2),
+        "dtype": str(nat.dtype),
+        "shape": "x".join(str(n) for n in shape),
+    }
+    return nat, effects
 
 
 def make_native_dataset(
