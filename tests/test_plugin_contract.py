@@ -222,9 +222,9 @@ def test_spatial_shape_is_set_for_every_autoencoder():
     assert net.autoencoder.spatial_shape == (1, 4, 4, 4)
 
 
-def test_multichannel_extractor_is_refused_by_the_single_channel_pipeline():
+def test_extractor_channels_must_match_the_sequences():
     pipe = AnomalyDetectionPipeline({**FAST, "extractor": {"type": "identity", "args": {"in_channels": 2}}})
-    with pytest.raises(ConfigError, match="in_channels: 2, but the pipeline reads single-channel scans"):
+    with pytest.raises(ConfigError, match=r"takes 2 input channel\(s\), but data.sequences gives 1"):
         pipe.build_network()
 
 
