@@ -177,18 +177,30 @@ def bids_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_cli_on_a_bids_dataset(bids_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """fit, score and evaluate on BIDS with T1w+FLAIR; outputs form a BIDS-Derivatives dataset."""
+@pytest.fixture(scope="module")
+def cli_model(bids_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A T1w+FLAIR model fitted by ``anomaly3d fit`` on the BIDS training set."""
     import yaml
 
     from anomaly3d_core.cli import main
 
-    config = tmp_path / "c.yaml"
+    folder = tmp_path_factory.mktemp("cli")
+    config = folder / "c.yaml"
     config.write_text(yaml.safe_dump(SEQS))
-    model = tmp_path / "model"
+    model = folder / "model"
     assert (
         main(["fit", "--config", str(config), "--train", str(bids_data / "train"), "--out", str(model)]) == 0
     )
+    return model
+
+
+def test_cli_on_a_bids_dataset(
+    bids_data: Path, cli_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """fit, score and evaluate on BIDS with T1w+FLAIR; outputs form a BIDS-Derivatives dataset."""
+    from anomaly3d_core.cli import main
+
+    model = cli_model
     (bids_data / "test" / "sub-52" / "anat" / "sub-52_FLAIR.nii.gz").rename(
         bids_data / "test" / "gone.nii.gz"
     )
@@ -255,25 +267,23 @@ def test_python_api_with_subject_mappings(bids_data: Path) -> None:
         single.read(train[0])
 
 
-def test_served_model_takes_one_column_per_sequence(bids_data: Path, tmp_path: Path) -> None:
+def test_served_model_takes_one_column_per_sequence(bids_data: Path, cli_model: Path) -> None:
     import base64
 
     import mlflow.pyfunc
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+    from anomaly3d_core.persistence import load_detector
 
-    train = sorted((bids_data / "train").glob("sub-*/anat/*_T1w.nii.gz"))
-    pipe = AnomalyDetectionPipeline(SEQS).fit(
-        [{"T1w": p, "FLAIR": p.with_name(p.name.replace("T1w", "FLAIR"))} for p in train], show_progress=False
-    )
-    model = mlflow.pyfunc.load_model(str(pipe.save(tmp_path / "model")))
+    model = mlflow.pyfunc.load_model(str(cli_model))
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["T1w", "FLAIR", "format"]
     anat = bids_data / "test" / "sub-50" / "anat"
     row = {s: base64.b64encode((anat / f"sub-50_{s}.nii.gz").read_bytes()).decode() for s in ("T1w", "FLAIR")}
     out = model.predict(pd.DataFrame([row]))
-    expected = pipe.score({"T1w": anat / "sub-50_T1w.nii.gz", "FLAIR": anat / "sub-50_FLAIR.nii.gz"})
+    expected = load_detector(cli_model).score(
+        {"T1w": anat / "sub-50_T1w.nii.gz", "FLAIR": anat / "sub-50_FLAIR.nii.gz"}
+    )
     assert out["volume_score"][0] == pytest.approx(expected.volume_score, rel=1e-5)
     with pytest.raises(MlflowException, match="FLAIR"):
         model.predict(pd.DataFrame([{"T1w": row["T1w"]}]))
