@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench serve clean
 
 install: $(STAMP)
 
@@ -24,6 +24,15 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/anomaly3d demo --out demo_output --config experiments/configs/brain_mri.yaml
+
+# Serve a model over HTTP: a registered one (models:/NAME@ALIAS, from the tracking store
+# MLFLOW_TRACKING_URI, default sqlite:///mlruns.db) or a model folder. MLflow starts `uvicorn` by
+# name, so the venv's bin goes on PATH (as in an activated venv).
+MODEL ?= models:/anomaly3d-demo@champion
+PORT  ?= 5001
+serve: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///mlruns.db}" \
+		$(BIN)/mlflow models serve --env-manager local -m "$(MODEL)" -p $(PORT)
 
 # tests/test_plugin_packages.py also builds examples/anomaly3d-example-plugin with pip, installs it
 # into a temporary folder (not the venv) and runs its own test suite and the CLI on it.

@@ -11,6 +11,7 @@ and config errors answer without the seconds those imports take.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -72,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="small", help="demo data size: tiny, small, medium, large")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", help="pipeline YAML (default: built-in defaults)")
+    p.add_argument(
+        "--register",
+        metavar="NAME[@ALIAS]",
+        help="register the run's model in the MLflow registry under NAME, alias ALIAS (default "
+        "'champion'), servable as models:/NAME@ALIAS (also: tracking.register_as); default anomaly3d-demo",
+    )
     _common(p)
 
     p = sub.add_parser("demo-data", help="write the synthetic MNI152-based brain MRI data set")
@@ -97,16 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="folder, file or glob of normal training scans")
     p.add_argument("--val", help="optional held-out normal scans for early stopping and calibration")
     p.add_argument("--out", required=True, help="model folder to write (an MLflow model)")
+    p.add_argument(
+        "--register",
+        metavar="NAME[@ALIAS]",
+        help="register the run's model in the MLflow registry under NAME, alias ALIAS (default "
+        "'champion'), servable as models:/NAME@ALIAS (also: tracking.register_as)",
+    )
     _common(p)
 
     p = sub.add_parser("score", help="write score maps, masks and scores.csv for new scans")
-    p.add_argument("--model", required=True, help="model folder written by fit")
+    p.add_argument(
+        "--model", required=True, help="model folder written by fit, or an MLflow URI (models:/NAME@ALIAS)"
+    )
     p.add_argument("--input", required=True, help="file, folder or glob of scans")
     p.add_argument("--out", required=True, help="output folder")
     _common(p)
 
     p = sub.add_parser("evaluate", help="score scans and compare with ground-truth masks")
-    p.add_argument("--model", required=True)
+    p.add_argument(
+        "--model", required=True, help="model folder written by fit, or an MLflow URI (models:/NAME@ALIAS)"
+    )
     p.add_argument("--input", required=True, help="file, folder or glob of scans")
     p.add_argument("--masks", required=True, help="folder of ground-truth masks (same file names)")
     p.add_argument("--out", required=True)
@@ -131,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only write the study's best config and model now (normally the last worker to finish does)",
     )
+    p.add_argument(
+        "--register",
+        metavar="NAME[@ALIAS]",
+        help="register the run's model in the MLflow registry under NAME, alias ALIAS (default "
+        "'champion'), servable as models:/NAME@ALIAS (also: tracking.register_as); default anomaly3d-STUDY",
+    )
     _common(p)
     return parser
 
@@ -148,14 +171,31 @@ def _check_out(path: str) -> Path:
     return check_output_dir(path)
 
 
-def _load_model(args: argparse.Namespace) -> Any:
-    """The saved detector, with any ``--set data.loader...`` reading options applied."""
+def _load_model(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any, dict[str, str]]:
+    """The saved detector (a folder, or a ``models:/``/``runs:/`` URI fetched for the command's
+    duration), with any ``--set data.loader...`` reading options applied, and the run and logged
+    model behind it, where known."""
+    from anomaly3d_core.mlops.tracking import is_model_uri, read_lineage
     from anomaly3d_core.persistence import load_detector
 
-    pipe = load_detector(args.model)
+    folder = Path(args.model)
+    if is_model_uri(args.model):
+        from anomaly3d_core.mlops.tracking import fetch_model
+
+        folder = fetch_model(args.model, stack)
+    pipe = load_detector(folder)
     if args.overrides:
         pipe.set_reading(args.overrides)
-    return pipe
+    return pipe, read_lineage(folder)
+
+
+def _register(args: argparse.Namespace, config: Any, default: str | None = None) -> tuple[str, str] | None:
+    """``(name, alias)`` from ``--register``, else ``tracking.register_as``, else ``default``."""
+    from anomaly3d_core.mlops.tracking import parse_register
+
+    if not config.tracking.enabled:
+        return None
+    return parse_register(getattr(args, "register", None) or config.tracking.register_as or default)
 
 
 def _new_model(config: Any) -> Any:
@@ -282,12 +322,14 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from anomaly3d_core.io.files import check_model_target, write_lock
-    from anomaly3d_core.mlops.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run
+    from anomaly3d_core.mlops.naming import data_folder, set_name
+    from anomaly3d_core.mlops.tracking import command_run, config_label, epoch_logger
 
     config = _config(args)
     from anomaly3d_core.model import distributed
 
     distributed.init_from_env()
+    register = _register(args, config)
     if distributed.is_main():
         check_model_target(args.out)  # before any work
     found = _inputs(args.train, config)
@@ -300,23 +342,61 @@ def cmd_fit(args: argparse.Namespace) -> int:
     # held from the start, so a second `fit` into the same folder stops at once instead of after training
     with write_lock(args.out, "model folder"):
         _print_advice(config, train)
-        with mlflow_run(config, "fit"):
-            pipe.fit(train, val, callbacks=[epoch_logger()] if config.tracking.enabled else ())
-            out = pipe.save(args.out)
-            _log_fit(pipe, Path(args.out))
-            log_metrics(
-                {
-                    "fit_seconds": pipe.fit_seconds_,
-                    "threshold": pipe.threshold_,
-                    "volume_threshold": pipe.volume_threshold_,
-                }
-            )
-            log_artifact(Path(args.out) / "training_curves.png", "plots")
+        name = set_name(data_folder(args.train))
+        with command_run(config, "fit", config_label(args.config), name) as run:
+            pipe.fit(train, val, callbacks=[epoch_logger()] if run else ())
+            sets = None
+            if run is not None:
+                from anomaly3d_core.mlops.tracking import fit_datasets
+
+                sets = fit_datasets(pipe, train, val, name, set_name(data_folder(args.val)) if val else None)
+            out = _save_fit(pipe, Path(args.out), register, sets)
     print(
         f"model written to {out} ({pipe.n_train_volumes_} training, {pipe.n_val_volumes_} validation volumes, "
         f"{len(pipe.history_['train_loss'])} epochs, {pipe.fit_seconds_:.1f} s); threshold {pipe.threshold_:.4g}"
     )
+    _print_registered(register)
     return _report(pipe.failures_, "fit", found.errors)
+
+
+def _save_fit(pipe: Any, out: Path, register: tuple[str, str] | None, sets: Any) -> Path:
+    """Log the fitted model to the active run (its data sets, the model, registered when asked,
+    fit metrics, the training curves), then write the model folder, which names that run."""
+    from anomaly3d_core.evaluation.plotting import plot_training_curves
+    from anomaly3d_core.mlops.tracking import (
+        LINEAGE_KEY,
+        lineage,
+        log_artifact,
+        log_datasets,
+        log_metrics,
+        log_model,
+    )
+
+    metadata = None
+    if sets is not None:
+        log_datasets(sets)
+        info = log_model(pipe, register)
+        metadata = {LINEAGE_KEY: lineage(info)}
+        log_metrics(
+            {
+                "fit_seconds": pipe.fit_seconds_,
+                "threshold": pipe.threshold_,
+                "volume_threshold": pipe.volume_threshold_,
+                "n_train_volumes": pipe.n_train_volumes_,
+                "n_val_volumes": pipe.n_val_volumes_,
+            }
+        )
+    written = pipe.save(out, metadata)
+    plot_training_curves(pipe.history_, out / "training_curves.png")
+    log_artifact(out / "training_curves.png", "plots")
+    return written
+
+
+def _print_registered(register: tuple[str, str] | None) -> None:
+    if register:
+        print(
+            f"registered as models:/{register[0]}@{register[1]} (serve: make serve MODEL=models:/{register[0]}@{register[1]})"
+        )
 
 
 def _print_advice(config: Any, scans: list[Any]) -> None:
@@ -334,53 +414,85 @@ def _print_advice(config: Any, scans: list[Any]) -> None:
     )
 
 
-def _log_fit(pipe: Any, out: Path) -> None:
-    from anomaly3d_core.evaluation.plotting import plot_training_curves
-    from anomaly3d_core.mlops.tracking import log_pyfunc_if_active
-
-    plot_training_curves(pipe.history_, out / "training_curves.png")
-    log_pyfunc_if_active(pipe)
-
-
 def cmd_score(args: argparse.Namespace) -> int:
+    from anomaly3d_core.mlops.tracking import is_model_uri
     from anomaly3d_core.runner import score_files
 
     out = _check_out(args.out)
-    pipe = _load_model(args)
-    found = _inputs(args.input, pipe)
-    uri = (
-        args.model
-        if "://" in args.model or args.model.startswith("models:/")
-        else str(Path(args.model).resolve())
-    )
-    batch = score_files(pipe, found.items, out, bids_root=found.bids_root, model_uri=uri)
+    with contextlib.ExitStack() as stack:
+        pipe, _ = _load_model(args, stack)
+        found = _inputs(args.input, pipe)
+        uri = args.model if is_model_uri(args.model) else str(Path(args.model).resolve())
+        batch = score_files(pipe, found.items, out, bids_root=found.bids_root, model_uri=uri)
     flagged = sum(bool(r["is_anomalous"]) for r in batch.rows)
     where = "a BIDS-Derivatives dataset" if found.bids_root is not None else "maps and scores.csv"
     print(f"scored {len(batch.rows)} volume(s), {flagged} flagged anomalous; {where} in {args.out}")
     return _report(batch.failures, "scoring", found.errors)
 
 
+def _evaluation_set(inputs: list[Any], failures: Any, masks: Path, spec: str, name: str) -> Any:
+    """The scans an evaluation scored (failed ones left out) with their masks, as an MLflow dataset."""
+    from anomaly3d_core.mlops.datasets import ScanSet, leave_out
+    from anomaly3d_core.mlops.naming import data_folder
+
+    used = leave_out(inputs, [path for path, _ in failures.items])
+    return ScanSet(used, name=name, masks=masks, source=data_folder(spec))
+
+
+def _model_metrics(pipe: Any) -> dict[str, float]:
+    return {"threshold": pipe.threshold_, "volume_threshold": pipe.volume_threshold_}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from anomaly3d_core.mlops.tracking import log_artifact, log_metrics, mlflow_run
+    from anomaly3d_core.mlops.naming import data_folder, set_name
+    from anomaly3d_core.mlops.tracking import (
+        command_run,
+        link_model,
+        log_artifact,
+        log_datasets,
+        log_metrics,
+        source_run,
+    )
     from anomaly3d_core.runner import evaluate_files, summary_table
 
     out = _check_out(args.out)
-    pipe = _load_model(args)
-    with mlflow_run(pipe.config, "evaluate"):
+    with contextlib.ExitStack() as stack:
+        pipe, lineage = _load_model(args, stack)
         found = _inputs(args.input, pipe)
-        metrics, failures = evaluate_files(pipe, found.items, Path(args.masks), out)
-        log_metrics(metrics)
-        log_artifact(args.out, "evaluation")
+        name = set_name(data_folder(args.input))
+        if pipe.config.tracking.enabled:
+            lineage = source_run(lineage, pipe.config)
+        config_name = lineage.get("config") or Path(args.model.rstrip("/")).name
+        with command_run(pipe.config, "evaluate", config_name, name) as run:
+            model_id = link_model(args.model, lineage) if run else None
+            metrics, failures = evaluate_files(pipe, found.items, Path(args.masks), out)
+            dataset = None
+            if run is not None:
+                dataset = _evaluation_set(found.items, failures, Path(args.masks), args.input, name)
+                log_datasets([(dataset, "evaluation")])
+            log_metrics({**metrics, **_model_metrics(pipe)}, model_id=model_id, dataset=dataset)
+            log_artifact(args.out, "evaluation")
     print(summary_table(metrics) + f"metrics.json, summary.txt and plots in {args.out}")
     return _report(failures, "evaluation", found.errors)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from anomaly3d_core.demo.datasets import make_demo_dataset
-    from anomaly3d_core.mlops.tracking import epoch_logger, log_artifact, log_metrics, mlflow_run, ui_command
+    from anomaly3d_core.mlops.naming import set_name
+    from anomaly3d_core.mlops.tracking import (
+        command_run,
+        config_label,
+        epoch_logger,
+        fit_datasets,
+        log_artifact,
+        log_datasets,
+        log_metrics,
+        ui_command,
+    )
     from anomaly3d_core.runner import evaluate_files, score_files, summary_table
 
     config = _config(args)
+    register = _register(args, config, default="anomaly3d-demo")
     out = _check_out(args.out)
     first = config.members[0] if hasattr(config, "members") else config
     channels = first.data.channels  # several sequences: the demo data is written as BIDS with them
@@ -395,19 +507,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pipe = _new_model(config)
     train, tests = _inputs(str(data / "train"), config), _inputs(str(data / "test"), config)
     _print_advice(config, train.items)
-    with mlflow_run(config, "demo", tags={"data": str(data)}) as run:
+    name = set_name(data / "train")
+    with command_run(config, "demo", config_label(args.config), name) as run:
         print("[2/4] fitting on normal subjects ...", flush=True)
-        pipe.fit(train.items, callbacks=[epoch_logger()] if config.tracking.enabled else ())
-        pipe.save(out / "model")
-        _log_fit(pipe, out / "model")
-        log_artifact(out / "model" / "training_curves.png", "plots")
+        pipe.fit(train.items, callbacks=[epoch_logger()] if run else ())
+        sets = fit_datasets(pipe, train.items, None, name) if run else None
+        _save_fit(pipe, out / "model", register, sets)
         print(f"      {pipe.fit_seconds_:.1f} s, {len(pipe.history_['train_loss'])} epochs", flush=True)
         print("[3/4] scoring test subjects ...", flush=True)
         uri = str((out / "model").resolve())
         batch = score_files(pipe, tests.items, out / "scores", bids_root=tests.bids_root, model_uri=uri)
         print("[4/4] evaluating against ground truth ...", flush=True)
         metrics, failures = evaluate_files(pipe, tests.items, data / "test_masks", out / "evaluation")
-        log_metrics({**metrics, "fit_seconds": pipe.fit_seconds_})
+        dataset = None
+        if run is not None:
+            dataset = _evaluation_set(
+                tests.items, failures, data / "test_masks", str(data / "test"), set_name(data / "test")
+            )
+            log_datasets([(dataset, "evaluation")])
+        log_metrics(metrics, dataset=dataset)
         log_artifact(out / "evaluation", "evaluation")
         for row in batch.rows[: config.tracking.log_score_maps]:
             log_artifact(out / "scores" / row["score_map"], "score_maps")
@@ -417,6 +535,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"model (MLflow model) : {out / 'model'}")
     if run is not None:
         print(f"MLflow run           : {run.info.run_id}  ->  {ui_command(config)}")
+        if register:
+            print(f"registered model     : models:/{register[0]}@{register[1]}  ->  make serve")
     print(f"total {time.perf_counter() - t0:.0f} s")
     failures.items.extend(batch.failures.items)
     return _report(failures, "demo", [*train.errors, *tests.errors])

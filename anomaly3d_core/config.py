@@ -268,6 +268,14 @@ class TrackingConfig(Section):
     tracking_uri: str | None = None
     experiment_name: str = "anomaly3d"
     log_score_maps: int = Field(2, ge=0)
+    run_name: str | None = Field(
+        None, description="the run's name (default: '<command> <config> on <data set>')"
+    )
+    register_as: str | None = Field(
+        None,
+        description="register the run's model under this name (NAME or NAME@ALIAS; alias default "
+        "'champion'), servable as models:/NAME@ALIAS",
+    )
 
 
 class TuningConfig(Section):

@@ -253,11 +253,12 @@ class Detector(ABC):
         return as_volume(item).array > 0
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> Path:
-        """Save as an MLflow pyfunc model folder (servable with ``mlflow models serve``)."""
+    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+        """Save as an MLflow pyfunc model folder (servable with ``mlflow models serve``);
+        ``metadata`` is kept in its ``MLmodel`` file."""
         from anomaly3d_core.mlops.serving import save_pyfunc  # mlflow is heavy: imported on save only
 
-        return save_pyfunc(self, path)
+        return save_pyfunc(self, path, metadata)
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, registry: Any = None) -> Detector:

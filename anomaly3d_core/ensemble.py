@@ -158,8 +158,9 @@ class EnsemblePipeline(Detector):
         self.failures_ = first.failures_
         self.history_ = first.history_
         self.n_train_volumes_, self.n_val_volumes_ = first.n_train_volumes_, first.n_val_volumes_
+        self.val_volumes_ = first.val_volumes_  # calibrated on the first member's held-out normals
         self.postprocessor_ = PostProcessor(self.config.threshold, self.registry)
-        self.calibrate(first.val_volumes_)
+        self.calibrate(self.val_volumes_)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 

@@ -26,6 +26,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
 
 
@@ -187,6 +188,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("bench_output/data"))
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--only", nargs="*", help="entry names (substring match)")
+    bench_tracking.add_arguments(parser)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,6 +220,7 @@ def main() -> None:
             f"   voxel AP {r['all']['pixel_ap']:.3f}, sample AUROC {r['all'].get('volume_auroc', float('nan')):.3f}, fit {r['fit_seconds']} s",
             flush=True,
         )
+    fresh_rows = list(results)
     previous = args.out / "benchmark.json"
     if args.only and previous.is_file():  # a partial rerun updates its rows and keeps the others
         fresh = {r["name"]: r for r in results}
@@ -229,6 +232,25 @@ def main() -> None:
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "benchmark.md").write_text(text + "\n")
     print("\n" + text)
+    if not args.no_mlflow:
+        rows = fresh_rows  # the rows run now, not those kept from an earlier run
+        bench_tracking.log_rows(rows, entry_configs(rows), args.data, args.experiment, "benchmark")
+        print(f"\n{len(rows)} row(s) logged to the MLflow experiment '{args.experiment}'")
+
+
+def entry_configs(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """``name -> (config, config name)`` of the rows that a config made (baselines have none)."""
+    from anomaly3d_core.config import build_config
+    from anomaly3d_core.persistence import load_any_config
+
+    out = {}
+    for r in results:
+        entry = ENTRIES.get(r["name"])
+        if isinstance(entry, Path):
+            out[r["name"]] = (load_any_config(entry), entry.name)
+        elif isinstance(entry, dict):
+            out[r["name"]] = (build_config(entry), "benchmark.py")
+    return out
 
 
 if __name__ == "__main__":

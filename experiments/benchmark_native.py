@@ -36,6 +36,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
 
 NATIVE_CONFIG = HERE / "configs" / "brain_mri_native.yaml"
@@ -235,6 +236,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("bench_output/data/native"))
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--only", nargs="*", help="entry names (substring match)")
+    bench_tracking.add_arguments(parser)
     args = parser.parse_args()
     print(f"native benchmark data in {make_benchmark_data(args.data, space='native')}", flush=True)
     names = [n for n in ENTRIES if not args.only or any(o in n for o in args.only)]
@@ -249,6 +251,7 @@ def main() -> None:
             flush=True,
         )
     args.out.mkdir(parents=True, exist_ok=True)
+    fresh_rows = list(results)
     previous = args.out / "benchmark_native.json"
     if args.only and previous.is_file():  # a partial rerun updates its rows and keeps the others
         fresh = {r["name"]: r for r in results}
@@ -259,6 +262,19 @@ def main() -> None:
     previous.write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "benchmark_native.md").write_text(text + "\n")
     print("\n" + text)
+    if not args.no_mlflow:
+        configs = {r["name"]: entry_config(ENTRIES[r["name"]]) for r in fresh_rows if r["name"] in ENTRIES}
+        configs = {k: v for k, v in configs.items() if v is not None}
+        bench_tracking.log_rows(fresh_rows, configs, args.data, args.experiment, "benchmark_native")
+        print(f"\n{len(fresh_rows)} row(s) logged to the MLflow experiment '{args.experiment}'")
+
+
+def entry_config(entry: tuple[str, Any, dict[str, Any]]) -> tuple[Any, str] | None:
+    """``(config, config file name)`` of a pipeline entry; ``None`` for a baseline."""
+    from anomaly3d_core.config import build_config
+
+    kind, spec, overrides = entry
+    return (build_config(config_tree(spec, overrides)), Path(spec).name) if kind == "pipeline" else None
 
 
 if __name__ == "__main__":

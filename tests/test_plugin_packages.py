@@ -207,7 +207,7 @@ try:
 except Exception as exc:
     unnamed = str(exc)
 [run] = mlflow.search_runs(
-    experiment_names=["anomaly3d"], filter_string="attributes.run_name = 'fit'", output_format="list"
+    experiment_names=["anomaly3d"], filter_string="tags.`anomaly3d.command` = 'fit'", output_format="list"
 )
 print(json.dumps({{"shape": list(img.shape), "affine": img.affine.tolist(), "unnamed": unnamed,
                   "params": {{k: v for k, v in run.data.params.items() if k.startswith("plugin.")}}}}))

@@ -256,8 +256,9 @@ def write_plugin_list(model: Any, folder: Path) -> None:
     (folder / PLUGINS_FILE).write_text(json.dumps(plugin_provenance(model), indent=2))
 
 
-def save_pyfunc(pipeline: Any, path: str | Path) -> Path:
-    """Write ``pipeline`` as an MLflow model folder at ``path``, replacing an older one only when the new one is complete."""
+def save_pyfunc(pipeline: Any, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``pipeline`` as an MLflow model folder at ``path``, replacing an older one only when the
+    new one is complete. ``metadata`` goes into the ``MLmodel`` file (e.g. the run that logged it)."""
     out = check_model_target(path)
 
     def build(new: Path) -> None:
@@ -271,22 +272,32 @@ def save_pyfunc(pipeline: Any, path: str | Path) -> Path:
                 signature=signature(pipeline.channels),
                 input_example=input_example(pipeline),
                 pip_requirements=_requirements(pipeline),
+                metadata=metadata,
             )
 
     return replace_tree(out, build, "model folder")
 
 
-def log_pyfunc(pipeline: Any, registered_model_name: str | None = None) -> Any:
-    """Log ``pipeline`` to the active MLflow run (and optionally register it)."""
+def log_pyfunc(
+    pipeline: Any,
+    registered_model_name: str | None = None,
+    name: str = "model",
+    tags: dict[str, str] | None = None,
+    model_type: str | None = None,
+) -> Any:
+    """Log ``pipeline`` to the active MLflow run (and optionally register it); ``tags`` and
+    ``model_type`` go on the logged model, so ``search_logged_models`` can filter on them."""
     with tempfile.TemporaryDirectory() as tmp:
         files = pipeline.save_files(Path(tmp) / "pipeline")
         write_plugin_list(pipeline, files)
         return mlflow.pyfunc.log_model(
-            name="model",
+            name=name,
             python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
             artifacts={"pipeline": str(files)},
             signature=signature(pipeline.channels),
             input_example=input_example(pipeline),
             pip_requirements=_requirements(pipeline),
             registered_model_name=registered_model_name,
+            tags=tags,
+            model_type=model_type,
         )

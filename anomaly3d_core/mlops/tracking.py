@@ -1,4 +1,5 @@
-"""MLflow tracking: one run per command, consistent metric names, artifacts and the model.
+"""MLflow tracking: one run per command, readable names and tags, dataset inputs, metrics under one
+set of names, the model logged (and registered) with every run that makes one.
 
 The tracking URI comes from ``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a
 local SQLite store ``sqlite:///mlruns.db`` (artifacts in ``./mlartifacts``).
@@ -10,20 +11,50 @@ tracking disabled never pay for importing it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
+import json
 import logging
 import math
 import os
 import random
+import re
+import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from anomaly3d_core.config import PipelineConfig
+from anomaly3d_core.mlops.naming import common_folder
 from anomaly3d_core.registry import get_registry
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+TAG = "anomaly3d."  # prefix of every tag this module sets
+LINEAGE_KEY = "anomaly3d"  # the MLmodel metadata entry that says which run logged a saved model
+DEFAULT_ALIAS = "champion"
+# Final metrics share these names whichever command logged them (fit, demo, evaluate, tune, the
+# benchmark), so runs of all of them line up in the UI's comparison view.
+METRIC_NAMES = {
+    "pixel_ap": "pooled voxel average precision inside the foreground",
+    "pixel_auc": "pooled voxel ROC AUC inside the foreground",
+    "pixel_best_dice": "best Dice over all thresholds",
+    "pixel_dice": "Dice at the model's threshold",
+    "pixel_iou": "IoU at the model's threshold",
+    "volume_auroc": "scan-level ROC AUC of the volume scores",
+    "lesion_sensitivity": "share of lesions (connected components) detected",
+    "fit_seconds": "training and calibration time",
+    "seconds_per_volume": "scoring time per scan",
+    "threshold": "the model's calibrated voxel threshold",
+    "volume_threshold": "the model's calibrated volume-score threshold",
+    "n_train_volumes": "scans trained on",
+    "n_val_volumes": "held-out normal scans calibrated on",
+}
+# tuning.metric's older names for the same figures
+METRIC_ALIASES = {"voxel_ap": "pixel_ap", "voxel_auroc": "pixel_auc"}
 
 
 def tracking_uri(config: PipelineConfig | None = None) -> str:
@@ -60,6 +91,21 @@ def plugin_versions(config: Any, registry: Any = None) -> dict[str, str]:
     return out
 
 
+def _experiment_id(name: str, uri: str) -> str:
+    """Set the tracking URI and return the experiment's id, creating the experiment when needed."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    for attempt in range(5):  # processes sharing a new SQLite store race to create its schema
+        try:
+            return _experiment(name, uri)
+        except Exception:
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def mlflow_run(
     config: Any,
@@ -77,16 +123,9 @@ def mlflow_run(
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    uri = tracking_uri(config)
-    mlflow.set_tracking_uri(uri)
-    for attempt in range(5):  # processes sharing a new SQLite store race to create its schema
-        try:
-            exp_id = _experiment(config.tracking.experiment_name, uri)
-            break
-        except Exception:
-            if attempt == 4:
-                raise
-            time.sleep(0.5 + random.random())
+    exp_id = _experiment_id(config.tracking.experiment_name, tracking_uri(config))
+    if config.tracking.run_name and not nested:
+        run_name = config.tracking.run_name
     with mlflow.start_run(
         run_name=run_name, experiment_id=exp_id, nested=nested, tags=dict(tags or {})
     ) as run:
@@ -103,8 +142,16 @@ def _param(value: Any) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
-def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str = "") -> None:
-    """Log the finite numeric entries of ``metrics`` to the active run, if any."""
+def log_metrics(
+    metrics: Mapping[str, Any],
+    step: int | None = None,
+    prefix: str = "",
+    model_id: str | None = None,
+    dataset: Any = None,
+) -> None:
+    """Log the finite numeric entries of ``metrics`` to the active run, if any; ``model_id`` and
+    ``dataset`` link them to a logged model and the data they were measured on (the run's own
+    model, when it logged one, is linked by MLflow itself)."""
     import mlflow
 
     if mlflow.active_run() is None:
@@ -115,7 +162,7 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
     }
     if clean:
-        mlflow.log_metrics(clean, step=step)
+        mlflow.log_metrics(clean, step=step, model_id=model_id, dataset=dataset)
 
 
 def epoch_logger(prefix: str = "") -> Any:
@@ -141,8 +188,176 @@ def ui_command(config: PipelineConfig | None = None) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri(config)}"
 
 
-def log_pyfunc_if_active(pipeline: Any, registered_model_name: str | None = None) -> Any:
-    """Log the fitted pipeline as the run's MLflow model (no-op without an active run)."""
+def project_version() -> str:
+    try:
+        return importlib.metadata.version("anomaly3d")
+    except importlib.metadata.PackageNotFoundError:
+        from anomaly3d_core import __version__
+
+        return __version__
+
+
+@functools.cache
+def code_revision() -> str | None:
+    """The git commit of the code that runs (``+dirty`` when it has uncommitted changes), when it
+    runs from a git checkout; ``None`` for an installed wheel or without git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def config_label(config_path: str | Path | None) -> str:
+    """The config file's name (``brain_mri.yaml``), or ``defaults`` without one."""
+    return Path(config_path).name if config_path else "defaults"
+
+
+def _members(config: Any) -> list[Any]:
+    return list(getattr(config, "members", None) or [config])
+
+
+def component_tags(config: Any) -> dict[str, str]:
+    """The detector kind and its component types (an ensemble joins its members' with ``+``)."""
+
+    def joined(get: Any) -> str:
+        values = [get(m) for m in _members(config)]
+        return "+".join(dict.fromkeys(values))
+
+    return {
+        f"{TAG}detector": "ensemble" if hasattr(config, "members") else "pipeline",
+        f"{TAG}extractor": joined(lambda m: m.extractor.type),
+        f"{TAG}embedding": joined(lambda m: m.embedding.embedding_method),
+        f"{TAG}autoencoder": joined(lambda m: m.autoencoder.type),
+        f"{TAG}threshold": config.threshold.type,
+        f"{TAG}normative": joined(lambda m: str(m.threshold.normative).lower()),
+        f"{TAG}register_to": joined(lambda m: m.data.preprocessing.register_to),
+    }
+
+
+def plugin_packages(config_or_detector: Any) -> str:
+    """``package==version`` of every plugin package a config or fitted detector uses, comma-separated."""
+    return ", ".join(sorted(set(plugin_versions(config_or_detector).values())))
+
+
+def run_tags(config: Any, command: str, config_name: str, dataset: str | None = None) -> dict[str, str]:
+    """Tags that make a list of runs readable and filterable (``tags.anomaly3d.autoencoder = 'denoising'``);
+    ``config`` may be ``None`` for a result that no config made (a benchmark's baseline)."""
+    tags = {f"{TAG}command": command, f"{TAG}config": config_name}
+    if config is not None:
+        tags.update(component_tags(config))
+        tags[f"{TAG}plugins"] = plugin_packages(config)
+    tags[f"{TAG}version"] = project_version()
+    if dataset:
+        tags[f"{TAG}dataset"] = dataset
+    revision = code_revision()
+    if revision:
+        tags[f"{TAG}code_revision"] = revision
+        tags["mlflow.source.git.commit"] = revision.removesuffix("+dirty")
+    return tags
+
+
+def run_name(command: str, config_name: str, dataset: str | None = None) -> str:
+    """``fit brain_mri on demo/train``: the command, the config's name and the data set's."""
+    name = f"{command} {config_name.removesuffix('.yaml').removesuffix('.yml')}"
+    return f"{name} on {dataset}" if dataset else name
+
+
+@contextlib.contextmanager
+def command_run(
+    config: Any,
+    command: str,
+    config_name: str,
+    dataset: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[Any]:
+    """The run of one CLI command, named ``<command> <config> on <data set>`` and tagged by
+    :func:`run_tags` (``None`` with tracking disabled)."""
+    if not config.tracking.enabled:
+        yield None
+        return
+    all_tags = {**run_tags(config, command, config_name, dataset), **dict(tags or {})}
+    with mlflow_run(config, run_name(command, config_name, dataset), tags=all_tags) as run:
+        yield run
+
+
+def fit_datasets(
+    detector: Any, train: Sequence[Any], val: Sequence[Any] | None, name: str, val_name: str | None = None
+) -> list[tuple[Any, str]]:
+    """The training and validation scan sets of a fitted detector: the scans (files or subjects) it
+    trained on, skipped ones and, without ``val``, the normals it held out for calibration left
+    out; and the held-out ones."""
+    from anomaly3d_core.mlops.datasets import ScanSet, leave_out, pick
+
+    failed = [path for path, _ in detector.failures_.items]
+    if val:
+        held = leave_out(val, failed)
+    else:
+        held = pick(train, [v.path for v in detector.val_volumes_ if v.path])
+    used = leave_out(train, [*failed, *(k for h in held for k in _keys(h))])
+    source = common_folder([f for f, _ in _scan_files(train)])
+    sets = [(ScanSet(used, name=name, source=source), "training")]
+    if held:
+        held_source = common_folder([f for f, _ in _scan_files(val)]) if val else source
+        sets.append((ScanSet(held, name=val_name or name, source=held_source), "validation"))
+    return sets
+
+
+def _keys(item: Any) -> set[str]:
+    from anomaly3d_core.mlops.datasets import item_keys
+
+    return item_keys(item)
+
+
+def _scan_files(items: Sequence[Any]) -> list[tuple[Path, str | None]]:
+    from anomaly3d_core.mlops.datasets import scan_files
+
+    return [f for i in items for f in scan_files(i)]
+
+
+def log_datasets(sets: Sequence[tuple[Any, ...]]) -> None:
+    """Log each ``(ScanSet, context[, tags])`` as a dataset input of the active run (``training``,
+    ``validation``, ``evaluation``), with its file list as ``datasets/<context>.json``."""
+    import mlflow
+
+    if mlflow.active_run() is None or not sets:
+        return
+    for dataset, context, *rest in sets:
+        mlflow.log_input(dataset, context=context, tags=rest[0] if rest else None)
+        mlflow.log_text(json.dumps(dataset.listing(), indent=1), f"datasets/{context}.json")
+    mlflow.set_tags({f"{TAG}dataset.{s[1]}": f"{s[0].name}@{s[0].digest}" for s in sets})
+
+
+def parse_register(spec: str | None, alias: str | None = None) -> tuple[str, str] | None:
+    """``NAME`` or ``NAME@ALIAS`` -> ``(name, alias)``; ``None`` for no registration."""
+    from anomaly3d_core.errors import ConfigError
+
+    if not spec:
+        return None
+    name, _, given = spec.partition("@")
+    alias = given or alias or DEFAULT_ALIAS
+    if not name.strip() or alias == "latest" or (alias[:1] in "vV" and alias[1:].isdigit()):
+        raise ConfigError(
+            f"--register {spec}: give NAME or NAME@ALIAS; an alias cannot be 'latest' or a version "
+            "like 'v1' (MLflow reserves them)"
+        )
+    return name.strip(), alias
+
+
+def log_model(detector: Any, register: tuple[str, str] | None = None, tags: Mapping[str, str] = ()) -> Any:
+    """Log the fitted detector as the active run's MLflow model; register it under
+    ``register = (name, alias)`` and point the alias at the new version. ``None`` without a run."""
     import mlflow
 
     run = mlflow.active_run()
@@ -150,8 +365,167 @@ def log_pyfunc_if_active(pipeline: Any, registered_model_name: str | None = None
         return None
     from anomaly3d_core.mlops.serving import log_pyfunc
 
-    logged = mlflow.get_run(run.info.run_id).data.params
-    extra = {k: v for k, v in plugin_versions(pipeline).items() if k not in logged}
+    data = mlflow.get_run(run.info.run_id).data
+    extra = {k: v for k, v in plugin_versions(detector).items() if k not in data.params}
     if extra:  # the loaders that read the training scans are known only after fitting
         mlflow.log_params(extra)
-    return log_pyfunc(pipeline, registered_model_name)
+    own = {k: v for k, v in data.tags.items() if k.startswith(TAG) and not k.startswith(f"{TAG}registered")}
+    tags = {**own, **dict(tags), f"{TAG}plugins": plugin_packages(detector)}
+    mlflow.set_tag(f"{TAG}plugins", tags[f"{TAG}plugins"])
+    label = Path(tags.get(f"{TAG}config", "model")).stem
+    info = log_pyfunc(
+        detector,
+        name=re.sub(r"[^\w.-]+", "-", label).strip("-.") or "model",
+        registered_model_name=register[0] if register else None,
+        tags=tags,
+        model_type=f"anomaly3d-{tags.get(f'{TAG}detector', 'pipeline')}",
+    )
+    if register and info.registered_model_version is not None:
+        client = mlflow.MlflowClient()
+        name, alias = register
+        version = str(info.registered_model_version)
+        client.set_registered_model_alias(name, alias, version)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        mlflow.set_tag(f"{TAG}registered_model", f"{name}@{alias} (version {version})")
+    return info
+
+
+def lineage(model_info: Any) -> dict[str, str]:
+    """What a saved model folder keeps of the run that logged the same model (MLmodel metadata)."""
+    import mlflow
+
+    store = mlflow.get_tracking_uri()
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_absolute():
+        store = "sqlite:///" + str(Path(store.removeprefix("sqlite:///")).resolve())
+    out = {
+        "run_id": model_info.run_id,
+        "model_id": model_info.model_id,
+        "model_uri": f"models:/{model_info.model_id}",
+        "tracking_uri": store,
+    }
+    run = mlflow.active_run()
+    if run is not None:
+        tags = mlflow.get_run(run.info.run_id).data.tags
+        out["run_name"] = tags.get("mlflow.runName", "")
+        out["config"] = tags.get(f"{TAG}config", "")
+    if model_info.registered_model_version is not None:
+        out["registered_version"] = str(model_info.registered_model_version)
+    return {k: v for k, v in out.items() if v}
+
+
+def read_lineage(model_folder: str | Path) -> dict[str, str]:
+    """The run and logged model behind a model folder: from the ``MLmodel`` of a model downloaded
+    from MLflow (``run_id``, ``model_id``) or of a folder written by ``fit --out`` (its metadata)."""
+    try:
+        meta = yaml.safe_load((Path(model_folder) / "MLmodel").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    out = dict((meta.get("metadata") or {}).get(LINEAGE_KEY) or {})
+    for key in ("run_id", "model_id"):
+        if meta.get(key):
+            out[key] = str(meta[key])
+    if out.get("model_id"):
+        out.setdefault("model_uri", f"models:/{out['model_id']}")
+    return {k: str(v) for k, v in out.items()}
+
+
+def source_run(found: dict[str, str], config: Any) -> dict[str, str]:
+    """``found`` (see :func:`read_lineage`) with the config and run name of the run that logged
+    the model, looked up in ``config``'s tracking store when the model folder does not say them."""
+    import mlflow
+
+    if found.get("run_id") and not found.get("config"):
+        mlflow.set_tracking_uri(tracking_uri(config))
+        try:
+            tags = mlflow.get_run(found["run_id"]).data.tags
+        except Exception:  # a run of another tracking store
+            return found
+        found = {**found, "config": tags.get(f"{TAG}config", ""), "run_name": tags.get("mlflow.runName", "")}
+    return {k: v for k, v in found.items() if v}
+
+
+def link_model(source: str, found: Mapping[str, str]) -> str | None:
+    """Mark the active run as using the model ``source`` (a folder or a ``models:/`` URI): tags
+    ``anomaly3d.model*`` and, when that model is in this tracking store, a model input. Returns
+    its logged-model id when it is, so metrics can be logged against it."""
+    import mlflow
+    from mlflow.entities import LoggedModelInput
+
+    if mlflow.active_run() is None:
+        return None
+    is_uri = "://" in source or source.startswith(("models:/", "runs:/"))
+    tags = {f"{TAG}model": source if is_uri else str(Path(source).resolve())}
+    tags.update({f"{TAG}model.{k}": v for k, v in found.items() if k in ("run_id", "model_id", "run_name")})
+    mlflow.set_tags(tags)
+    model_id = found.get("model_id")
+    if not model_id:
+        return None
+    try:
+        mlflow.get_logged_model(model_id)
+    except Exception:  # logged to another tracking store: the tags still say where it came from
+        return None
+    mlflow.log_input(model=LoggedModelInput(model_id))
+    return model_id
+
+
+def is_model_uri(spec: str) -> bool:
+    """Whether ``--model`` names an MLflow model (``models:/NAME@ALIAS``, ``models:/m-...``, ``runs:/...``)."""
+    return spec.startswith(("models:/", "runs:/")) or "://" in spec
+
+
+def fetch_model(uri: str, stack: contextlib.ExitStack) -> Path:
+    """Download the MLflow model ``uri`` from the tracking store (``MLFLOW_TRACKING_URI``, else
+    ``sqlite:///mlruns.db``) into a folder that lives as long as ``stack``."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from anomaly3d_core.errors import Anomaly3DError
+
+    store = tracking_uri()
+    mlflow.set_tracking_uri(store)
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="anomaly3d-model-")))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder)))
+    except (MlflowException, OSError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise Anomaly3DError(
+            f"--model {uri}: cannot be fetched from the tracking store {store} ({reason}); "
+            "set MLFLOW_TRACKING_URI to the store that holds it"
+        ) from None
+    if not (local / "MLmodel").is_file():
+        raise Anomaly3DError(f"--model {uri}: not an MLflow model (no MLmodel file)")
+    return local
+
+
+def log_result_run(
+    run_name: str,
+    metrics: Mapping[str, Any],
+    *,
+    experiment: str,
+    command: str = "benchmark",
+    config: Any = None,
+    config_name: str = "none",
+    datasets: Sequence[tuple[Any, ...]] = (),
+    tags: Mapping[str, str] | None = None,
+    uri: str | None = None,
+) -> str:
+    """Record a finished result (a benchmark table row) as a run of its own, tagged, with its data
+    sets and metrics named as the CLI's runs have them; returns the run id."""
+    import mlflow
+
+    exp_id = _experiment_id(experiment, uri or tracking_uri())
+    training = next((d.name for d, context, *_ in datasets if context == "training"), None)
+    all_tags = {**run_tags(config, command, config_name, training), **dict(tags or {})}
+    evaluation = next((d for d, context, *_ in datasets if context == "evaluation"), None)
+    with mlflow.start_run(run_name=run_name, experiment_id=exp_id, tags=all_tags) as run:
+        if config is not None:
+            mlflow.log_params({**{k: _param(v) for k, v in config.flat().items()}, **plugin_versions(config)})
+            mlflow.log_text(config.to_yaml(), "config.yaml")
+        log_datasets(datasets)
+        log_metrics(metrics, dataset=evaluation)
+    return run.info.run_id

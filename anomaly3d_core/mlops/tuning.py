@@ -35,12 +35,23 @@ from anomaly3d_core.errors import ConfigError, DataError, did_you_mean
 from anomaly3d_core.io.data import list_items
 from anomaly3d_core.io.files import atomic_write, load_volume, replace_tree
 from anomaly3d_core.io.subjects import Subject
-from anomaly3d_core.mlops.tracking import log_metrics, log_pyfunc_if_active, mlflow_run
+from anomaly3d_core.mlops.naming import data_folder, set_name
+from anomaly3d_core.mlops.tracking import (
+    METRIC_ALIASES,
+    command_run,
+    config_label,
+    log_datasets,
+    log_metrics,
+    log_model,
+    mlflow_run,
+    parse_register,
+    run_tags,
+)
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 from anomaly3d_core.runner import find_mask
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("voxel_ap", "voxel_auroc")
+OBJECTIVES = ("pixel_ap", "pixel_auc", *METRIC_ALIASES)  # voxel_ap / voxel_auroc: the older names
 
 
 class _Param(BaseModel):
@@ -169,14 +180,15 @@ class ValidationSet:
         return cls([v for v, _ in pairs], [m for _, m in pairs], "synthetic")
 
     def metrics(self, detector: Detector) -> dict[str, float]:
-        """Pooled voxel AP and AUROC inside each scan's foreground (works mid-training: no threshold needed)."""
+        """Pooled voxel AP and AUROC inside each scan's foreground (works mid-training: no threshold
+        needed), named as ``evaluate`` names them."""
         truths, scores = [], []
         for vol, mask in zip(self.volumes, self.masks, strict=True):
             r = detector.score_native(vol)
             truths.append(mask[r.foreground])
             scores.append(r.score_map[r.foreground])
         y, s = np.concatenate(truths), np.concatenate(scores)
-        return {"voxel_ap": float(average_precision_score(y, s)), "voxel_auroc": float(roc_auc_score(y, s))}
+        return {"pixel_ap": float(average_precision_score(y, s)), "pixel_auc": float(roc_auc_score(y, s))}
 
 
 def trials_dir(out: Path, study_name: str) -> Path:
@@ -189,9 +201,19 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
     """The ``anomaly3d tune`` command."""
 
     space = parse_search_space(config)
-    metric = config.tuning.metric
-    if metric not in OBJECTIVES:
-        raise ConfigError("tuning.metric: " + did_you_mean(metric, OBJECTIVES, "metric"))
+    if config.tuning.metric not in OBJECTIVES:
+        raise ConfigError("tuning.metric: " + did_you_mean(config.tuning.metric, OBJECTIVES, "metric"))
+    metric = METRIC_ALIASES.get(config.tuning.metric, config.tuning.metric)
+    register = (
+        parse_register(
+            getattr(args, "register", None) or config.tracking.register_as or f"anomaly3d-{args.study_name}"
+        )
+        if config.tracking.enabled
+        else None
+    )
+    config_name = config_label(args.config)
+    command = f"tune-{args.study_name}"
+    study_tags = {"optuna.study": args.study_name, "anomaly3d.command": "tune"}
     n_trials = args.n_trials or config.tuning.n_trials
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,8 +228,8 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
     )
     base = config.model_dump(mode="json")
     if getattr(args, "write_best", False):
-        with mlflow_run(config, f"tune-{args.study_name}-best", tags={"optuna.study": args.study_name}):
-            best = write_best(study, base, config, args.study_name, out, metric)
+        with command_run(config, f"{command}-best", config_name, tags=study_tags):
+            best = write_best(study, base, config, args.study_name, out, metric, register)
         print(
             f"best of study '{args.study_name}': #{best.number}, {metric} = {best.value:.4f}; written to {out}"
         )
@@ -231,6 +253,18 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
         AnomalyDetectionPipeline(config).read,
     )
     trials = trials_dir(out, args.study_name)
+    name = set_name(data_folder(args.train))
+    sets: list[tuple[Any, ...]] = []
+    if config.tracking.enabled:
+        from anomaly3d_core.mlops.datasets import ScanSet
+
+        sets = [(ScanSet(train, name=name), "training")]
+        held_set = (
+            ScanSet(list_items(args.val, channels).items, masks=args.val_masks)
+            if args.val
+            else ScanSet(held, name=name)
+        )
+        sets.append((held_set, "validation", {"anomalies": val.source}))
 
     def objective(trial: optuna.Trial) -> float:
         if trial.number >= n_trials:
@@ -240,12 +274,9 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
         overrides = suggest(trial, space)
         cfg = build_config(apply_overrides(copy.deepcopy(base), overrides))
         pipe = AnomalyDetectionPipeline(cfg)
-        with mlflow_run(
-            cfg,
-            f"trial-{trial.number}",
-            nested=True,
-            tags={"optuna.trial": str(trial.number), "optuna.study": args.study_name},
-        ):
+        tags = {**run_tags(cfg, "tune", config_name, name), **study_tags, "optuna.trial": str(trial.number)}
+        with mlflow_run(cfg, f"trial-{trial.number}", nested=True, tags=tags):
+            log_datasets(sets)
 
             def report(epoch: int, values: dict[str, float]) -> None:
                 if (epoch + 1) % config.tuning.report_every:
@@ -257,12 +288,21 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
                     raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
 
             pipe.fit(train, callbacks=[report])
-            value = val.metrics(pipe)[metric]
-            log_metrics({metric: value, "fit_seconds": pipe.fit_seconds_})
+            scores = val.metrics(pipe)
+            value = scores[metric]
+            log_metrics(
+                {
+                    **scores,
+                    "fit_seconds": pipe.fit_seconds_,
+                    "threshold": pipe.threshold_,
+                    "volume_threshold": pipe.volume_threshold_,
+                }
+            )
             pipe.save(trials / f"{trial.number:04d}")
         return value
 
-    with mlflow_run(config, f"tune-{args.study_name}", tags={"optuna.study": args.study_name}):
+    with command_run(config, command, config_name, name, tags=study_tags):
+        log_datasets(sets)
         study.optimize(objective, n_trials=n_trials, timeout=args.timeout, catch=(DataError,))
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not finished:
@@ -272,7 +312,7 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
         last = finishes_last(study)
         best = study.best_trial
         if last:  # no trial of the study runs elsewhere: this worker writes the study's best
-            best = write_best(study, base, config, args.study_name, out, metric)
+            best = write_best(study, base, config, args.study_name, out, metric, register)
     print(
         f"{len(finished)} trial(s) finished in study '{args.study_name}'; best #{best.number}: {metric} = {best.value:.4f}"
     )
@@ -295,9 +335,16 @@ def finishes_last(study: optuna.Study) -> bool:
 
 
 def write_best(
-    study: optuna.Study, base: dict[str, Any], config: PipelineConfig, study_name: str, out: Path, metric: str
+    study: optuna.Study,
+    base: dict[str, Any],
+    config: PipelineConfig,
+    study_name: str,
+    out: Path,
+    metric: str,
+    register: tuple[str, str] | None = None,
 ) -> optuna.trial.FrozenTrial:
-    """Write the study's best config and model into ``out``, atomically, once per best trial."""
+    """Write the study's best config and model into ``out``, atomically, once per best trial; log
+    the model to the active run and register it under ``register = (name, alias)``."""
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not finished:
         raise ConfigError(f"study '{study_name}' has no finished trial yet; nothing to write")
@@ -315,15 +362,12 @@ def write_best(
         )
     )
     atomic_write(out / "best_config.yaml", lambda tmp: Path(tmp).write_text(best_cfg.to_yaml()))
-    log_metrics({f"best_{metric}": best.value})
+    log_metrics({metric: best.value, "best_trial": best.number})
     model_dir = trials_dir(out, study_name) / f"{best.number:04d}"
     if model_dir.is_dir():
         replace_tree(out / "best_model", lambda new: shutil.copytree(model_dir, new), "best model")
         if config.tracking.enabled:
-            log_pyfunc_if_active(
-                AnomalyDetectionPipeline.load(model_dir),
-                registered_model_name=f"anomaly3d-{study_name}",
-            )
+            log_model(AnomalyDetectionPipeline.load(model_dir), register)
     atomic_write(marker, lambda tmp: Path(tmp).write_text(json.dumps(record)))
     return best
 
