@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENT = "anomaly3d-benchmark"
-ROW_METRICS = ("fit_seconds", "seconds_per_volume", "peak_rss_mib")
-RENAMED = {"seconds_per_scan": "seconds_per_volume"}  # the native benchmark's name for the same figure
+# the native and multi-sequence benchmarks' names for the same figure
+RENAMED = {"seconds_per_scan": "seconds_per_volume", "seconds_per_subject": "seconds_per_volume"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,34 +23,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def row_metrics(result: dict[str, Any]) -> dict[str, float]:
     """A result's figures under the names ``evaluate`` uses; the held-out kinds' with ``held_out_``."""
-    out = {RENAMED.get(k, k): v for k, v in result.items() if RENAMED.get(k, k) in ROW_METRICS}
+    out = {
+        RENAMED.get(k, k): v
+        for k, v in result.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
     out.update(result["all"])
     out.update({f"held_out_{k}": v for k, v in result.get("held_out_kinds", {}).items()})
     return out
 
 
-def scan_sets(data: Path, test: str = "test", masks: str = "test_masks") -> list[tuple[Any, str]]:
-    """The benchmark's training and test sets (hashed once for all rows)."""
-    from anomaly3d_core.io.files import list_inputs
+def scan_sets(data: Path, channels: tuple[str, ...] = ()) -> list[tuple[Any, str]]:
+    """The benchmark's training and test sets: files, or subjects with ``channels``."""
+    from anomaly3d_core.io.data import list_items
     from anomaly3d_core.mlops.datasets import ScanSet
     from anomaly3d_core.mlops.naming import set_name
 
+    train, test = (list_items(data / split, list(channels)).items for split in ("train", "test"))
     return [
-        (ScanSet(list_inputs(data / "train"), name=set_name(data / "train")), "training"),
-        (ScanSet(list_inputs(data / test), name=set_name(data / test), masks=data / masks), "evaluation"),
+        (ScanSet(train, name=set_name(data / "train")), "training"),
+        (ScanSet(test, name=set_name(data / "test"), masks=data / "test_masks"), "evaluation"),
     ]
 
 
 def log_rows(
     results: list[dict[str, Any]], configs: dict[str, Any], data: Path, experiment: str, table: str
 ) -> list[str]:
-    """Log each row (``configs[name]``: its config, or ``None`` for a baseline) as a run."""
+    """Log each row (``configs[name]``: its config, or ``None`` for a baseline) as a run, with the
+    scan sets it read (hashed once per set of sequences)."""
     from anomaly3d_core.mlops.tracking import log_result_run
 
-    sets = scan_sets(data)
+    cache: dict[tuple[str, ...], list[tuple[Any, str]]] = {}
     ids = []
     for result in results:
         config, config_name = configs.get(result["name"], (None, "baseline"))
+        channels = tuple(config.data.channels) if config is not None and hasattr(config, "data") else ()
+        if channels not in cache:
+            cache[channels] = scan_sets(data, channels)
+        sets = cache[channels]
         ids.append(
             log_result_run(
                 f"benchmark {result['name']}",

@@ -33,11 +33,15 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
 from benchmark_native import config_tree, metrics, read_scan  # noqa: E402
 
 SEQUENCES = ("T1w", "T2w", "FLAIR")
-PRESETS = {"template": HERE / "configs" / "brain_mri.yaml", "native": HERE / "configs" / "brain_mri_native.yaml"}
+PRESETS = {
+    "template": HERE / "configs" / "brain_mri.yaml",
+    "native": HERE / "configs" / "brain_mri_native.yaml",
+}
 ENTRIES: dict[str, list[str]] = {
     "T1w alone": ["T1w"],
     "T1w + FLAIR": ["T1w", "FLAIR"],
@@ -76,7 +80,9 @@ def run_one(name: str, data: Path, space: str) -> dict[str, Any]:
         image, _ = read_scan(Path(subject.files["T1w"]))
         mask, _ = read_scan(data / "test_masks" / f"{subject.stem}.nii.gz")
         if result.score_map.shape != image.shape:
-            raise RuntimeError(f"{subject}: score map {result.score_map.shape} is not on the T1w grid {image.shape}")
+            raise RuntimeError(
+                f"{subject}: score map {result.score_map.shape} is not on the T1w grid {image.shape}"
+            )
         fg = image != 0
         truths.append(mask[fg] > 0)
         scores.append(result.score_map[fg])
@@ -94,7 +100,9 @@ def run_one(name: str, data: Path, space: str) -> dict[str, Any]:
         "all": metrics(truths, scores, vscores),
         "held_out_kinds": metrics(pick(truths, held), pick(scores, held), pick(vscores, held), full=False),
         "lesion_sensitivity": lesion_sensitivity([p[0] for p in preds], [p[1] for p in preds]),
-        "ms_lesion_sensitivity": lesion_sensitivity(*zip(*pick(preds, ms), strict=True)) if ms else float("nan"),
+        "ms_lesion_sensitivity": lesion_sensitivity(*zip(*pick(preds, ms), strict=True))
+        if ms
+        else float("nan"),
         "n_test": len(names),
         "n_ms": len(ms),
     }
@@ -117,14 +125,21 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--space", choices=tuple(PRESETS), default="template")
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--only", nargs="*", help="entry names (substring match)")
+    bench_tracking.add_arguments(parser)
     args = parser.parse_args()
-    data = args.data or Path("bench_output/data") / ("multiseq" if args.space == "template" else "multiseq_native")
-    print(f"multi-sequence benchmark data in {make_benchmark_data(data, space=args.space, sequences=SEQUENCES)}")
+    data = args.data or Path("bench_output/data") / (
+        "multiseq" if args.space == "template" else "multiseq_native"
+    )
+    print(
+        f"multi-sequence benchmark data in {make_benchmark_data(data, space=args.space, sequences=SEQUENCES)}"
+    )
     names = [n for n in ENTRIES if not args.only or any(o in n for o in args.only)]
     results = []
     for name in names:
@@ -139,6 +154,7 @@ def main() -> None:
         )
     suffix = "" if args.space == "template" else "_native"
     args.out.mkdir(parents=True, exist_ok=True)
+    fresh_rows = list(results)
     previous = args.out / f"benchmark_multiseq{suffix}.json"
     if args.only and previous.is_file():  # a partial rerun updates its rows and keeps the others
         fresh = {r["name"]: r for r in results}
@@ -149,6 +165,19 @@ def main() -> None:
     previous.write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"benchmark_multiseq{suffix}.md").write_text(text + "\n")
     print("\n" + text)
+    if not args.no_mlflow:
+        from anomaly3d_core.config import build_config
+
+        preset = PRESETS[args.space]
+        configs = {
+            r["name"]: (
+                build_config(config_tree(preset, {"data.sequences": ENTRIES[r["name"]]})),
+                preset.name,
+            )
+            for r in fresh_rows
+        }
+        bench_tracking.log_rows(fresh_rows, configs, data, args.experiment, f"benchmark_multiseq{suffix}")
+        print(f"\n{len(fresh_rows)} row(s) logged to the MLflow experiment '{args.experiment}'")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ serves by alias."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -274,3 +275,33 @@ def test_mlflow_models_serve_from_the_registry(record, demo_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_subjects_with_several_sequences_are_one_scan_each(tmp_path):
+    from test_sequences import SEQS, write_bids
+
+    write_bids(tmp_path / "study" / "train", 4)
+    config = tmp_path / "seqs.yaml"
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    config.write_text(yaml.safe_dump({**SEQS, "tracking": {"tracking_uri": uri}}))
+    args = ["fit", "--config", str(config), "--train", str(tmp_path / "study" / "train")]
+    assert main([*args, "--out", str(tmp_path / "model")]) == 0
+    mlflow.set_tracking_uri(uri)
+    [run] = mlflow.search_runs(experiment_names=["anomaly3d"], output_format="list")
+    assert run.info.run_name == "fit seqs on study/train"
+    sets = {_context(d): d.dataset for d in mlflow.get_run(run.info.run_id).inputs.dataset_inputs}
+    training, validation = (json.loads(sets[c].profile) for c in ("training", "validation"))
+    assert training["sequences"] == ["FLAIR", "T1w"] and validation["sequences"] == ["FLAIR", "T1w"]
+    # 4 subjects: 3 trained on, 1 held out for calibration, two files each
+    assert (training["num_scans"], training["num_files"]) == (3, 6)
+    assert (validation["num_scans"], validation["num_files"]) == (1, 2)
+    files = {
+        c: json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/datasets/{c}.json"))["files"]
+        for c in ("training", "validation")
+    }
+    subjects = {c: sorted(f["subject"] for f in rows) for c, rows in files.items()}
+    assert len(set(subjects["training"])) == 3 and subjects["training"] == sorted(
+        2 * [*set(subjects["training"])]
+    )
+    assert set(subjects["validation"]).isdisjoint(subjects["training"])
+    assert {f["sequence"] for f in files["training"]} == {"T1w", "FLAIR"}
