@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/anomaly3d demo --out demo_output --config experiments/configs/brain_mri.yaml
+	$(BIN)/anomaly3d demo --out demo_output --config experiments/configs/brain_mri_multiseq.yaml
 
 # Serve a model over HTTP: a registered one (models:/NAME@ALIAS, from the tracking store
 # MLFLOW_TRACKING_URI, default sqlite:///mlruns.db) or a model folder. MLflow starts `uvicorn` by

@@ -496,7 +496,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
     first = config.members[0] if hasattr(config, "members") else config
     channels = first.data.channels  # several sequences: the demo data is written as BIDS with them
-    data = out / ("data" if not channels else "data_" + "_".join(sorted(channels)))
+    data = out / ("data" if not channels else "data_" + "_".join(channels))
     t0 = time.perf_counter()
     if not (data / "manifest.csv").is_file():
         what = f"{args.size}, {' + '.join(channels)}, BIDS" if channels else args.size
