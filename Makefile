@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python experiments/joint_training_check.py --data bench_output/data --out experiments/results
 	$(BIN)/python experiments/bench_speed.py --out experiments/results
 	$(BIN)/python experiments/bench_limits.py --out experiments/results
+	$(BIN)/python experiments/bench_spark.py --data bench_output/spark --out experiments/results
 
 clean:
 	rm -rf demo_output bench_output mlruns.db mlartifacts .pytest_cache

@@ -116,8 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", required=True, help="model folder written by fit, or an MLflow URI (models:/NAME@ALIAS)"
     )
-    p.add_argument("--input", required=True, help="file, folder or glob of scans")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="file, folder or glob of scans (--engine spark: also a .csv/.parquet table with a 'path' column)",
+    )
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--engine",
+        choices=("local", "spark"),
+        default="local",
+        help="spark: score on Spark through the model's spark_udf (needs anomaly3d[spark])",
+    )
+    p.add_argument(
+        "--master", default="local[*]", help="Spark master URL for --engine spark (default: local[*])"
+    )
     _common(p)
 
     p = sub.add_parser("evaluate", help="score scans and compare with ground-truth masks")
@@ -419,6 +432,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from anomaly3d_core.runner import score_files
 
     out = _check_out(args.out)
+    if args.engine == "spark":
+        return _score_on_spark(args, out)
     with contextlib.ExitStack() as stack:
         pipe, _ = _load_model(args, stack)
         found = _inputs(args.input, pipe)
@@ -428,6 +443,20 @@ def cmd_score(args: argparse.Namespace) -> int:
     where = "a BIDS-Derivatives dataset" if found.bids_root is not None else "maps and scores.csv"
     print(f"scored {len(batch.rows)} volume(s), {flagged} flagged anomalous; {where} in {args.out}")
     return _report(batch.failures, "scoring", found.errors)
+
+
+def _score_on_spark(args: argparse.Namespace, out: Path) -> int:
+    from anomaly3d_core.mlops.spark import require_pyspark, score_with_spark
+
+    require_pyspark()
+    if args.overrides:
+        raise ConfigError("--set (reading options) is not supported with --engine spark")
+    batch = score_with_spark(args.model, args.input, out, args.master)
+    flagged = sum(bool(r["is_anomalous"]) for r in batch.rows)
+    print(
+        f"scored {len(batch.rows)} volume(s) on Spark, {flagged} flagged anomalous; maps and scores.csv in {args.out}"
+    )
+    return _report(batch.failures, "scoring")
 
 
 def _evaluation_set(inputs: list[Any], failures: Any, masks: Path, spec: str, name: str) -> Any:

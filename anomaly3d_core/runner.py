@@ -36,7 +36,8 @@ from anomaly3d_core.io.files import (
     write_lock,
 )
 from anomaly3d_core.io.subjects import Subject
-from anomaly3d_core.preprocess.registration import QUALITY_KEYS, registration_quality
+from anomaly3d_core.mlops.schema import SCORES_COLUMNS
+from anomaly3d_core.preprocess.registration import registration_quality
 from anomaly3d_core.progress import progress
 
 log = logging.getLogger(__name__)
@@ -55,17 +56,7 @@ SUMMARY_KEYS = (
 )
 
 
-CSV_FIELDS = (
-    "file",
-    "subject",  # subject and session: for inputs with several sequences
-    "session",
-    "volume_score",
-    "is_anomalous",
-    "threshold",
-    "score_map",
-    "mask",
-    *QUALITY_KEYS,  # empty for scans that were not registered
-)
+CSV_FIELDS = SCORES_COLUMNS  # the columns of scores.csv, shared with the served model
 
 
 @dataclass
@@ -133,9 +124,15 @@ def read_scores(out_dir: Path) -> list[dict[str, Any]]:
 
 def record_row(out_dir: Path, row: dict[str, Any]) -> None:
     """Add (or replace) one row of ``scores.csv``, atomically, under a lock shared by concurrent runs."""
+    record_rows(out_dir, [row])
+
+
+def record_rows(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Add (or replace, by score map) rows of ``scores.csv``, atomically, under the same lock."""
     with write_lock(out_dir / "scores.csv", "scores.csv", blocking=True):
-        rows = [r for r in read_scores(out_dir) if r["score_map"] != row["score_map"]]
-        write_csv([*rows, row], out_dir / "scores.csv")
+        names = {row["score_map"] for row in rows}
+        kept = [r for r in read_scores(out_dir) if r["score_map"] not in names]
+        write_csv([*kept, *rows], out_dir / "scores.csv")
 
 
 @contextlib.contextmanager

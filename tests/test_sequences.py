@@ -277,7 +277,7 @@ def test_served_model_takes_one_column_per_sequence(bids_data: Path, cli_model: 
     from anomaly3d_core.persistence import load_detector
 
     model = mlflow.pyfunc.load_model(str(cli_model))
-    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["T1w", "FLAIR", "format"]
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["T1w", "FLAIR", "format", "out_dir"]
     anat = bids_data / "test" / "sub-50" / "anat"
     row = {s: base64.b64encode((anat / f"sub-50_{s}.nii.gz").read_bytes()).decode() for s in ("T1w", "FLAIR")}
     out = model.predict(pd.DataFrame([row]))
@@ -287,3 +287,26 @@ def test_served_model_takes_one_column_per_sequence(bids_data: Path, cli_model: 
     assert out["volume_score"][0] == pytest.approx(expected.volume_score, rel=1e-5)
     with pytest.raises(MlflowException, match="FLAIR"):
         model.predict(pd.DataFrame([{"T1w": row["T1w"]}]))
+
+
+def test_served_model_of_sequences_writes_maps_per_row_with_out_dir(
+    bids_data: Path, cli_model: Path, tmp_path, monkeypatch
+) -> None:
+    """With ``out_dir`` a request of several sequences is a batch: maps written, a bad row its own error."""
+    import base64
+
+    import mlflow.pyfunc
+    import nibabel as nib
+    import pandas as pd
+
+    monkeypatch.setenv("ANOMALY3D_ALLOW_PATHS", "1")  # out_dir: the model writes files
+    model = mlflow.pyfunc.load_model(str(cli_model))
+    anat = bids_data / "test" / "sub-50" / "anat"
+    row = {s: base64.b64encode((anat / f"sub-50_{s}.nii.gz").read_bytes()).decode() for s in ("T1w", "FLAIR")}
+    request = pd.DataFrame(
+        [{**row, "out_dir": str(tmp_path)}, {"T1w": row["T1w"], "FLAIR": None, "out_dir": str(tmp_path)}]
+    )
+    out = model.predict(request)
+    assert out["error"][0] == "" and out["subject"][0] == "row 0"
+    assert nib.load(out["score_map"][0]).shape == nib.load(anat / "sub-50_T1w.nii.gz").shape
+    assert "'FLAIR'" in out["error"][1] and out["score_map"][1] == ""

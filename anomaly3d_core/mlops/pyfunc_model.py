@@ -1,30 +1,38 @@
-"""The pyfunc model class that MLflow serves: base64 scans (any format a loader plugin reads) in,
-scores and NIfTI score maps on the input's grid out.
+"""The pyfunc model class that MLflow serves: scans (base64 in any format a loader plugin reads, one
+column per sequence for a model of several, or paths/URIs) in, scores and NIfTI score maps on the
+input's grid out.
 
-Every failure reaches the client as a 4xx/5xx with one line naming the row and the reason, never
-a traceback or a server path: bad input is a 400, anything unexpected a 500 whose details go to
-the server's log only.
+An inline request (rows of base64 scans only) fails as a whole on a bad row: a 4xx/5xx with
+one line naming the row and the reason, never a traceback or a server path: bad input is a 400,
+anything unexpected a 500 whose details go to the server's log only. A batch request (a ``path``
+or ``out_dir`` column, as Spark sends; see :mod:`.rows`) gives each bad row its own ``error`` and
+scores the others, because one failed row would otherwise fail a whole Spark job.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from anomaly3d_core.errors import Anomaly3DError, DataError
-from anomaly3d_core.io.files import check_volume
-from anomaly3d_core.io.subjects import Subject
-from anomaly3d_core.mlops.serving import decode_bytes, encode_nifti, read_payload
+from anomaly3d_core.mlops.rows import failed_row, is_batch, names_files, response, score_row
+from anomaly3d_core.mlops.schema import INLINE_COLUMNS
 from anomaly3d_core.persistence import load_detector
 
 log = logging.getLogger("anomaly3d.serving")
 _PATH = re.compile(r"(?<![\w.])(?:/[\w.@+-]+){2,}/?")
+THREADS_ENV = "ANOMALY3D_TORCH_THREADS"  # set by the Spark route so executors do not oversubscribe cores
+# rows that name files make the model read and write where it runs: off on a server by default
+FILES_ENV = "ANOMALY3D_ALLOW_PATHS"
+_loaded: dict[tuple[str, int, int], Any] = {}  # the one detector this process holds (see load_context)
 
 
 class ServingError(MlflowException):
@@ -54,7 +62,10 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper around a saved detector (pipeline or ensemble)."""
 
     def load_context(self, context: Any) -> None:
-        self.pipeline = load_detector(context.artifacts["pipeline"])
+        threads = os.environ.get(THREADS_ENV)
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        self.pipeline = load_once(context.artifacts["pipeline"])
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -63,57 +74,68 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
         channels = self.pipeline.channels
         wanted = channels if len(channels) > 1 else ["volume"]
         missing = [c for c in wanted if c not in columns]
-        if missing:
+        if missing and (len(channels) > 1 or "path" not in columns):
             raise ServingError(
                 f"request rows need the field(s) {', '.join(repr(c) for c in missing)} (base64 of a scan file"
                 + (", one per sequence" if len(wanted) > 1 else "")
-                + "; 'format' names a non-NIfTI format)",
+                + "; 'format' names a non-NIfTI format)"
+                + ("" if len(wanted) > 1 else " or a 'path' field (a path or URI the model reads)"),
                 error_code=INVALID_PARAMETER_VALUE,
             )
-        formats = list(model_input["format"]) if "format" in columns else [None] * len(model_input)
-        scans = model_input[wanted].to_dict("records") if len(wanted) > 1 else list(model_input["volume"])
-        rows = []
-        for i, (text, fmt) in enumerate(zip(scans, formats, strict=True)):
-            try:
-                rows.append(self._score_row(text, i, fmt))
-            except ServingError:
-                raise
-            except DataError as exc:
-                raise ServingError(f"row {i}: {one_line(exc.reason)}", INVALID_PARAMETER_VALUE) from None
-            except (ValueError, Anomaly3DError) as exc:
-                raise ServingError(f"row {i}: {one_line(str(exc))}", INVALID_PARAMETER_VALUE) from None
-            except MemoryError:
-                log.exception("row %d: out of memory", i)
-                raise ServingError(
-                    f"row {i}: the server ran out of memory scoring this volume", INTERNAL_ERROR
-                ) from None
-            except Exception as exc:  # never a traceback or a path to the client; the log has both
-                log.exception("row %d: unexpected error", i)
-                raise ServingError(
-                    f"row {i}: internal error while scoring ({type(exc).__name__}); see the server log",
-                    INTERNAL_ERROR,
-                ) from None
-        return pd.DataFrame(rows, columns=["volume_score", "is_anomalous", "threshold", "score_map"])
+        records = model_input.to_dict("records")
+        if os.environ.get(FILES_ENV) != "1" and names_files(records):
+            raise ServingError(
+                "rows with 'path' or 'out_dir' make the model read and write files where it runs; "
+                f"that is off unless {FILES_ENV}=1 is set there (the Spark route sets it); send 'volume' instead",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
+        if is_batch(columns):
+            return response([self._batch_row(row, i) for i, row in enumerate(records)])
+        return response([self._inline_row(row, i) for i, row in enumerate(records)], INLINE_COLUMNS)
 
-    def _score_row(self, text: Any, i: int, fmt: Any = None) -> dict[str, Any]:
-        """Score one row: ``text`` is a base64 scan, or ``{sequence: base64}`` for several sequences."""
-        registry = getattr(self.pipeline, "registry", None)
-        if isinstance(text, dict):
-            subject = {}
-            for seq, item in text.items():
-                subject[seq] = check_volume(
-                    read_payload(decode_bytes(item, repr(seq)), fmt, registry, repr(seq))
-                )
-                subject[seq].path = f"row {i} {seq}"
-            result = self.pipeline.score(Subject(f"row {i}", subject))
-        else:
-            volume = check_volume(read_payload(decode_bytes(text), fmt, registry, "'volume'"))
-            volume.path = f"row {i}"
-            result = self.pipeline.score(volume)
-        volume = result.volume
-        return {
-            "volume_score": float(result.volume_score),
-            "is_anomalous": bool(result.is_anomalous),
-            "threshold": float(result.threshold),
-            "score_map": encode_nifti(result.score_map, volume.affine),
-        }
+    def _batch_row(self, row: dict[str, Any], i: int) -> dict[str, Any]:
+        try:
+            return score_row(row, i, self.pipeline)
+        except DataError as exc:  # the row's `file` names the scan
+            return failed_row(row, i, one_line(exc.reason))
+        except (ValueError, Anomaly3DError) as exc:
+            return failed_row(row, i, one_line(str(exc)))
+        except MemoryError:
+            log.exception("row %d: out of memory", i)
+            return failed_row(row, i, "out of memory scoring this volume")
+        except Exception as exc:  # one bad row never fails the batch; the log has the traceback
+            log.exception("row %d: unexpected error", i)
+            return failed_row(
+                row, i, f"internal error while scoring ({type(exc).__name__}); see the worker log"
+            )
+
+    def _inline_row(self, row: dict[str, Any], i: int) -> dict[str, Any]:
+        try:
+            return score_row(row, i, self.pipeline, inline=True)
+        except DataError as exc:
+            raise ServingError(f"row {i}: {one_line(exc.reason)}", INVALID_PARAMETER_VALUE) from None
+        except (ValueError, Anomaly3DError) as exc:
+            raise ServingError(f"row {i}: {one_line(str(exc))}", INVALID_PARAMETER_VALUE) from None
+        except MemoryError:
+            log.exception("row %d: out of memory", i)
+            raise ServingError(
+                f"row {i}: the server ran out of memory scoring this volume", INTERNAL_ERROR
+            ) from None
+        except Exception as exc:  # never a traceback or a path to the client; the log has both
+            log.exception("row %d: unexpected error", i)
+            raise ServingError(
+                f"row {i}: internal error while scoring ({type(exc).__name__}); see the server log",
+                INTERNAL_ERROR,
+            ) from None
+
+
+def load_once(path: str) -> Any:
+    """The detector at ``path``, loaded once per process: Spark loads the pyfunc model for every
+    partition, and a worker process that scores many partitions keeps one copy, not one per load.
+    Keyed on the folder's identity, so a model replaced in place is loaded afresh."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_ino, st.st_mtime_ns)
+    if key not in _loaded:
+        _loaded.clear()  # one model per process: memory stays what one detector needs
+        _loaded[key] = load_detector(path)
+    return _loaded[key]

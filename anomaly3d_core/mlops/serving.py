@@ -36,6 +36,7 @@ from anomaly3d_core.io import limits
 from anomaly3d_core.io.files import check_model_target, replace_tree
 from anomaly3d_core.io.nifti import nifti_image, read_nifti
 from anomaly3d_core.io.volume import Volume
+from anomaly3d_core.mlops.schema import signature
 from anomaly3d_core.registry import get_registry
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -226,28 +227,6 @@ def example_volume_b64(shape: tuple[int, int, int] = (24, 24, 24)) -> str:
     arr = np.zeros(shape, dtype=np.float32)
     arr[4:-4, 4:-4, 4:-4] = 1.0 + 0.1 * rng.standard_normal(tuple(s - 8 for s in shape))
     return encode_nifti(arr, np.diag([2.0, 2.0, 2.0, 1.0]))
-
-
-def signature(channels: list[str] | tuple[str, ...] = ()) -> Any:
-    """Request and response columns: ``volume`` (base64 scan), or one base64 column per sequence for a
-    model of several (``T1w``, ``FLAIR``, ...); ``format`` optional."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    scans = (
-        [ColSpec("string", seq) for seq in channels] if len(channels) > 1 else [ColSpec("string", "volume")]
-    )
-    return ModelSignature(
-        inputs=Schema([*scans, ColSpec("string", "format", required=False)]),
-        outputs=Schema(
-            [
-                ColSpec("double", "volume_score"),
-                ColSpec("boolean", "is_anomalous"),
-                ColSpec("double", "threshold"),
-                ColSpec("string", "score_map"),
-            ]
-        ),
-    )
 
 
 def write_plugin_list(model: Any, folder: Path) -> None:

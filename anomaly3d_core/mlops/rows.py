@@ -1,0 +1,185 @@
+"""One request row of the pyfunc model: what it may hold, how its scan is read, where its maps go.
+
+A row holds its scan as ``volume`` (base64 of a file) or ``path`` (a local path or an fsspec URI
+that the worker reads, so a table of paths never carries images through a Spark driver), an
+optional ``format`` and an optional ``out_dir`` (a folder or URI where the worker writes the
+score map and mask). The columns are listed in :mod:`.schema`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pandas as pd
+from fsspec.implementations.local import LocalFileSystem
+
+from anomaly3d_core.detector import Detector, ScoreResult
+from anomaly3d_core.errors import DataError
+from anomaly3d_core.io import limits
+from anomaly3d_core.io.files import check_volume, load_volume, loader_extensions, scan_stem
+from anomaly3d_core.io.subjects import Subject
+from anomaly3d_core.io.volume import Volume
+from anomaly3d_core.mlops.schema import RESPONSE_COLUMNS, STRING_COLUMNS
+from anomaly3d_core.mlops.serving import _loader_for_format, decode_bytes, encode_nifti, read_payload
+from anomaly3d_core.preprocess.registration import QUALITY_KEYS, registration_quality
+from anomaly3d_core.runner import write_result
+
+
+def text(value: Any) -> str | None:
+    """A cell as stripped text, or None when empty (pandas and Spark give None or NaN for no value)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    value = str(value).strip()
+    return value or None
+
+
+def is_batch(columns: Any) -> bool:
+    """Whether a request scores a table (``path`` or ``out_dir`` given): then each row carries its
+    own ``error`` and the others are still scored, instead of one bad row failing the request."""
+    return "path" in columns or "out_dir" in columns
+
+
+def names_files(records: list[dict[str, Any]]) -> bool:
+    """Whether any row names a file to read (``path``) or a folder to write (``out_dir``)."""
+    return any(text(r.get("path")) or text(r.get("out_dir")) for r in records)
+
+
+def read_row(row: dict[str, Any], index: int, detector: Detector) -> Volume | Subject:
+    """The scan(s) of one request row, checked: ``volume`` (base64), ``path`` (path or URI), or one
+    base64 column per sequence for a model of several."""
+    fmt = text(row.get("format"))
+    channels = detector.channels
+    if len(channels) > 1:
+        missing = [seq for seq in channels if text(row.get(seq)) is None]
+        if missing:
+            raise DataError(
+                None,
+                f"no {', '.join(map(repr, missing))} in the row: a model of several sequences takes "
+                f"one base64 column per sequence ({', '.join(channels)})",
+            )
+        scans = {seq: _decode(row[seq], fmt, detector.registry, repr(seq)) for seq in channels}
+        for seq, volume in scans.items():
+            volume.path = f"row {index} {seq}"
+        return Subject(f"row {index}", scans)
+    path = text(row.get("path"))
+    if text(row.get("volume")) is not None:
+        volume = _decode(row["volume"], fmt, detector.registry, "'volume'")
+        volume.path = f"row {index}"
+        return volume
+    if path is None:
+        raise DataError(None, "the row has neither 'volume' (base64 of a scan) nor 'path' (a path or URI)")
+    fs, key = fsspec.core.url_to_fs(path)
+    if isinstance(fs, LocalFileSystem):
+        local = path.removeprefix("file://")  # as given, so `file` reads as in `anomaly3d score`
+        if fmt is None:
+            return detector.read(local)  # exactly as `anomaly3d score` reads it
+        loader, _ = _loader_for_format(fmt, detector.registry)
+        return load_volume(local, loader.name, detector.registry)
+    return _read_remote(fs, key, path, fmt, detector.registry)
+
+
+def _decode(value: Any, fmt: str | None, registry: Any, label: str) -> Volume:
+    return check_volume(read_payload(decode_bytes(value, label), fmt, registry, label))
+
+
+def _read_remote(fs: Any, key: str, uri: str, fmt: str | None, registry: Any) -> Volume:
+    """A one-file scan on an fsspec filesystem, its size checked before it is fetched."""
+    cap = limits.current().max_bytes
+    try:
+        size = fs.size(key)
+    except FileNotFoundError:
+        raise DataError(uri, "file not found") from None
+    if size is not None and size > cap + (1 << 20):  # a compressed file is never much larger than its content
+        raise DataError(
+            uri, f"file holds {size:,} bytes, above the limit of {cap:,} ({limits.ENV['max_bytes']})"
+        )
+    if fmt is None:
+        low = uri.lower()
+        fmt = next((ext for ext in loader_extensions(registry) if low.endswith(ext)), None)
+    volume = check_volume(read_payload(fs.cat_file(key), fmt, registry, uri))
+    volume.path = uri
+    return volume
+
+
+def write_maps(result: ScoreResult, out_dir: str, stem: str) -> tuple[str, str]:
+    """Write the score map and mask into ``out_dir`` (a folder or fsspec URI); returns their locations.
+
+    Local files are written to a temporary sibling and renamed, as ``anomaly3d score`` does; on
+    another filesystem each file is uploaded whole (one PUT on an object store).
+    """
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    if isinstance(fs, LocalFileSystem):
+        root = out_dir.removeprefix("file://")
+        row = write_result(result, Path(root), stem)
+        return str(Path(root) / row["score_map"]), str(Path(root) / row["mask"])
+    with tempfile.TemporaryDirectory(prefix="anomaly3d-maps-") as tmp:
+        row = write_result(result, Path(tmp), stem)
+        dest = out_dir.rstrip("/")
+        for name in (row["score_map"], row["mask"]):
+            fs.put_file(str(Path(tmp) / name), f"{root.rstrip('/')}/{name}")
+        return f"{dest}/{row['score_map']}", f"{dest}/{row['mask']}"
+
+
+def output_stem(row: dict[str, Any], item: Volume | Subject, registry: Any) -> str:
+    """The name a row's maps get: the scan's own stem, or for base64 rows one taken from the content
+    (unique without any numbering that Spark's batches would repeat)."""
+    if isinstance(item, Subject):
+        payload = [row[seq] for seq in item.files]
+    elif text(row.get("volume")) is not None:
+        payload = [row["volume"]]
+    else:
+        return scan_stem(item.path, registry)
+    return "volume-" + hashlib.sha256("\0".join(map(str, payload)).encode()).hexdigest()[:16]
+
+
+def score_row(row: dict[str, Any], index: int, detector: Detector, inline: bool = False) -> dict[str, Any]:
+    """Read, score and (with ``out_dir``) write one row; the response row (:data:`.schema.RESPONSE_COLUMNS`).
+
+    ``inline``: an HTTP request of base64 scans, answered with :data:`.schema.INLINE_COLUMNS` only.
+    """
+    t0 = time.perf_counter()
+    item = read_row(row, index, detector)
+    result = detector.score(item)
+    volume = result.volume
+    out_dir = text(row.get("out_dir"))
+    if out_dir is not None:
+        score_map, mask = write_maps(result, out_dir, output_stem(row, item, detector.registry))
+    else:  # no output location: the maps travel back in the response, base64 .nii.gz
+        score_map = encode_nifti(result.score_map, volume.affine)
+        mask = "" if inline else encode_nifti(result.mask.astype("float32"), volume.affine)
+    quality = registration_quality(result.prepared)
+    return {
+        "file": str(volume.path),
+        "subject": item.subject if isinstance(item, Subject) else "",
+        "session": (item.session or "") if isinstance(item, Subject) else "",
+        "volume_score": float(result.volume_score),
+        "is_anomalous": bool(result.is_anomalous),
+        "threshold": float(result.threshold),
+        "score_map": score_map,
+        "mask": mask,
+        **{k: float(quality.get(k, math.nan)) for k in QUALITY_KEYS},
+        "seconds": time.perf_counter() - t0,
+        "error": "",
+    }
+
+
+def failed_row(row: dict[str, Any], index: int, reason: str) -> dict[str, Any]:
+    """The response row of a row that could not be scored: its own error, no numbers."""
+    name = text(row.get("path")) or f"row {index}"
+    return {
+        **dict.fromkeys(RESPONSE_COLUMNS, math.nan),
+        **dict.fromkeys(STRING_COLUMNS, ""),
+        "file": name,
+        "is_anomalous": False,
+        "error": reason,
+    }
+
+
+def response(rows: list[dict[str, Any]], columns: tuple[str, ...] = RESPONSE_COLUMNS) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=list(columns))

@@ -1,0 +1,184 @@
+"""Scoring a table of scans on Spark: the saved model as an MLflow ``spark_udf``.
+
+Rows carry paths or URIs (never the images), each worker reads its scans, writes the maps next to
+where ``out_dir`` says and returns the ``scores.csv`` row (:data:`~anomaly3d_core.mlops.rows.RESPONSE_COLUMNS`).
+The model is loaded once per worker process (:func:`~anomaly3d_core.mlops.pyfunc_model.load_once`)
+with ``spark.task.cpus`` torch threads, so concurrent tasks do not oversubscribe the cores.
+
+    from pyspark.sql.functions import struct
+    udf = scoring_udf(spark, "models/brain")
+    scored = df.withColumn("r", udf(struct("path", "out_dir"))).select("*", "r.*").drop("r")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from anomaly3d_core.errors import Anomaly3DError, DataError
+from anomaly3d_core.io.files import list_inputs, output_stems
+from anomaly3d_core.mlops.pyfunc_model import FILES_ENV, THREADS_ENV
+from anomaly3d_core.mlops.rows import text
+from anomaly3d_core.mlops.schema import REQUEST_COLUMNS, RESPONSE_COLUMNS
+from anomaly3d_core.mlops.tracking import is_model_uri
+from anomaly3d_core.runner import ScoredBatch, record_rows
+
+TABLE_SUFFIXES = (".csv", ".parquet")
+INSTALL_HINT = "pip install 'anomaly3d[spark]' (pyspark, and Java 17 or newer on the PATH or in JAVA_HOME)"
+
+
+def require_pyspark() -> Any:
+    """The ``pyspark`` module, or an error that says how to get it."""
+    try:
+        import pyspark
+    except ImportError:
+        raise Anomaly3DError(
+            f"--engine spark needs pyspark, which is not installed: {INSTALL_HINT}"
+        ) from None
+    return pyspark
+
+
+def spark_session(master: str = "local[*]", app_name: str = "anomaly3d-score") -> Any:
+    """A SparkSession for scoring: small Arrow batches (a batch holds its rows' results in memory)."""
+    require_pyspark()
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # workers run this interpreter and its packages
+    session = (
+        SparkSession.builder.master(master)
+        .appName(app_name)
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "16")
+        .config("spark.python.worker.reuse", "true")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.python.daemon.module", "anomaly3d_core.mlops.spark_daemon")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    return session
+
+
+def scoring_udf(spark: Any, model_uri: str, env_manager: str = "local") -> Any:
+    """``mlflow.pyfunc.spark_udf`` for the saved model, returning a struct of ``RESPONSE_COLUMNS``."""
+    import mlflow.pyfunc
+
+    task_cpus = spark.sparkContext.getConf().get("spark.task.cpus", "1")
+    quiet = logging.getLogger("mlflow.pyfunc")
+    level = quiet.level
+    if env_manager == "local":  # its advice to recreate the environment: workers run this one on purpose
+        quiet.setLevel(logging.ERROR)
+    try:
+        return mlflow.pyfunc.spark_udf(
+            spark, model_uri, env_manager=env_manager, extra_env={THREADS_ENV: task_cpus, FILES_ENV: "1"}
+        )
+    finally:
+        quiet.setLevel(level)
+
+
+def score_dataframe(spark: Any, model_uri: str, df: Any) -> Any:
+    """``df`` (a ``path`` or ``volume`` column, optional ``format`` and ``out_dir``) with the result
+    columns added; other columns (a subject id, say) are kept."""
+    from pyspark.sql.functions import col, lit, struct
+
+    udf = scoring_udf(spark, model_uri)
+    accepted = udf.metadata.get_input_schema().input_names()  # the model's own request columns
+    scans = [c for c in accepted if c not in ("format", "out_dir")]
+    if "path" in df.columns and "path" not in accepted:
+        raise Anomaly3DError(
+            f"{model_uri} reads {', '.join(map(repr, scans))}, not 'path' (a model of several sequences, "
+            "or one saved before rows could name files: save it again)"
+        )
+    if not any(c in df.columns for c in scans):
+        raise Anomaly3DError(
+            f"the table needs a column of scans ({' or '.join(map(repr, scans))}); "
+            f"it has {', '.join(df.columns) or 'no columns'}"
+        )
+    inputs = [c for c in accepted if c in df.columns]
+    if "out_dir" not in inputs:  # marks the request as a batch: errors per row, not one failed job
+        df, inputs = df.withColumn("out_dir", lit(None).cast("string")), [*inputs, "out_dir"]
+    kept = [c for c in df.columns if c not in RESPONSE_COLUMNS and c != "_anomaly3d"]
+    scored = df.withColumn("_anomaly3d", udf(struct(*inputs)))
+    return scored.select(*kept, *[col(f"_anomaly3d.{c}").alias(c) for c in RESPONSE_COLUMNS])
+
+
+def request_table(spec: str, out: Path) -> pd.DataFrame:
+    """The rows to score: a table (``.csv``/``.parquet`` with a ``path`` column, optional ``format``
+    and ``out_dir``) or a file, folder or glob, each scan's maps going where ``anomaly3d score`` puts them."""
+    if spec.lower().endswith(TABLE_SUFFIXES) and "*" not in spec:
+        try:
+            table = pd.read_csv(spec) if spec.lower().endswith(".csv") else pd.read_parquet(spec)
+        except (OSError, ValueError) as exc:
+            raise DataError(spec, f"cannot be read as a table ({type(exc).__name__}: {exc})") from None
+        if "path" not in table.columns:
+            raise DataError(
+                spec, f"the table needs a 'path' column; it has {', '.join(map(str, table.columns))}"
+            )
+        table = table[[c for c in REQUEST_COLUMNS if c in table.columns and c != "volume"]].astype(object)
+        if "out_dir" not in table.columns:
+            table["out_dir"] = str(out)
+        table["out_dir"] = [text(v) or str(out) for v in table["out_dir"]]
+        return table
+    paths = list_inputs(spec)
+    stems = output_stems(paths)  # a name clash refuses the batch before any work, as on one machine
+    return pd.DataFrame(
+        {"path": [str(p) for p in paths], "out_dir": [str(out / Path(s).parent) for s in stems]}
+    )
+
+
+def score_with_spark(
+    model: str, spec: str, out: Path, master: str = "local[*]", spark: Any = None
+) -> ScoredBatch:
+    """``anomaly3d score --engine spark``: score the scans ``spec`` names, maps and ``scores.csv`` in
+    ``out``. Runs in ``spark`` or the active session, else in a new one on ``master``, stopped after."""
+    if not is_model_uri(model) and not (Path(model) / "MLmodel").is_file():
+        raise Anomaly3DError(
+            f"--model {model}: not an MLflow model folder (no MLmodel file); give a folder written by fit "
+            "or an MLflow URI (models:/NAME@ALIAS)"
+        )
+    uri = model if is_model_uri(model) else os.path.abspath(model)
+    table = request_table(spec, out)
+    require_pyspark()
+    from pyspark.sql import SparkSession
+
+    owned = spark is None and SparkSession.getActiveSession() is None
+    session = spark or SparkSession.getActiveSession() or spark_session(master)
+    try:
+        records = [tuple(text(v) for v in rec) for rec in table.itertuples(index=False)]
+        # one partition per core, in input order: each task loads the model (cached per worker) once
+        frame = session.createDataFrame(records, ", ".join(f"{c} string" for c in table.columns))
+        results = score_dataframe(session, uri, frame).toPandas()
+    finally:
+        if owned:
+            session.stop()
+    batch = ScoredBatch()
+    rows = []
+    for r in results.to_dict("records"):
+        if r["error"]:
+            batch.failures.record(r["file"], DataError(r["file"], r["error"]))
+            continue
+        rows.append(csv_row(r, out))
+    record_rows(out, rows)
+    batch.rows = rows
+    return batch
+
+
+def csv_row(result: dict[str, Any], out: Path) -> dict[str, Any]:
+    """A response row as ``scores.csv`` writes it: numbers rounded as on one machine, map names
+    relative to ``out`` when they lie under it, empty cells for scans that were not registered."""
+    row = dict(result)
+    row["volume_score"], row["threshold"] = round(row["volume_score"], 6), round(row["threshold"], 6)
+    for key in ("score_map", "mask"):
+        rel = os.path.relpath(row[key], out) if "://" not in row[key] else ".."
+        row[key] = rel if not rel.startswith("..") else row[key]
+    for key in RESPONSE_COLUMNS:
+        if isinstance(row[key], float) and row[key] != row[key]:
+            row[key] = ""
+        elif key.startswith("registration_"):
+            row[key] = round(row[key], 4)
+    return row
