@@ -185,6 +185,10 @@ def crossovers(n: int, cmd_local: float, cmd_spark: float, warm_local: float, wa
     return {"within_1.3x_from": scans(1.3), "faster_from": scans(1.0)}
 
 
+def scans_text(n: int | None) -> str:
+    return f"from about {n} scans" if n is not None else "at no number of scans (no lower time per scan)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -265,8 +269,11 @@ def main() -> None:
         f"(driver {result['peak_rss_mib']['spark driver (python)']:.0f} MiB) | |",
         "",
         f"Start-up (command minus warm): {cmd_local - warm_local:.1f} s for `score`, {cmd_spark - warm_spark:.1f} s "
-        f"for Spark. From the measured start-up and per-scan times, Spark is within 1.3x from about "
-        f"{crossover['within_1.3x_from']} scans and faster from about {crossover['faster_from']}.",
+        f"for Spark. From the measured start-up and per-scan times, Spark is within 1.3x "
+        + scans_text(crossover["within_1.3x_from"])
+        + " and faster "
+        + scans_text(crossover["faster_from"])
+        + ".",
         "",
         f"All {maps_equal} maps (score maps and masks) are equal voxel for voxel, and scores.csv row for row.",
         f"{result['machine']}; median of {args.repeats} runs.",
