@@ -9,13 +9,16 @@ were fixed before this benchmark); a test set of 8 normals and 16 lesioned subje
 lesion kinds. In native space every sequence has its own grid (FLAIR with 3-4 mm slices) and the
 head moves slightly between sequences.
 
-Every row uses one preset (``brain_mri.yaml`` in template space, ``brain_mri_native.yaml`` in
-native space) with the same training budget; only ``data.sequences`` differs. Score maps lie on
-each subject's T1w grid, where the ground truth is. Voxel metrics are pooled over the T1w brain
-voxels of all test subjects; "lesion sens." is the fraction of ground-truth lesions (connected
-components) that the model's own decision mask touches, for all kinds and for the small MS-like
-lesions; "held-out AP" pools the ``ms`` and ``haemorrhage`` subjects with the normals. Results:
-``benchmark_multiseq[_native].json`` and ``.md`` in ``--out``.
+Every row trains with one preset and the same budget; only ``data.sequences`` differs between the
+rows of a preset. Template space: ``brain_mri.yaml``. Native space: both routes, the native preset
+``brain_mri_native.yaml`` (no registration; scan and depth normalisation) and ``brain_mri.yaml``
+(affine registration to MNI152, normative scoring); "tuning-set AP" (pooled voxel AP on the
+tuning split: ``tumour`` and ``infarct`` only) is the figure a route is chosen by, never the test
+set. Score maps lie on each subject's T1w grid, where the ground truth is. Voxel metrics are
+pooled over the T1w brain voxels of all test subjects; "lesion sens." is the fraction of
+ground-truth lesions (connected components) that the model's own decision mask touches, for all
+kinds and for the small MS-like lesions; "held-out AP" pools the ``ms`` and ``haemorrhage``
+subjects with the normals. Results: ``benchmark_multiseq[_native].json`` and ``.md`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -39,14 +42,23 @@ from benchmark_native import config_tree, metrics, read_scan  # noqa: E402
 
 SEQUENCES = ("T1w", "T2w", "FLAIR")
 PRESETS = {
-    "template": HERE / "configs" / "brain_mri.yaml",
-    "native": HERE / "configs" / "brain_mri_native.yaml",
+    "brain_mri.yaml": HERE / "configs" / "brain_mri.yaml",
+    "brain_mri_native.yaml": HERE / "configs" / "brain_mri_native.yaml",
 }
-ENTRIES: dict[str, list[str]] = {
-    "T1w alone": ["T1w"],
-    "T1w + FLAIR": ["T1w", "FLAIR"],
-    "T1w + T2w + FLAIR": ["T1w", "T2w", "FLAIR"],
-}
+SETS = {"T1w alone": ["T1w"], "T1w + FLAIR": ["T1w", "FLAIR"], "T1w + T2w + FLAIR": ["T1w", "T2w", "FLAIR"]}
+#: rows per space: (sequence set, preset). In native space both routes run: the native preset (no
+#: registration) and brain_mri.yaml (registration to MNI152, normative); the tuning set says which.
+SPACE_PRESETS = {"template": ["brain_mri.yaml"], "native": ["brain_mri_native.yaml", "brain_mri.yaml"]}
+
+
+def entries(space: str) -> dict[str, tuple[list[str], str]]:
+    """Row name -> (sequences, preset) for ``space``."""
+    presets = SPACE_PRESETS[space]
+    return {
+        (f"{name}, {preset}" if len(presets) > 1 else name): (seqs, preset)
+        for preset in presets
+        for name, seqs in SETS.items()
+    }
 
 
 def lesion_sensitivity(truths: list[np.ndarray], preds: list[np.ndarray]) -> float:
@@ -61,63 +73,79 @@ def lesion_sensitivity(truths: list[np.ndarray], preds: list[np.ndarray]) -> flo
     return tp / (tp + fn) if tp + fn else float("nan")
 
 
-def run_one(name: str, data: Path, space: str) -> dict[str, Any]:
+def score_split(pipe: Any, data: Path, split: str) -> dict[str, list]:
+    """Foreground truths and scores, volume scores, decision masks, kinds and seconds of a split's subjects."""
     from anomaly3d_core.io.data import list_items
-    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
-    sequences = ENTRIES[name]
-    pipe = AnomalyDetectionPipeline(config_tree(PRESETS[space], {"data.sequences": sequences}))
-    train = list_items(data / "train", pipe.channels).items
-    t0 = time.perf_counter()
-    pipe.fit(train, show_progress=False)
-    fit_s = time.perf_counter() - t0
-    kinds = {r["subject"]: r["lesion_kind"] for r in csv.DictReader(open(data / "test_manifest.csv"))}
-    truths, scores, vscores, preds, names, seconds = [], [], [], [], [], []
-    for subject in list_items(data / "test", pipe.channels).items:
+    kinds = {r["subject"]: r["lesion_kind"] for r in csv.DictReader(open(data / f"{split}_manifest.csv"))}
+    out: dict[str, list] = {k: [] for k in ("truths", "scores", "vscores", "preds", "kinds", "seconds")}
+    for subject in list_items(data / split, pipe.channels).items:
         t0 = time.perf_counter()
         result = pipe.score(subject)
-        seconds.append(time.perf_counter() - t0)
+        out["seconds"].append(time.perf_counter() - t0)
         image, _ = read_scan(Path(subject.files["T1w"]))
-        mask, _ = read_scan(data / "test_masks" / f"{subject.stem}.nii.gz")
+        mask, _ = read_scan(data / f"{split}_masks" / f"{subject.stem}.nii.gz")
         if result.score_map.shape != image.shape:
             raise RuntimeError(
                 f"{subject}: score map {result.score_map.shape} is not on the T1w grid {image.shape}"
             )
         fg = image != 0
-        truths.append(mask[fg] > 0)
-        scores.append(result.score_map[fg])
-        vscores.append(float(result.volume_score))
-        preds.append((mask > 0, result.mask & fg))
-        names.append(kinds.get(subject.stem, kinds.get(subject.subject, "")))
-    held = [i for i, k in enumerate(names) if k in HELD_OUT_KINDS or not k]
-    ms = [i for i, k in enumerate(names) if k == "ms"]
+        out["truths"].append(mask[fg] > 0)
+        out["scores"].append(result.score_map[fg])
+        out["vscores"].append(float(result.volume_score))
+        out["preds"].append((mask > 0, result.mask & fg))
+        out["kinds"].append(kinds.get(subject.stem, kinds.get(subject.subject, "")))
+    return out
+
+
+def run_one(name: str, data: Path, space: str) -> dict[str, Any]:
+    from anomaly3d_core.io.data import list_items
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+
+    sequences, preset = entries(space)[name]
+    pipe = AnomalyDetectionPipeline(config_tree(PRESETS[preset], {"data.sequences": sequences}))
+    train = list_items(data / "train", pipe.channels).items
+    t0 = time.perf_counter()
+    pipe.fit(train, show_progress=False)
+    fit_s = time.perf_counter() - t0
+    tune = score_split(pipe, data, "tune")
+    test = score_split(pipe, data, "test")
+    kinds = test["kinds"]
+    held = [i for i, k in enumerate(kinds) if k in HELD_OUT_KINDS or not k]
+    ms = [i for i, k in enumerate(kinds) if k == "ms"]
     pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
+    preds = test["preds"]
     return {
         "name": name,
         "sequences": sequences,
+        "preset": preset,
         "fit_seconds": round(fit_s, 1),
-        "seconds_per_subject": round(float(np.median(seconds)), 3),
-        "all": metrics(truths, scores, vscores),
-        "held_out_kinds": metrics(pick(truths, held), pick(scores, held), pick(vscores, held), full=False),
+        "seconds_per_subject": round(float(np.median(test["seconds"])), 3),
+        "tune": metrics(tune["truths"], tune["scores"], tune["vscores"], full=False),
+        "all": metrics(test["truths"], test["scores"], test["vscores"]),
+        "held_out_kinds": metrics(
+            *(pick(test[k], held) for k in ("truths", "scores", "vscores")), full=False
+        ),
         "lesion_sensitivity": lesion_sensitivity([p[0] for p in preds], [p[1] for p in preds]),
         "ms_lesion_sensitivity": lesion_sensitivity(*zip(*pick(preds, ms), strict=True))
         if ms
         else float("nan"),
-        "n_test": len(names),
+        "n_test": len(kinds),
         "n_ms": len(ms),
     }
 
 
 def table(results: list[dict[str, Any]]) -> str:
     head = (
-        "| sequences | voxel AP (pooled) | best Dice | sample AUROC | held-out AP | lesion sens. (all) "
+        "| sequences | tuning-set AP | voxel AP (pooled) | best Dice | sample AUROC | held-out AP | lesion sens. (all) "
         "| lesion sens. (MS) | fit (s) | s / subject |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         a = r["all"]
+        tune = r.get("tune", {}).get("pixel_ap", float("nan"))
         lines.append(
-            f"| {r['name']} | {a['pixel_ap']:.3f} | {a['pixel_best_dice']:.3f} | {a['volume_auroc']:.3f} "
+            f"| {r['name']} | {tune:.3f} | {a['pixel_ap']:.3f} | {a['pixel_best_dice']:.3f} | {a['volume_auroc']:.3f} "
             f"| {r['held_out_kinds']['pixel_ap']:.3f} | {r['lesion_sensitivity']:.3f} "
             f"| {r['ms_lesion_sensitivity']:.3f} | {r['fit_seconds']:.0f} | {r['seconds_per_subject']:.2f} |"
         )
@@ -128,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--space", choices=tuple(PRESETS), default="template")
+    parser.add_argument("--space", choices=tuple(SPACE_PRESETS), default="template")
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--only", nargs="*", help="entry names (substring match)")
@@ -140,7 +168,8 @@ def main() -> None:
     print(
         f"multi-sequence benchmark data in {make_benchmark_data(data, space=args.space, sequences=SEQUENCES)}"
     )
-    names = [n for n in ENTRIES if not args.only or any(o in n for o in args.only)]
+    rows = entries(args.space)
+    names = [n for n in rows if not args.only or any(o in n for o in args.only)]
     results = []
     for name in names:
         print(f"-- {name}", flush=True)
@@ -159,7 +188,7 @@ def main() -> None:
     if args.only and previous.is_file():  # a partial rerun updates its rows and keeps the others
         fresh = {r["name"]: r for r in results}
         results = [fresh.pop(r["name"], r) for r in json.loads(previous.read_text())] + list(fresh.values())
-        order = list(ENTRIES)
+        order = list(rows)
         results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     text = table(results)
     previous.write_text(json.dumps(results, indent=2) + "\n")
@@ -168,11 +197,10 @@ def main() -> None:
     if not args.no_mlflow:
         from anomaly3d_core.config import build_config
 
-        preset = PRESETS[args.space]
         configs = {
             r["name"]: (
-                build_config(config_tree(preset, {"data.sequences": ENTRIES[r["name"]]})),
-                preset.name,
+                build_config(config_tree(PRESETS[r["preset"]], {"data.sequences": r["sequences"]})),
+                r["preset"],
             )
             for r in fresh_rows
         }
