@@ -734,38 +734,11 @@ def test_cache_keys_paths_and_size_bound(tmp_path, monkeypatch):
 # ================================================================ the real server
 @pytest.mark.slow
 def test_server_rejects_bombs_fast_and_keeps_serving(saved_model, demo_dir, tmp_path):
-    import urllib.request
 
-    from test_serving import _free_port, _post
+    from servers import mlflow_server, post
 
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}",
-        "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "ANOMALY3D_MAX_BYTES": "4M",  # the server obeys the same limits as the CLI, from its environment
-    }
-    log = open(tmp_path / "serve.log", "w")
-    cmd = [str(mlflow_bin), "models", "serve", "-m", str(saved_model), "--env-manager", "local"]
-    proc = subprocess.Popen(
-        [*cmd, "--host", "127.0.0.1", "-p", str(port), "-w", "1"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail("server did not start:\n" + (tmp_path / "serve.log").read_text()[-3000:])
-            time.sleep(0.5)
+    # the server obeys the same limits as the CLI, from its environment
+    with mlflow_server(saved_model, tmp_path, {"ANOMALY3D_MAX_BYTES": "4M"}) as port:
         scan = _b64(sorted((demo_dir / "test").iterdir())[-1].read_bytes())
         payloads = {
             "header bomb (1200^3 claimed)": (
@@ -783,16 +756,12 @@ def test_server_rejects_bombs_fast_and_keeps_serving(saved_model, demo_dir, tmp_
         }
         for name, (text, status, words) in payloads.items():
             t0 = time.perf_counter()
-            got, body = _post(port, {"dataframe_records": [{"volume": text}]})
+            got, body = post(port, {"dataframe_records": [{"volume": text}]})
             took = time.perf_counter() - t0
             assert got == status and words in json.dumps(body), (name, body)
             assert "Traceback" not in json.dumps(body) and "stack_trace" not in body, (name, body)
             if status != 200:
                 assert "\n" not in body["message"] and str(ROOT) not in body["message"], (name, body)
             assert took < 2, (name, took)
-        got, body = _post(port, {"dataframe_records": [{"volume": scan}]})  # and it still answers
+        got, body = post(port, {"dataframe_records": [{"volume": scan}]})  # and it still answers
         assert got == 200 and body["predictions"][0]["volume_score"] > 0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()

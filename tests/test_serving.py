@@ -5,13 +5,6 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -19,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from servers import mlflow_server, post
 from writers import WRITERS
 
 from anomaly3d_core.mlops.serving import decode_nifti
@@ -48,70 +42,11 @@ def test_pyfunc_predict_in_process(saved_model, demo_dir):
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(port: int, payload: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations",
-        json.dumps(payload).encode(),
-        {"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers(saved_model, demo_dir, tmp_path):
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    log = open(tmp_path / "serve.log", "w")
-    # mlflow starts uvicorn by name, so the venv's bin must be on PATH, as it is in an activated venv
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}",
-        "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    proc = subprocess.Popen(
-        [
-            str(mlflow_bin),
-            "models",
-            "serve",
-            "-m",
-            str(saved_model),
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-w",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail("server did not start:\n" + (tmp_path / "serve.log").read_text()[-3000:])
-            time.sleep(1)
+    with mlflow_server(saved_model, tmp_path) as port:
         scan = sorted((demo_dir / "test").iterdir())[-1]
-        status, body = _post(port, {"dataframe_records": [{"volume": _b64(scan)}]})
+        status, body = post(port, {"dataframe_records": [{"volume": _b64(scan)}]})
         assert status == 200, body
         row = body["predictions"][0]
         assert set(row) == {"volume_score", "is_anomalous", "threshold", "score_map"}
@@ -119,17 +54,13 @@ def test_mlflow_models_serve_answers(saved_model, demo_dir, tmp_path):
         # any format a loader plugin reads, named in the request; the score map is NIfTI on its grid
         img = nib.load(scan)
         nrrd = WRITERS["itk-nrrd"](np.asarray(img.dataobj, np.float32), img.affine, tmp_path, "scan")
-        status, body = _post(port, {"dataframe_records": [{"volume": _b64(nrrd), "format": "nrrd"}]})
+        status, body = post(port, {"dataframe_records": [{"volume": _b64(nrrd), "format": "nrrd"}]})
         assert status == 200, body
         assert decode_nifti(body["predictions"][0]["score_map"]).shape == img.shape
-        status, body = _post(port, {"dataframe_records": [{"volume": "definitely not base64!"}]})
+        status, body = post(port, {"dataframe_records": [{"volume": "definitely not base64!"}]})
         assert 400 <= status < 500 and "not valid base64" in json.dumps(body)
-        status, body = _post(port, {"dataframe_records": [{"volume": base64.b64encode(b"hello").decode()}]})
+        status, body = post(port, {"dataframe_records": [{"volume": base64.b64encode(b"hello").decode()}]})
         assert 400 <= status < 500 and "NIfTI" in json.dumps(body)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_pyfunc_batch_rows_paths_uris_and_errors_per_row(

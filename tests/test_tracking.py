@@ -8,10 +8,7 @@ import base64
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -240,41 +237,16 @@ def test_registered_model_serves_by_alias(record, demo_dir):
 
 @pytest.mark.slow
 def test_mlflow_models_serve_from_the_registry(record, demo_dir, tmp_path):
-    from test_serving import _free_port, _post
+    from servers import mlflow_server, post
 
     _, uri, _ = record
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": uri,
-        "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",  # what `make serve` sets
-    }
-    cmd = [str(mlflow_bin), "models", "serve", "-m", "models:/anomaly3d-demo@champion"]
-    cmd += ["--env-manager", "local", "--host", "127.0.0.1", "-p", str(port), "-w", "1"]
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail("server did not start:\n" + (tmp_path / "serve.log").read_text()[-3000:])
-            time.sleep(1)
+    with mlflow_server("models:/anomaly3d-demo@champion", tmp_path, {"MLFLOW_TRACKING_URI": uri}) as port:
         scan = sorted((demo_dir / "test").iterdir())[-1]
-        status, body = _post(
+        status, body = post(
             port, {"dataframe_records": [{"volume": base64.b64encode(scan.read_bytes()).decode()}]}
         )
         assert status == 200, body
         assert decode_nifti(body["predictions"][0]["score_map"]).shape == nib.load(scan).shape
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_subjects_with_several_sequences_are_one_scan_each(tmp_path):
