@@ -104,8 +104,10 @@ class DataConfig(Section):
     reference_sequence: str | None = Field(
         None, description="the sequence whose grid the others are resampled onto (default: the first)"
     )
-    coregister: bool = Field(
-        True, description="rigidly co-register each sequence to the reference (mutual information)"
+    coregister: bool | Literal["auto"] = Field(
+        "auto",
+        description="rigidly co-register each sequence to the reference (mutual information); auto: unless "
+        "it lies on the reference's grid already (sequences aligned beforehand)",
     )
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)

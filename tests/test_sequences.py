@@ -131,6 +131,12 @@ def test_sequences_on_the_reference_grid(tmp_path: Path) -> None:
     stacked = stack_sequences({"T1w": ref, "FLAIR": other}, ["T1w", "FLAIR"], True, "s")
     assert stacked.array.shape == (*t1.shape, 2) and stacked.shape == t1.shape and stacked.channels == 2
     np.testing.assert_array_equal(stacked.channel(0), t1)
+    aligned = Volume(flair, affine, "aligned")  # on the reference grid already: auto leaves it as it is
+    same, info = onto_reference(aligned, ref, "auto", "s", "FLAIR")
+    np.testing.assert_array_equal(same, flair)
+    assert info == {"rotation_deg": 0.0, "shift_mm": 0.0}
+    auto, info = onto_reference(other, ref, "auto", "s", "FLAIR")  # another grid: auto co-registers
+    np.testing.assert_array_equal(auto, fitted)
     far = Volume(flair, np.array(affine) + np.array([[0, 0, 0, 300.0]] * 3 + [[0, 0, 0, 0]]), "far")
     with pytest.raises(DataError, match=r"s: its FLAIR scan covers 0% of the T1w scan's field of view"):
         stack_sequences({"T1w": ref, "FLAIR": far}, ["T1w", "FLAIR"], True, "s")

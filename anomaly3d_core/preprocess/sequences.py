@@ -79,14 +79,24 @@ def _coarse(image: sitk.Image) -> sitk.Image:
     return sitk.BinShrink(image, factors) if max(factors) > 1 else image
 
 
+def same_grid(a: Volume, b: Volume) -> bool:
+    """Whether two volumes share shape and affine (to 1e-4 mm): sequences aligned beforehand."""
+    return a.shape == b.shape and bool(np.allclose(a.affine, b.affine, atol=1e-4))
+
+
 def onto_reference(
-    other: Volume, reference: Volume, coregister: bool, subject: str, sequence: str
+    other: Volume, reference: Volume, coregister: bool | str, subject: str, sequence: str
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """``other`` resampled (linear) onto the reference grid, after a rigid fit when ``coregister``.
+    """``other`` resampled (linear) onto the reference grid, after a rigid fit when ``coregister``
+    (``"auto"``: unless ``other`` lies on the reference grid already, then it is used as it is).
 
     Returns the array and what the fit did (rotation in degrees, shift in mm); a fit that does not
     improve the metric over the scanner's own alignment is not used.
     """
+    if coregister == "auto":
+        if same_grid(other, reference):
+            return np.asarray(other.array, np.float32), {"rotation_deg": 0.0, "shift_mm": 0.0}
+        coregister = True
     fixed = volume_to_image(np.asarray(reference.channel(0), np.float32), reference.affine)
     moving = volume_to_image(np.asarray(other.array, np.float32), other.affine)
     tx: sitk.Transform = sitk.Euler3DTransform()
@@ -111,7 +121,10 @@ def onto_reference(
 
 
 def stack_sequences(
-    volumes: dict[str, Volume], channels: Sequence[str], coregister: bool = True, subject: str = "subject"
+    volumes: dict[str, Volume],
+    channels: Sequence[str],
+    coregister: bool | str = "auto",
+    subject: str = "subject",
 ) -> Volume:
     """One volume with every sequence in ``channels`` on the grid of the first (the reference).
 
@@ -140,7 +153,7 @@ def stack_sequences(
 
 
 def read_subject(
-    subject: Subject, channels: Sequence[str], read: Callable[[Any], Volume], coregister: bool = True
+    subject: Subject, channels: Sequence[str], read: Callable[[Any], Volume], coregister: bool | str = "auto"
 ) -> Volume:
     """Read every sequence of ``subject`` with ``read`` and put them on the reference grid.
 
