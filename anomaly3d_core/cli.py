@@ -423,7 +423,11 @@ def _print_advice(config: Any, scans: list[Any]) -> None:
     files = [Path(s.files[channels[0]]) if isinstance(s, Subject) else s for s in scans]  # reference sequence
     found = survey(files, mni152_reference())
     print(
-        "data: " + found.advice(first.threshold.normative, first.data.preprocessing.register_to), flush=True
+        "data"
+        + (f" ({channels[0]} scans of {len(scans)} subjects)" if channels else "")
+        + ": "
+        + found.advice(first.threshold.normative, first.data.preprocessing.register_to),
+        flush=True,
     )
 
 
