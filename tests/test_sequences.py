@@ -316,3 +316,33 @@ def test_served_model_of_sequences_writes_maps_per_row_with_out_dir(
     assert out["error"][0] == "" and out["subject"][0] == "row 0"
     assert nib.load(out["score_map"][0]).shape == nib.load(anat / "sub-50_T1w.nii.gz").shape
     assert "'FLAIR'" in out["error"][1] and out["score_map"][1] == ""
+
+
+def test_tune_on_subjects_with_two_sequences(bids_data: Path, tmp_path: Path) -> None:
+    """tune reads BIDS subjects; its synthetic validation lesions go into every sequence."""
+    import yaml
+
+    from anomaly3d_core.cli import main
+    from anomaly3d_core.demo.synthetic import inject_anomalies
+
+    t1, flair, affine, _ = _subject(2)
+    vol, mask = inject_anomalies(Volume(np.stack([t1, flair], -1), affine), np.random.default_rng(0))
+    assert mask.any() and vol.channels == 2
+    for c, original in enumerate((t1, flair)):  # the same voxels change in both sequences, nowhere else
+        changed = vol.channel(c) != original
+        assert changed[mask].mean() > 0.9 and not changed[~mask].any()
+    config = {
+        **SEQS,
+        "tracking": {"enabled": False},
+        "tuning": {
+            "n_trials": 1,
+            "search_space": {"training.learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2}},
+        },
+    }
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "tuned"
+    args = ["tune", "--config", str(path), "--train", str(bids_data / "train"), "--out", str(out)]
+    assert main(args) == 0
+    best = yaml.safe_load((out / "best_config.yaml").read_text())
+    assert best["data"]["sequences"] == ["T1w", "FLAIR"]
