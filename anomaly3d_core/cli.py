@@ -138,7 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="model folder written by fit, or an MLflow URI (models:/NAME@ALIAS)"
     )
     p.add_argument("--input", required=True, help="file, folder or glob of scans")
-    p.add_argument("--masks", required=True, help="folder of ground-truth masks (same file names)")
+    p.add_argument(
+        "--masks",
+        required=True,
+        help="folder of ground-truth masks: the scan's own name, <stem>_mask.* or <stem>_seg.* "
+        "(a subject's stem, e.g. sub-01_ses-1.nii.gz)",
+    )
     p.add_argument("--out", required=True)
     _common(p)
 

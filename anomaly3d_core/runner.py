@@ -151,6 +151,16 @@ def _uninterrupted() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def subject_columns(subject: Subject) -> dict[str, str]:
+    """``scores.csv``'s subject and session: BIDS's ``sub-01``/``ses-1`` form for BIDS input, else as given."""
+    if subject.bids:
+        return {
+            "subject": f"sub-{subject.subject}",
+            "session": f"ses-{subject.session}" if subject.session else "",
+        }
+    return {"subject": subject.subject, "session": subject.session or ""}
+
+
 def score_files(
     pipeline: Detector,
     inputs: list[Path | Subject],
@@ -180,7 +190,7 @@ def score_files(
         with _uninterrupted():
             row = write_result(result, out_dir, stem, names)
             if isinstance(path, Subject):
-                row |= {"subject": path.subject, "session": path.session or ""}
+                row |= subject_columns(path)
             if names is not None:
                 sources = [bids_uri(f, bids_root) for f in path.files.values()]
                 write_sidecar(out_dir / names["sidecar"], row, model_uri, sources)

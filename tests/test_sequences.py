@@ -99,10 +99,12 @@ def test_manifest_and_folder(tmp_path: Path) -> None:
         "subject,session,sequence,path\n"
         "p1,,T1w,flat/a_T1w.nii.gz\np1,,FLAIR,flat/a_FLAIR.nii.gz\n"
         "p2,,T1w,flat/b_T1w.nii.gz\np2,,FLAIR,flat/a_FLAIR.nii.gz\np2,,FLAIR,flat/a_T1w.nii.gz\n"
+        "p3,,,flat/b_T1w.nii.gz\n"
     )
     subjects, errors = manifest_subjects(manifest, ["T1w", "FLAIR"])
     assert [s.stem for s in subjects] == ["p1"] and subjects[0].files["T1w"] == tmp_path / "flat/a_T1w.nii.gz"
-    assert "p2: 2 files claim its FLAIR" in str(errors[0])
+    assert "m.csv: line 7: empty sequence; the row is skipped" in str(errors[0])
+    assert "p2: 2 files claim its FLAIR" in str(errors[1])
     (tmp_path / "bad.csv").write_text("subject,path\nx,y\n")
     with pytest.raises(DataError, match="lacks column.*sequence"):
         manifest_subjects(tmp_path / "bad.csv", ["T1w"])
@@ -223,7 +225,7 @@ def test_cli_on_a_bids_dataset(
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "anomaly3d"
     assert str(model.resolve()) in desc["GeneratedBy"][0]["Description"]
     rows = list(csv.DictReader(open(out / "scores.csv")))
-    assert [r["subject"] for r in rows] == ["50", "51"]
+    assert [r["subject"] for r in rows] == ["sub-50", "sub-51"]
     score_map = out / "sub-50/anat/sub-50_space-T1w_stat-anomaly_statmap.nii.gz"
     assert rows[0]["score_map"] == "sub-50/anat/sub-50_space-T1w_stat-anomaly_statmap.nii.gz"
     t1 = nib.load(bids_data / "test/sub-50/anat/sub-50_T1w.nii.gz")

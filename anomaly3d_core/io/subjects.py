@@ -22,6 +22,7 @@ reason in the returned :class:`~anomaly3d_core.io.data.BatchFailures`; the other
 from __future__ import annotations
 
 import csv
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -151,16 +152,20 @@ def manifest_subjects(path: str | Path, channels: Sequence[str]) -> tuple[list[S
             f"manifest lacks column(s) {', '.join(missing)}; it needs subject, sequence, path (and may have session)",
         )
     grouped: dict[tuple[str, str | None], dict[str, list[Path]]] = {}
-    for row in rows:
+    empty: list[DataError] = []
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
         sub, seq = (row["subject"] or "").strip(), (row["sequence"] or "").strip()
         ses = (row.get("session") or "").strip() or None
         if not sub or not seq or not (row["path"] or "").strip():
+            blank = [c for c in MANIFEST_COLUMNS if not (row[c] or "").strip()]
+            empty.append(DataError(path, f"line {number}: empty {', '.join(blank)}; the row is skipped"))
             continue
         file = Path(row["path"].strip())
         grouped.setdefault((sub, ses), {}).setdefault(seq, []).append(
-            file if file.is_absolute() else path.parent / file
+            file if file.is_absolute() else Path(os.path.normpath(path.parent / file))
         )
-    return _group(grouped, channels, bids=False)
+    subjects, errors = _group(grouped, channels, bids=False)
+    return subjects, empty + errors
 
 
 def folder_subjects(folder: str | Path, channels: Sequence[str]) -> tuple[list[Subject], list[DataError]]:

@@ -90,9 +90,15 @@ def score_dataframe(spark: Any, model_uri: str, df: Any) -> Any:
     accepted = udf.metadata.get_input_schema().input_names()  # the model's own request columns
     scans = [c for c in accepted if c not in ("format", "out_dir")]
     if "path" in df.columns and "path" not in accepted:
+        several = len([c for c in scans if c != "volume"]) > 1
         raise Anomaly3DError(
-            f"{model_uri} reads {', '.join(map(repr, scans))}, not 'path' (a model of several sequences, "
-            "or one saved before rows could name files: save it again)"
+            f"{model_uri} reads {', '.join(map(repr, scans))}, not 'path'"
+            + (
+                ": a model of several sequences takes base64 columns, one per sequence; score it with "
+                "`anomaly3d score` (Spark rows of file paths per sequence are not supported yet)"
+                if several
+                else ": it was saved before rows could name files; save it again with this version"
+            )
         )
     if not any(c in df.columns for c in scans):
         raise Anomaly3DError(
