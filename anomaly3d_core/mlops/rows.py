@@ -26,7 +26,7 @@ from anomaly3d_core.io.files import check_volume, load_volume, loader_extensions
 from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.mlops.schema import RESPONSE_COLUMNS, STRING_COLUMNS
-from anomaly3d_core.mlops.serving import _loader_for_format, decode_bytes, encode_nifti, read_payload
+from anomaly3d_core.mlops.serving import decode_bytes, encode_nifti, loader_for_format, read_payload
 from anomaly3d_core.preprocess.registration import QUALITY_KEYS, registration_quality
 from anomaly3d_core.runner import write_result
 
@@ -79,7 +79,7 @@ def read_row(row: dict[str, Any], index: int, detector: Detector) -> Volume | Su
         local = path.removeprefix("file://")  # as given, so `file` reads as in `anomaly3d score`
         if fmt is None:
             return detector.read(local)  # exactly as `anomaly3d score` reads it
-        loader, _ = _loader_for_format(fmt, detector.registry)
+        loader, _ = loader_for_format(fmt, detector.registry)
         return load_volume(local, loader.name, detector.registry)
     return _read_remote(fs, key, path, fmt, detector.registry)
 

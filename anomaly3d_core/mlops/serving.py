@@ -116,7 +116,7 @@ def _formats(reg: Any) -> str:
     )
 
 
-def _loader_for_format(fmt: str, reg: Any) -> tuple[Any, list[str]]:
+def loader_for_format(fmt: str, reg: Any) -> tuple[Any, list[str]]:
     """The loader class a request's ``format`` names (a loader name, ``package:name`` or an extension)
     and the file suffixes to try."""
     try:
@@ -138,7 +138,7 @@ def read_payload(raw: bytes, fmt: Any = None, registry: Any = None, label: str =
     whose ``sniff`` recognises the content. The loader reads a private temporary copy."""
     reg = registry or get_registry()
     fmt = fmt.strip() if isinstance(fmt, str) and fmt.strip() else None  # pandas gives NaN for no format
-    cls, suffixes = _loader_for_format(fmt, reg) if fmt else (None, [])
+    cls, suffixes = loader_for_format(fmt, reg) if fmt else (None, [])
     if cls is not None and cls.reads_directories:
         raise DataError(
             None,
