@@ -130,6 +130,10 @@ class Detector(ABC):
         """Read one scan, or one subject's sequences (detectors with a configured loader override this)."""
         return load_volume(path, registry=self.registry)
 
+    def read_file(self, path: str | Path) -> Volume:
+        """Read one file (one sequence of a subject, say) as this detector reads its scans."""
+        return load_volume(path, registry=self.registry)
+
     def set_reading(self, overrides: Sequence[str]) -> None:
         """Change how scans are read (``data.loader=...``, ``data.loader_args.KEY=...``) on a fitted detector.
 

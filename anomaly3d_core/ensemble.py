@@ -171,6 +171,9 @@ class EnsemblePipeline(Detector):
     def read(self, path: Any) -> Volume:
         return self.members[0].read(path)
 
+    def read_file(self, path: str | Path) -> Volume:
+        return self.members[0].read_file(path)
+
     def set_reading(self, overrides: Sequence[str]) -> None:
         for member in self.members:
             member.set_reading(overrides)

@@ -172,10 +172,12 @@ class AnomalyDetectionPipeline(Detector):
         return self._read_one(item)
 
     def _read_one(self, item: VolumeLike) -> Volume:
-        if not isinstance(item, str | Path):
-            return as_volume(item)
+        return self.read_file(item) if isinstance(item, str | Path) else as_volume(item)
+
+    def read_file(self, path: str | Path) -> Volume:
+        """Read one file with this pipeline's loader settings (``data.loader``, ``data.loader_args``)."""
         return load_volume(
-            item, self.config.data.loader, self.registry, loader_args=self.config.data.loader_args
+            path, self.config.data.loader, self.registry, loader_args=self.config.data.loader_args
         )
 
     def set_reading(self, overrides: Sequence[str]) -> None:

@@ -285,7 +285,9 @@ def test_served_model_takes_one_column_per_sequence(bids_data: Path, cli_model: 
     from anomaly3d_core.persistence import load_detector
 
     model = mlflow.pyfunc.load_model(str(cli_model))
-    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["T1w", "FLAIR", "format", "out_dir"]
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == [
+        *("T1w", "FLAIR", "T1w_path", "FLAIR_path", "subject", "format", "out_dir")
+    ]
     anat = bids_data / "test" / "sub-50" / "anat"
     row = {s: base64.b64encode((anat / f"sub-50_{s}.nii.gz").read_bytes()).decode() for s in ("T1w", "FLAIR")}
     out = model.predict(pd.DataFrame([row]))

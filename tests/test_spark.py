@@ -153,3 +153,33 @@ def test_engine_spark_without_pyspark_says_how_to_get_it(
     )
     assert code == 2
     assert "pip install 'anomaly3d[spark]'" in capsys.readouterr().err
+
+
+@needs_java
+def test_subjects_with_two_sequences_on_spark(spark, tmp_path):
+    """A T1w+FLAIR model scores a BIDS dataset on Spark from per-sequence path columns, as on one machine."""
+    from test_sequences import SEQS, write_bids
+
+    from anomaly3d_core.io.data import list_items
+    from anomaly3d_core.mlops.spark import score_with_spark
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+
+    write_bids(tmp_path / "train", 4)
+    write_bids(tmp_path / "test", 2, first_seed=60, lesion=True)
+    (tmp_path / "test" / "sub-61" / "anat" / "sub-61_FLAIR.nii.gz").unlink()  # refused while grouping
+    pipe = AnomalyDetectionPipeline(SEQS)
+    pipe.fit(list_items(tmp_path / "train", pipe.channels).items, show_progress=False)
+    model = pipe.save(tmp_path / "model")
+    out = tmp_path / "out"
+    batch = score_with_spark(str(model), str(tmp_path / "test"), out, spark=spark)
+    assert [r["subject"] for r in batch.rows] == ["sub-60"]
+    assert "sub-61: no FLAIR file" in batch.failures.report()
+    expected = pipe.score(list_items(tmp_path / "test", pipe.channels).items[0])
+    got = nib.load(out / "sub-60_score.nii.gz")
+    np.testing.assert_allclose(np.asarray(got.dataobj), expected.score_map, rtol=1e-6, atol=1e-6)
+    assert np.allclose(got.affine, nib.load(tmp_path / "test/sub-60/anat/sub-60_T1w.nii.gz").affine)
+    with pytest.raises(Exception, match="takes a path column per sequence"):
+        frame = spark.createDataFrame([(str(out), str(out))], "path string, out_dir string")
+        from anomaly3d_core.mlops.spark import score_dataframe
+
+        score_dataframe(spark, str(model), frame)

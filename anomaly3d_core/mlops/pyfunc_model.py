@@ -24,7 +24,7 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from anomaly3d_core.errors import Anomaly3DError, DataError
 from anomaly3d_core.mlops.rows import failed_row, is_batch, names_files, response, score_row
-from anomaly3d_core.mlops.schema import INLINE_COLUMNS
+from anomaly3d_core.mlops.schema import INLINE_COLUMNS, path_column
 from anomaly3d_core.persistence import load_detector
 
 log = logging.getLogger("anomaly3d.serving")
@@ -72,14 +72,16 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame:
         columns = getattr(model_input, "columns", [])
         channels = self.pipeline.channels
-        wanted = channels if len(channels) > 1 else ["volume"]
-        missing = [c for c in wanted if c not in columns]
-        if missing and (len(channels) > 1 or "path" not in columns):
+        if len(channels) > 1:  # per sequence a base64 column or a path column
+            missing = [c for c in channels if c not in columns and path_column(c) not in columns]
+            wanted = " or ".join(f"'{c}'/'{path_column(c)}'" for c in missing)
+            detail = "base64 of a scan file, or its path or URI, per sequence"
+        else:
+            missing = [] if "volume" in columns or "path" in columns else ["volume"]
+            wanted, detail = "'volume' or 'path'", "base64 of a scan file, or a path or URI the model reads"
+        if missing:
             raise ServingError(
-                f"request rows need the field(s) {', '.join(repr(c) for c in missing)} (base64 of a scan file"
-                + (", one per sequence" if len(wanted) > 1 else "")
-                + "; 'format' names a non-NIfTI format)"
-                + ("" if len(wanted) > 1 else " or a 'path' field (a path or URI the model reads)"),
+                f"request rows need the field(s) {wanted} ({detail}; 'format' names a non-NIfTI format)",
                 error_code=INVALID_PARAMETER_VALUE,
             )
         records = model_input.to_dict("records")

@@ -25,7 +25,7 @@ from anomaly3d_core.io import limits
 from anomaly3d_core.io.files import check_volume, load_volume, loader_extensions, scan_stem
 from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.io.volume import Volume
-from anomaly3d_core.mlops.schema import RESPONSE_COLUMNS, STRING_COLUMNS
+from anomaly3d_core.mlops.schema import RESPONSE_COLUMNS, STRING_COLUMNS, path_column
 from anomaly3d_core.mlops.serving import decode_bytes, encode_nifti, loader_for_format, read_payload
 from anomaly3d_core.preprocess.registration import QUALITY_KEYS, registration_quality
 from anomaly3d_core.runner import write_result
@@ -39,15 +39,19 @@ def text(value: Any) -> str | None:
     return value or None
 
 
+def _file_columns(columns: Any) -> list[str]:
+    return [c for c in columns if c in ("path", "out_dir") or str(c).endswith("_path")]
+
+
 def is_batch(columns: Any) -> bool:
-    """Whether a request scores a table (``path`` or ``out_dir`` given): then each row carries its
-    own ``error`` and the others are still scored, instead of one bad row failing the request."""
-    return "path" in columns or "out_dir" in columns
+    """Whether a request scores a table (``path``, ``<sequence>_path`` or ``out_dir`` given): then each
+    row carries its own ``error`` and the others are still scored, instead of one bad row failing the request."""
+    return bool(_file_columns(columns))
 
 
 def names_files(records: list[dict[str, Any]]) -> bool:
-    """Whether any row names a file to read (``path``) or a folder to write (``out_dir``)."""
-    return any(text(r.get("path")) or text(r.get("out_dir")) for r in records)
+    """Whether any row names a file to read (``path``, ``<sequence>_path``) or a folder to write (``out_dir``)."""
+    return any(text(r.get(c)) for r in records for c in _file_columns(r))
 
 
 def read_row(row: dict[str, Any], index: int, detector: Detector) -> Volume | Subject:
@@ -56,17 +60,24 @@ def read_row(row: dict[str, Any], index: int, detector: Detector) -> Volume | Su
     fmt = text(row.get("format"))
     channels = detector.channels
     if len(channels) > 1:
-        missing = [seq for seq in channels if text(row.get(seq)) is None]
+        missing = [
+            seq for seq in channels if text(row.get(seq)) is None and text(row.get(path_column(seq))) is None
+        ]
         if missing:
             raise DataError(
-                None,
-                f"no {', '.join(map(repr, missing))} in the row: a model of several sequences takes "
-                f"one base64 column per sequence ({', '.join(channels)})",
+                text(row.get("subject")),
+                f"no {' or '.join(map(repr, missing))} in the row: a model of several sequences takes per "
+                f"sequence a base64 column ({', '.join(channels)}) or a path column "
+                f"({', '.join(map(path_column, channels))})",
             )
-        scans = {seq: _decode(row[seq], fmt, detector.registry, repr(seq)) for seq in channels}
-        for seq, volume in scans.items():
-            volume.path = f"row {index} {seq}"
-        return Subject(f"row {index}", scans)
+        scans = {}
+        for seq in channels:
+            if text(row.get(seq)) is not None:
+                scans[seq] = _decode(row[seq], fmt, detector.registry, repr(seq))
+                scans[seq].path = f"row {index} {seq}"
+            else:
+                scans[seq] = _read_path(text(row[path_column(seq)]), fmt, detector)
+        return Subject(text(row.get("subject")) or f"row {index}", scans)
     path = text(row.get("path"))
     if text(row.get("volume")) is not None:
         volume = _decode(row["volume"], fmt, detector.registry, "'volume'")
@@ -74,11 +85,16 @@ def read_row(row: dict[str, Any], index: int, detector: Detector) -> Volume | Su
         return volume
     if path is None:
         raise DataError(None, "the row has neither 'volume' (base64 of a scan) nor 'path' (a path or URI)")
+    return _read_path(path, fmt, detector)
+
+
+def _read_path(path: str, fmt: str | None, detector: Detector) -> Volume:
+    """A scan a row names by path or URI: a local file read as ``anomaly3d score`` reads it, else through fsspec."""
     fs, key = fsspec.core.url_to_fs(path)
     if isinstance(fs, LocalFileSystem):
         local = path.removeprefix("file://")  # as given, so `file` reads as in `anomaly3d score`
         if fmt is None:
-            return detector.read(local)  # exactly as `anomaly3d score` reads it
+            return detector.read_file(local)  # exactly as `anomaly3d score` reads one file
         loader, _ = loader_for_format(fmt, detector.registry)
         return load_volume(local, loader.name, detector.registry)
     return _read_remote(fs, key, path, fmt, detector.registry)
@@ -130,7 +146,9 @@ def output_stem(row: dict[str, Any], item: Volume | Subject, registry: Any) -> s
     """The name a row's maps get: the scan's own stem, or for base64 rows one taken from the content
     (unique without any numbering that Spark's batches would repeat)."""
     if isinstance(item, Subject):
-        payload = [row[seq] for seq in item.files]
+        if text(row.get("subject")):
+            return text(row["subject"])
+        payload = [row.get(seq) or row.get(path_column(seq)) for seq in item.files]
     elif text(row.get("volume")) is not None:
         payload = [row["volume"]]
     else:
@@ -171,7 +189,7 @@ def score_row(row: dict[str, Any], index: int, detector: Detector, inline: bool 
 
 def failed_row(row: dict[str, Any], index: int, reason: str) -> dict[str, Any]:
     """The response row of a row that could not be scored: its own error, no numbers."""
-    name = text(row.get("path")) or f"row {index}"
+    name = text(row.get("path")) or text(row.get("subject")) or f"row {index}"
     return {
         **dict.fromkeys(RESPONSE_COLUMNS, math.nan),
         **dict.fromkeys(STRING_COLUMNS, ""),

@@ -1,7 +1,8 @@
 """The columns of a request row and of a response row, and the MLflow signature that documents them.
 
 A row holds its scan as ``volume`` (base64) or ``path`` (a path or URI), or, for a model of several
-sequences, one base64 column per sequence (``T1w``, ``FLAIR``, ...); every reader of a row is
+sequences, per sequence a base64 column (``T1w``, ``FLAIR``, ...) or a path column (``T1w_path``) and
+optionally ``subject`` (the name its outputs get); every reader of a row is
 :func:`anomaly3d_core.mlops.rows.read_row`. The response is the ``scores.csv`` row
 (:data:`SCORES_COLUMNS`, also what ``anomaly3d score`` writes) plus ``seconds`` and ``error``.
 """
@@ -30,15 +31,22 @@ INLINE_COLUMNS = ("volume_score", "is_anomalous", "threshold", "score_map")  # a
 STRING_COLUMNS = ("file", "subject", "session", "score_map", "mask", "error")
 
 
+def path_column(sequence: str) -> str:
+    """The column that names a sequence's file (path or URI) for a model of several sequences."""
+    return f"{sequence}_path"
+
+
 def request_columns(channels: Sequence[str] = ()) -> tuple[str, ...]:
-    """The request columns of a model: one base64 column per sequence for a model of several."""
+    """The request columns of a model; for one of several sequences, per sequence a base64 column
+    (``T1w``) or a path column (``T1w_path``), and ``subject`` to name a row's outputs."""
     if len(channels) > 1:
-        return (*channels, "format", "out_dir")
+        return (*channels, *map(path_column, channels), "subject", "format", "out_dir")
     return REQUEST_COLUMNS
 
 
 def signature(channels: Sequence[str] = ()) -> Any:
-    """Inputs: :func:`request_columns` (a sequence's column required, the rest optional); outputs:
+    """Inputs: :func:`request_columns` (all optional in the schema: each row needs its scans as base64
+    or paths, which :func:`~anomaly3d_core.mlops.rows.read_row` checks with one clear line); outputs:
     :data:`RESPONSE_COLUMNS`, of which a request of base64 scans only gets :data:`INLINE_COLUMNS`."""
     from mlflow.models import ModelSignature  # imported on save only: runner reads the columns above
     from mlflow.types import ColSpec, Schema
@@ -47,7 +55,9 @@ def signature(channels: Sequence[str] = ()) -> Any:
     return ModelSignature(
         inputs=Schema(
             [
-                ColSpec("string", name, required=len(channels) > 1 and name in channels)
+                ColSpec(
+                    "string", name, required=False
+                )  # a scan comes as base64 or as a path: read_row checks
                 for name in request_columns(channels)
             ]
         ),

@@ -21,10 +21,11 @@ from typing import Any
 import pandas as pd
 
 from anomaly3d_core.errors import Anomaly3DError, DataError
+from anomaly3d_core.io.data import list_items
 from anomaly3d_core.io.files import list_inputs, output_stems
 from anomaly3d_core.mlops.pyfunc_model import FILES_ENV, THREADS_ENV
 from anomaly3d_core.mlops.rows import text
-from anomaly3d_core.mlops.schema import REQUEST_COLUMNS, RESPONSE_COLUMNS
+from anomaly3d_core.mlops.schema import RESPONSE_COLUMNS, path_column, request_columns
 from anomaly3d_core.mlops.tracking import is_model_uri
 from anomaly3d_core.runner import ScoredBatch, record_rows
 
@@ -90,13 +91,12 @@ def score_dataframe(spark: Any, model_uri: str, df: Any) -> Any:
     accepted = udf.metadata.get_input_schema().input_names()  # the model's own request columns
     scans = [c for c in accepted if c not in ("format", "out_dir")]
     if "path" in df.columns and "path" not in accepted:
-        several = len([c for c in scans if c != "volume"]) > 1
+        per_sequence = [c for c in accepted if c.endswith("_path")]
         raise Anomaly3DError(
             f"{model_uri} reads {', '.join(map(repr, scans))}, not 'path'"
             + (
-                ": a model of several sequences takes base64 columns, one per sequence; score it with "
-                "`anomaly3d score` (Spark rows of file paths per sequence are not supported yet)"
-                if several
+                f": a model of several sequences takes a path column per sequence ({', '.join(per_sequence)})"
+                if per_sequence
                 else ": it was saved before rows could name files; save it again with this version"
             )
         )
@@ -113,28 +113,59 @@ def score_dataframe(spark: Any, model_uri: str, df: Any) -> Any:
     return scored.select(*kept, *[col(f"_anomaly3d.{c}").alias(c) for c in RESPONSE_COLUMNS])
 
 
-def request_table(spec: str, out: Path) -> pd.DataFrame:
-    """The rows to score: a table (``.csv``/``.parquet`` with a ``path`` column, optional ``format``
-    and ``out_dir``) or a file, folder or glob, each scan's maps going where ``anomaly3d score`` puts them."""
+def model_sequences(model_uri: str) -> list[str]:
+    """The sequences a saved model takes (its ``<sequence>_path`` request columns); empty for one scan per row."""
+    from mlflow.models import get_model_info
+
+    names = get_model_info(model_uri).signature.inputs.input_names()
+    return [n[: -len("_path")] for n in names if n.endswith("_path")]
+
+
+def request_table(
+    spec: str, out: Path, sequences: list[str] | None = None
+) -> tuple[pd.DataFrame, list[DataError]]:
+    """The rows to score and the inputs refused while listing them.
+
+    A table (``.csv``/``.parquet`` with a ``path`` column, or ``<sequence>_path`` columns for a model
+    of several sequences, optional ``subject``, ``format`` and ``out_dir``); else a file, folder or glob
+    (for several sequences: a BIDS dataset, a manifest or a folder of ``<subject>_<sequence>`` files),
+    each scan's maps going where ``anomaly3d score`` puts them (subjects: ``<stem>_score.nii.gz``).
+    """
+    sequences = sequences or []
+    wanted = [path_column(s) for s in sequences] if len(sequences) > 1 else ["path"]
     if spec.lower().endswith(TABLE_SUFFIXES) and "*" not in spec:
         try:
             table = pd.read_csv(spec) if spec.lower().endswith(".csv") else pd.read_parquet(spec)
         except (OSError, ValueError) as exc:
             raise DataError(spec, f"cannot be read as a table ({type(exc).__name__}: {exc})") from None
-        if "path" not in table.columns:
+        missing = [c for c in wanted if c not in table.columns]
+        if missing:
             raise DataError(
-                spec, f"the table needs a 'path' column; it has {', '.join(map(str, table.columns))}"
+                spec,
+                f"the table needs the column(s) {', '.join(map(repr, missing))}; it has "
+                f"{', '.join(map(str, table.columns))}",
             )
-        table = table[[c for c in REQUEST_COLUMNS if c in table.columns and c != "volume"]].astype(object)
+        keep = [
+            c for c in request_columns(sequences) if c in table.columns and c not in ("volume", *sequences)
+        ]
+        table = table[keep].astype(object)
         if "out_dir" not in table.columns:
             table["out_dir"] = str(out)
         table["out_dir"] = [text(v) or str(out) for v in table["out_dir"]]
-        return table
+        return table, []
+    if len(sequences) > 1:
+        found = list_items(spec, sequences)
+        stems = output_stems(found.items)  # a name clash refuses the batch before any work
+        rows = [
+            {**{path_column(q): str(s.files[q]) for q in sequences}, "subject": stem, "out_dir": str(out)}
+            for s, stem in zip(found.items, stems, strict=True)
+        ]
+        return pd.DataFrame(rows, columns=[*wanted, "subject", "out_dir"]), list(found.errors)
     paths = list_inputs(spec)
     stems = output_stems(paths)  # a name clash refuses the batch before any work, as on one machine
     return pd.DataFrame(
         {"path": [str(p) for p in paths], "out_dir": [str(out / Path(s).parent) for s in stems]}
-    )
+    ), []
 
 
 def score_with_spark(
@@ -148,7 +179,7 @@ def score_with_spark(
             "or an MLflow URI (models:/NAME@ALIAS)"
         )
     uri = model if is_model_uri(model) else os.path.abspath(model)
-    table = request_table(spec, out)
+    table, refused = request_table(spec, out, model_sequences(uri))
     require_pyspark()
     from pyspark.sql import SparkSession
 
@@ -163,6 +194,8 @@ def score_with_spark(
         if owned:
             session.stop()
     batch = ScoredBatch()
+    for error in refused:  # subjects refused while grouping their files
+        batch.failures.add(error)
     rows = []
     for r in results.to_dict("records"):
         if r["error"]:
