@@ -45,7 +45,7 @@ def _rigid(fixed: sitk.Image, moving: sitk.Image, seed: int = 0) -> tuple[sitk.T
 
     Both images are block-averaged to about :data:`COREG_MM` first: the fit then takes a few tenths of a
     second, and head motion between sequences is found to a fraction of the working grid's voxel
-    (``tests/test_sequences.py`` checks a 3 degree, 5 mm motion on 8 mm FLAIR slices).
+    (``tests/test_sequences.py`` checks a 5.4 mm head shift on 8 mm FLAIR slices).
     """
     fixed = _coarse(fixed)
     moving = _coarse(moving)
