@@ -109,3 +109,23 @@ def test_quality_in_the_preprocessing_record_of_an_aligned_scan(caplog):
     # not registered: no figures
     plain = Preprocessor(PreprocessingConfig(target_spacing=None))(scan)
     assert reg.registration_quality(plain) == {} and plain.record.registration_dice is None
+
+
+def test_a_fit_repeats_exactly():
+    """Registration and co-registration give the same transform every time (one SimpleITK thread;
+    with several, ITK's metric sums vary with thread timing and so do the fits)."""
+    from conftest import blob_volume, oblique_affine
+
+    from anomaly3d_core.preprocess.sequences import onto_reference
+
+    ref = reg.reference("mni152")
+    moved = ref.affine.copy()
+    moved[:3, 3] += [3.0, -2.0, 1.0]
+    scan = Volume(np.asarray(ref.array, np.float32) * 900 + 5, moved)
+    assert reg.register(scan).params == reg.register(scan).params
+    shifted = oblique_affine()
+    shifted[:3, 3] += 2.0
+    other, base = Volume(blob_volume(seed=4), oblique_affine()), Volume(blob_volume(seed=4), shifted)
+    np.testing.assert_array_equal(
+        onto_reference(other, base, True, "s", "FLAIR")[0], onto_reference(other, base, True, "s", "FLAIR")[0]
+    )

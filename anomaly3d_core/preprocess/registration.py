@@ -27,8 +27,11 @@ Both figures assume a skull-stripped brain scan, as the template is.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +76,7 @@ _STAGES = (
     _Stage("affine", ((4.0, 1.0, 0.1), (2.0, 0.0, 0.05)), "gd", 100),
     _Stage("affine", ((2.0, 0.0, 0.05),), "rsgd", 30, step=0.25, full=True, mask_mm=20.0),
 )
+_THREADS_LOCK = threading.Lock()
 _MIN_SAMPLES = 2000  # per level, before the mask: tiny templates sample a larger fraction
 
 
@@ -193,6 +197,20 @@ def _method(fixed: sitk.Image, tpl: Template, stage: _Stage, seed: int) -> sitk.
     return reg
 
 
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """SimpleITK on one thread inside the block: ITK sums the registration metric over threads in a
+    varying order, so a multi-threaded fit differs from run to run (affine terms by ~1e-3, enough to
+    move scores at the brain's edge); on one thread a fit repeats exactly."""
+    with _THREADS_LOCK:
+        before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        try:
+            yield
+        finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
 def _run(reg: sitk.ImageRegistrationMethod, fixed, moving, initial) -> sitk.Transform:
     reg.SetInitialTransform(initial, inPlace=False)
     out = reg.Execute(fixed, moving)
@@ -231,22 +249,23 @@ def register(volume: Volume, target: str | Volume | Template = "mni152", seed: i
     ]
     coarse = sitk.BinShrink(moving, factors) if max(factors) > 1 else moving
     try:
-        tx: sitk.Transform = sitk.CenteredTransformInitializer(
-            fixed, coarse, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
-        )
-        for stage in _STAGES:
-            if stage.transform == "affine" and not isinstance(tx, sitk.AffineTransform):
-                rigid = sitk.Euler3DTransform(tx)
-                tx = sitk.AffineTransform(3)
-                tx.SetCenter(rigid.GetCenter())
-                tx.SetMatrix(rigid.GetMatrix())
-                tx.SetTranslation(rigid.GetTranslation())
-            method = _method(fixed, tpl, stage, seed)
-            out = _run(method, fixed, moving if stage.full else coarse, tx)
-            tx = sitk.AffineTransform(out) if stage.transform == "affine" else sitk.Euler3DTransform(out)
-        method.SetInitialTransform(tx, inPlace=False)
-        metric = float(method.MetricEvaluate(fixed, moving))
-        affine = tx
+        with single_threaded():  # the fit repeats exactly (see single_threaded)
+            tx: sitk.Transform = sitk.CenteredTransformInitializer(
+                fixed, coarse, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
+            )
+            for stage in _STAGES:
+                if stage.transform == "affine" and not isinstance(tx, sitk.AffineTransform):
+                    rigid = sitk.Euler3DTransform(tx)
+                    tx = sitk.AffineTransform(3)
+                    tx.SetCenter(rigid.GetCenter())
+                    tx.SetMatrix(rigid.GetMatrix())
+                    tx.SetTranslation(rigid.GetTranslation())
+                method = _method(fixed, tpl, stage, seed)
+                out = _run(method, fixed, moving if stage.full else coarse, tx)
+                tx = sitk.AffineTransform(out) if stage.transform == "affine" else sitk.Euler3DTransform(out)
+            method.SetInitialTransform(tx, inPlace=False)
+            metric = float(method.MetricEvaluate(fixed, moving))
+            affine = tx
     except RuntimeError as exc:
         raise DataError(
             volume.path, f"registration to the template failed ({str(exc).strip().splitlines()[-1]})"

@@ -19,6 +19,7 @@ from anomaly3d_core.errors import DataError
 from anomaly3d_core.io.sitk_geometry import volume_to_image
 from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.io.volume import Volume
+from anomaly3d_core.preprocess.registration import single_threaded
 
 log = logging.getLogger(__name__)
 MIN_OVERLAP = 0.5  # fraction of the reference scan's foreground another sequence must cover
@@ -66,11 +67,13 @@ def _rigid(fixed: sitk.Image, moving: sitk.Image, seed: int = 0) -> tuple[sitk.T
     )
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetInitialTransform(start, inPlace=False)
-    before = float(reg.MetricEvaluate(fixed, moving))
-    out = reg.Execute(fixed, moving)
-    tx = out.GetNthTransform(0) if isinstance(out, sitk.CompositeTransform) else out
-    reg.SetInitialTransform(tx, inPlace=False)
-    return sitk.Euler3DTransform(tx), before, float(reg.MetricEvaluate(fixed, moving))
+    with single_threaded():  # the fit repeats exactly
+        before = float(reg.MetricEvaluate(fixed, moving))
+        out = reg.Execute(fixed, moving)
+        tx = out.GetNthTransform(0) if isinstance(out, sitk.CompositeTransform) else out
+        reg.SetInitialTransform(tx, inPlace=False)
+        after = float(reg.MetricEvaluate(fixed, moving))
+    return sitk.Euler3DTransform(tx), before, after
 
 
 def _coarse(image: sitk.Image) -> sitk.Image:
