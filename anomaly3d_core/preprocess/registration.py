@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -197,14 +198,34 @@ def _method(fixed: sitk.Image, tpl: Template, stage: _Stage, seed: int) -> sitk.
     return reg
 
 
+THREADS_ENV = "ANOMALY3D_REGISTRATION_THREADS"
+
+
+def registration_threads() -> int:
+    """SimpleITK threads for a fit: ``$ANOMALY3D_REGISTRATION_THREADS``, default 1; 0 = ITK's default (all cores)."""
+    text = os.environ.get(THREADS_ENV, "").strip()
+    try:
+        return max(0, int(text)) if text else 1
+    except ValueError:
+        return 1
+
+
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
-    """SimpleITK on one thread inside the block: ITK sums the registration metric over threads in a
-    varying order, so a multi-threaded fit differs from run to run (affine terms by ~1e-3, enough to
-    move scores at the brain's edge); on one thread a fit repeats exactly."""
+    """Fits inside the block run on :func:`registration_threads` SimpleITK threads (default one).
+
+    ITK sums the registration metric over threads in an order that varies with thread timing, so a
+    multi-threaded fit differs from run to run (affine terms by ~1e-3, enough to move scores at the
+    brain's edge); on one thread a fit repeats exactly, at about twice the time on 2 cores
+    (``ANOMALY3D_REGISTRATION_THREADS=0`` trades that back).
+    """
+    threads = registration_threads()
+    if threads == 0:
+        yield
+        return
     with _THREADS_LOCK:
         before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
         try:
             yield
         finally:
