@@ -117,14 +117,17 @@ def test_two_workers_share_one_study(tmp_path, demo_dir):
         {"pixel_ap", "pixel_auc"} <= set(r.data.metrics) for r in trial_runs if r.info.status == "FINISHED"
     )
     assert all(r.data.tags["anomaly3d.autoencoder"] in ("standard", "denoising") for r in trial_runs)
-    parent = next(r for r in runs if r.info.run_name.startswith("tune-") and "pixel_ap" in r.data.metrics)
+    # the worker that finishes last writes the best; two that finish together may both write it
+    writers = [r for r in runs if r.info.run_name.startswith("tune-") and "pixel_ap" in r.data.metrics]
+    parent = writers[0]
     contexts = {
         next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
         for d in parent.inputs.dataset_inputs
     }
     assert set(contexts) == {"training", "validation"} and all(d.digest for d in contexts.values())
     version = mlflow.MlflowClient().get_model_version_by_alias("anomaly3d-shared", "champion")
-    assert version.run_id == parent.info.run_id  # the best model, logged to the run that wrote it
+    # the best model, logged to a run that wrote it
+    assert version.run_id in {r.info.run_id for r in writers}
 
 
 def test_synthetic_anomalies_are_visible_and_found(fitted, demo_dir):
