@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
+from bench_results import merge_rows  # noqa: E402
 
 
 def family(extractor: str, autoencoder: str) -> dict[str, Any]:
@@ -222,12 +223,8 @@ def main() -> None:
         )
     fresh_rows = list(results)
     previous = args.out / "benchmark.json"
-    if args.only and previous.is_file():  # a partial rerun updates its rows and keeps the others
-        fresh = {r["name"]: r for r in results}
-        old = json.loads(previous.read_text())
-        results = [fresh.pop(r["name"], r) for r in old] + list(fresh.values())
-        order = list(ENTRIES)
-        results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    if args.only:  # a partial rerun updates its rows and keeps the others
+        results = merge_rows(previous, results, ENTRIES)
     text = table(results)
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "benchmark.md").write_text(text + "\n")

@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
+from bench_results import merge_rows  # noqa: E402
 from benchmark_native import config_tree, metrics, read_scan  # noqa: E402
 
 SEQUENCES = ("T1w", "T2w", "FLAIR")
@@ -185,11 +186,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     fresh_rows = list(results)
     previous = args.out / f"benchmark_multiseq{suffix}.json"
-    if args.only and previous.is_file():  # a partial rerun updates its rows and keeps the others
-        fresh = {r["name"]: r for r in results}
-        results = [fresh.pop(r["name"], r) for r in json.loads(previous.read_text())] + list(fresh.values())
-        order = list(rows)
-        results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    if args.only:  # a partial rerun updates its rows and keeps the others
+        results = merge_rows(previous, results, rows)
     text = table(results)
     previous.write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"benchmark_multiseq{suffix}.md").write_text(text + "\n")

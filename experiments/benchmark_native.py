@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
+from bench_results import merge_rows  # noqa: E402
 
 NATIVE_CONFIG = HERE / "configs" / "brain_mri_native.yaml"
 TEMPLATE_CONFIG = HERE / "configs" / "brain_mri.yaml"
@@ -253,11 +254,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     fresh_rows = list(results)
     previous = args.out / "benchmark_native.json"
-    if args.only and previous.is_file():  # a partial rerun updates its rows and keeps the others
-        fresh = {r["name"]: r for r in results}
-        results = [fresh.pop(r["name"], r) for r in json.loads(previous.read_text())] + list(fresh.values())
-        order = list(ENTRIES)
-        results.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    if args.only:  # a partial rerun updates its rows and keeps the others
+        results = merge_rows(previous, results, ENTRIES)
     text = table(results)
     previous.write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "benchmark_native.md").write_text(text + "\n")

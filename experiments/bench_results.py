@@ -1,0 +1,19 @@
+"""Benchmark result files: a partial rerun (``--only``) updates its rows and keeps the others."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def merge_rows(previous: Path, fresh: list[dict[str, Any]], order: Iterable[str]) -> list[dict[str, Any]]:
+    """The rows of ``previous`` (a results JSON) with ``fresh`` rows replacing those of the same
+    ``name`` and new ones added, sorted by ``order`` (names not in it last)."""
+    if not previous.is_file():
+        return fresh
+    by_name = {r["name"]: r for r in fresh}
+    rows = [by_name.pop(r["name"], r) for r in json.loads(previous.read_text())] + list(by_name.values())
+    order = list(order)
+    return sorted(rows, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
