@@ -233,7 +233,11 @@ def _load_entry_point(
         found.broken.append(BrokenPlugin(dist_name, version, ep.name, reason, fix))
 
     try:
-        with _import_watchdog(dist_name, ep.value):
+        with (
+            contextlib.nullcontext()
+            if dist_name == BUILTIN_DISTRIBUTION
+            else _import_watchdog(dist_name, ep.value)
+        ):
             plugin = ep.load()
     except (Exception, SystemExit) as exc:  # whatever a broken package raises on import
         text = " ".join(str(exc).split())
