@@ -89,8 +89,8 @@ def check_references(path: Path) -> None:
     if limits.reading_untrusted():
         raise DataError(
             path,
-            f"its header names a separate data file ('{names[0]}'); a request must carry the image data inside "
-            "the file (.nii.gz, or .nrrd/.mha with attached data)",
+            "its header names a separate data file; a request must carry the image data inside the file "
+            "(.nii.gz, or .nrrd/.mha with attached data)",
         )
     if limits.external_data_allowed():
         return
