@@ -26,7 +26,15 @@ import numpy as np
 from anomaly3d_core.detector import Detector, ScoreResult
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.io.data import BatchFailures
-from anomaly3d_core.io.derivatives import bids_uri, derivative_names, write_description, write_sidecar
+from anomaly3d_core.io.derivatives import (
+    bids_uri,
+    derivative_names,
+    model_reference,
+    write_description,
+    write_mask_sidecar,
+    write_scores_tsv,
+    write_sidecar,
+)
 from anomaly3d_core.io.files import (
     atomic_write,
     load_volume,
@@ -197,8 +205,12 @@ def score_files(
                 row |= subject_columns(path)
             if names is not None:
                 sources = [bids_uri(f, bids_root) for f in path.files.values()]
-                write_sidecar(out_dir / names["sidecar"], row, model_uri, sources)
+                write_sidecar(out_dir / names["sidecar"], row, model_reference(model_uri, out_dir), sources)
+                write_mask_sidecar(out_dir / names["mask_sidecar"], row, names["score_map"])
             record_row(out_dir, row)
+            if bids_root is not None:
+                with write_lock(out_dir / "scores.csv", "scores.csv", blocking=True):
+                    write_scores_tsv(out_dir, read_scores(out_dir), CSV_FIELDS)
         batch.rows.append(row)
         stem_of[row["score_map"]] = stem
         if writer is not None:
@@ -275,6 +287,7 @@ def evaluate_files(
     from anomaly3d_core.evaluation.metrics import comprehensive_evaluation
     from anomaly3d_core.postprocess.thresholding import multi_threshold_analysis
     from anomaly3d_core.reports.evaluation import lesion_kinds, subject_evaluation
+    from anomaly3d_core.reports.subject import decision_text
 
     failures = BatchFailures()
     results, truths, foregrounds, names, rows = [], [], [], [], []
@@ -383,6 +396,7 @@ def evaluate_files(
             affine=r.volume.affine,
             sequences=sequences,
             threshold=r.threshold,
+            decision=decision_text({**rows[i], "volume_threshold": pipeline.volume_threshold_}),
         )
     if writer is not None:
         from anomaly3d_core.reports.html import file_data_uri

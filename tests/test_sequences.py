@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -223,15 +224,17 @@ def test_cli_on_a_bids_dataset(
     assert code == 1 and "sub-52: no FLAIR file" in err
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "anomaly3d"
-    assert str(model.resolve()) in desc["GeneratedBy"][0]["Description"]
+    relative = Path(os.path.relpath(model.resolve(), out.resolve())).as_posix()  # moves with the folder
+    assert desc["GeneratedBy"][0]["Description"].endswith(f"model {relative}")
+    assert desc["SourceDatasets"] == [{"URL": "bids:raw:"}] and "://" not in json.dumps(desc)
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert [r["subject"] for r in rows] == ["sub-50", "sub-51"]
-    score_map = out / "sub-50/anat/sub-50_space-T1w_stat-anomaly_statmap.nii.gz"
-    assert rows[0]["score_map"] == "sub-50/anat/sub-50_space-T1w_stat-anomaly_statmap.nii.gz"
+    score_map = out / "sub-50/anat/sub-50_space-T1w_desc-anomaly_statmap.nii.gz"
+    assert rows[0]["score_map"] == "sub-50/anat/sub-50_space-T1w_desc-anomaly_statmap.nii.gz"
     t1 = nib.load(bids_data / "test/sub-50/anat/sub-50_T1w.nii.gz")
     img = nib.load(score_map)
     assert img.shape == t1.shape and np.allclose(img.affine, t1.affine)  # on the reference sequence's grid
-    sidecar = json.loads((out / "sub-50/anat/sub-50_space-T1w_stat-anomaly_statmap.json").read_text())
+    sidecar = json.loads((out / "sub-50/anat/sub-50_space-T1w_desc-anomaly_statmap.json").read_text())
     assert sidecar["Sources"] == [
         "bids:raw:sub-50/anat/sub-50_T1w.nii.gz",
         "bids:raw:sub-50/anat/sub-50_FLAIR.nii.gz",

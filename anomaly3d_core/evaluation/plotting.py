@@ -184,7 +184,10 @@ def plot_overlay(
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
     target = target or targets(scores, predicted, truth)[0]
     channels = [image[..., c] for c in range(image.shape[3])] if image.ndim == 4 else [image]
-    names = list(sequences) if len(sequences) == len(channels) else [f"sequence {c + 1}" for c in range(len(channels))]
+    if len(sequences) == len(channels):
+        names = list(sequences)
+    else:
+        names = ["scan"] if len(channels) == 1 else [f"sequence {c + 1}" for c in range(len(channels))]
     grid = RasGrid.from_affine(affine, scores.shape)
     ras_img = [grid.array(c) for c in channels]
     ras_sc = grid.array(scores)
@@ -231,10 +234,11 @@ def plot_overlay(
                 ax.set_ylabel(names[row] if row < len(names) else f"score on {names[0]}")
     if heat_im is not None:
         bar = fig.colorbar(heat_im, ax=list(axes[-1]), fraction=0.025, pad=0.01)
-        bar.set_label("anomaly score")
         if threshold is not None and np.isfinite(threshold) and threshold <= hi:
             bar.ax.axhline(threshold, color="cyan", lw=2)
-            bar.ax.text(1.6, threshold, "threshold", transform=bar.ax.get_yaxis_transform(), va="center", fontsize=8)
+            bar.set_label(f"anomaly score (cyan line: voxel threshold {threshold:.3g})")
+        else:
+            bar.set_label("anomaly score")
     what = f"{target.label}: {target.n_voxels} voxels, peak score {target.peak:.3g}"
     head = " | ".join(t for t in (title, decision) if t)
     fig.suptitle(

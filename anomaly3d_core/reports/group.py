@@ -156,7 +156,8 @@ def group_report(
                 "flagged_voxels": r.get("flagged_voxels"),
                 "clusters": r.get("clusters"),
                 "registration_dice": _number(r.get("registration_dice")),
-                "quality": "; ".join(f.split(":")[0] for f in quality_flags(r)) or "ok",
+                "quality": "; ".join(f.split(":")[0] for f in quality_flags(r))
+                or ("ok" if _number(r.get("registration_dice")) is not None else "not registered"),
             }
         )
     columns = ["subject", "volume_score", "decision", "flagged_voxels", "clusters", "registration_dice", "quality"]

@@ -20,6 +20,7 @@ from anomaly3d_core.io.files import atomic_write
 from anomaly3d_core.reports import html
 
 MAX_TARGETS = 3  # clusters (and true lesions) shown per subject, largest first
+MAX_ROWS = 20  # rows of the cluster table
 
 
 def model_facts(detector: Any, model_uri: str = "") -> dict[str, Any]:
@@ -245,7 +246,10 @@ def subject_report(
     parts.append("<h2>Flagged clusters</h2>")
     if clusters:
         columns = ["cluster", "voxels", "volume_ml", "peak_score", "mean_score", "peak_RAS_mm"]
-        parts.append(html.table(clusters, columns + (["on_true_lesion"] if truth is not None else []), table_id="clusters"))
+        columns += ["on_true_lesion"] if truth is not None else []
+        parts.append(html.table(clusters[:MAX_ROWS], columns, table_id="clusters"))
+        if len(clusters) > MAX_ROWS:
+            parts.append(f'<p class="note">… and {len(clusters) - MAX_ROWS} smaller clusters.</p>')
     else:
         parts.append("<p>No voxel is above the voxel threshold.</p>")
     given = _given_lesion_table(row, result, base)
