@@ -403,7 +403,10 @@ def evaluate_files(
 
         figures = [(file_data_uri(out_dir / p), PLOT_CAPTIONS[p]) for p in plots]
         writer.group(
-            rows, names, evaluation={"metrics": metrics, "subjects": subjects, "lesions": lesions}, figures=figures
+            rows,
+            names,
+            evaluation={"metrics": metrics, "subjects": subjects, "lesions": lesions},
+            figures=figures,
         )
     return metrics, failures
 

@@ -74,7 +74,9 @@ def plot_precision_recall_curves(
     for i, (name, gt, scores) in enumerate(results):
         g, s = _pooled(gt, scores)
         precision, recall, _ = precision_recall_curve(g, s)
-        value = reported[i] if reported is not None and reported[i] is not None else average_precision_score(g, s)
+        value = (
+            reported[i] if reported is not None and reported[i] is not None else average_precision_score(g, s)
+        )
         ax.plot(recall, precision, label=f"{name} (AP {value:.4f})")
     ax.set(xlabel="recall", ylabel="precision", title=title, xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(loc="upper right")
@@ -206,13 +208,31 @@ def plot_overlay(
         index = centre[PLANES.index(plane)]
         for row in range(rows):
             ax = axes[row, col]
-            base, aspect = plane_image(ras_img[min(row, len(ras_img) - 1)] if row < len(ras_img) else ras_img[0], plane, index, grid.spacing)
+            base, aspect = plane_image(
+                ras_img[min(row, len(ras_img) - 1)] if row < len(ras_img) else ras_img[0],
+                plane,
+                index,
+                grid.spacing,
+            )
             lo_v, hi_v = np.percentile(base, (1, 99.5)) if base.size else (0, 1)
-            ax.imshow(base, cmap="gray", origin="lower", aspect=aspect, vmin=lo_v, vmax=hi_v if hi_v > lo_v else lo_v + 1)
+            ax.imshow(
+                base,
+                cmap="gray",
+                origin="lower",
+                aspect=aspect,
+                vmin=lo_v,
+                vmax=hi_v if hi_v > lo_v else lo_v + 1,
+            )
             if row == rows - 1:
                 heat, _ = plane_image(ras_sc, plane, index, grid.spacing)
                 heat_im = ax.imshow(
-                    np.ma.masked_less_equal(heat, floor), cmap="hot", alpha=0.6, origin="lower", aspect=aspect, vmin=0, vmax=hi
+                    np.ma.masked_less_equal(heat, floor),
+                    cmap="hot",
+                    alpha=0.6,
+                    origin="lower",
+                    aspect=aspect,
+                    vmin=0,
+                    vmax=hi,
                 )
             for arr, colour in ((ras_pred, "cyan"), (ras_truth, "lime")):
                 if arr is not None:

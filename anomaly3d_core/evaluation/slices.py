@@ -67,9 +67,9 @@ def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, RasGrid]:
     return grid.array(data), grid
 
 
-def plane_image(ras: np.ndarray, plane: str, index: int, spacing: tuple[float, float, float]) -> tuple[
-    np.ndarray, float
-]:
+def plane_image(
+    ras: np.ndarray, plane: str, index: int, spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, float]:
     """The slice of the RAS array ``ras`` at ``index`` on ``plane``, as rows (bottom→top) × columns
     (left→right of the screen) in the radiological convention, and its pixel aspect (height/width)."""
     axis = PLANES.index(plane)

@@ -136,7 +136,9 @@ def group_report(
     ]
     issues = [(r, f) for r in rows for f in quality_flags(r)]
     if issues:
-        parts.append(html.warning(f"{len({_name(r) for r, _ in issues})} scan(s) with data-quality flags: see below"))
+        parts.append(
+            html.warning(f"{len({_name(r) for r, _ in issues})} scan(s) with data-quality flags: see below")
+        )
     if rows:
         truth = None
         if evaluation:
@@ -160,14 +162,22 @@ def group_report(
                 or ("ok" if _number(r.get("registration_dice")) is not None else "not registered"),
             }
         )
-    columns = ["subject", "volume_score", "decision", "flagged_voxels", "clusters", "registration_dice", "quality"]
+    columns = [
+        "subject",
+        "volume_score",
+        "decision",
+        "flagged_voxels",
+        "clusters",
+        "registration_dice",
+        "quality",
+    ]
     if any(r["p_value"] is not None for r in table_rows):
         columns.insert(2, "p_value")
     chosen = [r for r in table_rows if r["decision"] == "ANOMALOUS"]
     parts.append(
         html.table(chosen, columns, raw=["subject"], table_id="flagged")
         if chosen
-        else "<p id=\"flagged\">No subject was flagged.</p>"
+        else '<p id="flagged">No subject was flagged.</p>'
     )
     if issues:
         parts.append("<h2>Data-quality flags</h2>")
@@ -181,7 +191,9 @@ def group_report(
         )
     if evaluation:
         parts += _evaluation_sections(evaluation, hrefs)
-    parts.append("<h2>All subjects</h2>" + html.table(table_rows, columns, raw=["subject"], table_id="subjects"))
+    parts.append(
+        "<h2>All subjects</h2>" + html.table(table_rows, columns, raw=["subject"], table_id="subjects")
+    )
     for uri, caption in figures:
         parts.append(html.figure(uri, caption))
     parts.append("<h2>Model</h2>" + html.definitions(model))
@@ -210,12 +222,25 @@ def _evaluation_sections(evaluation: Mapping[str, Any], hrefs: Mapping[str, str]
         parts.append(
             html.table(
                 [{**s, "subject": _link(s["name"], hrefs)} for s in subjects],
-                ["subject", "kind", "has_lesion", "volume_score", "is_anomalous", "dice", "n_lesions", "n_detected", "false_clusters"],
+                [
+                    "subject",
+                    "kind",
+                    "has_lesion",
+                    "volume_score",
+                    "is_anomalous",
+                    "dice",
+                    "n_lesions",
+                    "n_detected",
+                    "false_clusters",
+                ],
                 raw=["subject"],
                 table_id="per-subject",
             )
         )
-        parts.append("<h3>Per lesion kind</h3>" + html.table(kind_table(subjects), list(kind_table(subjects)[0]), table_id="per-kind"))
+        parts.append(
+            "<h3>Per lesion kind</h3>"
+            + html.table(kind_table(subjects), list(kind_table(subjects)[0]), table_id="per-kind")
+        )
     lesions = evaluation.get("lesions", [])
     if lesions:
         table = size_table(lesions)

@@ -85,7 +85,9 @@ def decision_text(row: Mapping[str, Any]) -> str:
     anomalous = str(row.get("is_anomalous")).lower() in ("true", "1")
     score, threshold = _number(row.get("volume_score")), _number(row.get("volume_threshold"))
     threshold = threshold if threshold is not None else _number(row.get("scan_threshold"))
-    text = ("ANOMALOUS" if anomalous else "normal") + (f": scan score {score:.4g}" if score is not None else "")
+    text = ("ANOMALOUS" if anomalous else "normal") + (
+        f": scan score {score:.4g}" if score is not None else ""
+    )
     if threshold is not None:
         text += f" {'>' if anomalous else '≤'} scan threshold {threshold:.4g}"
     p = _number(row.get("p_value"))
@@ -204,7 +206,9 @@ def _overlays(result: Any, sequences: Sequence[str], title: str, decision: str, 
             title=f"{title}: voxel p-values as -log10(p)",
             decision=decision,
         )
-        out.append(html.figure(html.png_data_uri(fig), "voxel p-value map, -log10(p) (higher: less likely normal)"))
+        out.append(
+            html.figure(html.png_data_uri(fig), "voxel p-value map, -log10(p) (higher: less likely normal)")
+        )
     return out
 
 
@@ -261,7 +265,15 @@ def subject_report(
         parts.append(
             html.table(
                 lesions,
-                ["lesion", "voxels", "volume_ml", "detected", "voxels_flagged", "peak_score", "above_threshold"],
+                [
+                    "lesion",
+                    "voxels",
+                    "volume_ml",
+                    "detected",
+                    "voxels_flagged",
+                    "peak_score",
+                    "above_threshold",
+                ],
                 table_id="true-lesions",
             )
             if lesions

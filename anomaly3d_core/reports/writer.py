@@ -27,7 +27,9 @@ def subject_report_name(stem: str, bids: bool) -> str:
 class ReportWriter:
     """Writes one subject report per scored scan and, at the end, the group report of a folder."""
 
-    def __init__(self, out_dir: Path, detector: Any, model_uri: str = "", sequences: Sequence[str] = ()) -> None:
+    def __init__(
+        self, out_dir: Path, detector: Any, model_uri: str = "", sequences: Sequence[str] = ()
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.model = model_facts(detector, model_uri)
         self.model |= _lineage(model_uri)
@@ -73,7 +75,9 @@ class ReportWriter:
         figures: Sequence[tuple[str, str]] = (),
     ) -> Path:
         """Write ``report.html`` over ``rows`` (named ``names``, for links and extras)."""
-        full = [{**row, **self.extras.get(name, {}), "name": name} for row, name in zip(rows, names, strict=True)]
+        full = [
+            {**row, **self.extras.get(name, {}), "name": name} for row, name in zip(rows, names, strict=True)
+        ]
         text = group_report(full, self.model, hrefs=self.hrefs, evaluation=evaluation, figures=figures)
         return write_subject_report(self.out_dir / GROUP_REPORT, text)
 
@@ -85,5 +89,10 @@ def _lineage(model_uri: str) -> dict[str, str]:
     from anomaly3d_core.mlops.tracking import read_lineage
 
     found = read_lineage(model_uri)
-    labels = {"run_name": "MLflow run", "run_id": "MLflow run id", "model_uri": "MLflow model", "config": "config"}
+    labels = {
+        "run_name": "MLflow run",
+        "run_id": "MLflow run id",
+        "model_uri": "MLflow model",
+        "config": "config",
+    }
     return {label: found[key] for key, label in labels.items() if found.get(key)}
