@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         "'champion'), servable as models:/NAME@ALIAS (also: tracking.register_as); default anomaly3d-STUDY",
     )
     _common(p)
+
+    from anomaly3d_core.bids_app import add_parser as add_bids_parser
+
+    add_bids_parser(sub, _common)  # anomaly3d bids BIDS_DIR OUTPUT_DIR participant|group
     return parser
 
 
@@ -593,6 +597,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return run_tuning(config, args)
 
 
+def cmd_bids(args: argparse.Namespace) -> int:
+    from anomaly3d_core import bids_app
+
+    return bids_app.run(args, sys.modules[__name__])
+
+
 COMMANDS = {
     "plugins": cmd_plugins,
     "demo": cmd_demo,
@@ -601,6 +611,7 @@ COMMANDS = {
     "score": cmd_score,
     "evaluate": cmd_evaluate,
     "tune": cmd_tune,
+    "bids": cmd_bids,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -258,6 +259,38 @@ def test_cli_on_a_bids_dataset(
     assert code == 0
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["n_volumes"] == 3 and metrics["pixel_auc"] > 0.8  # the FLAIR-only lesions are found
+
+
+def test_bids_app_outputs_are_indexed_by_pybids(bids_data: Path, cli_model: Path, tmp_path: Path) -> None:
+    """participant level for chosen labels, then the group report; pybids' BIDSLayout indexes the
+    derivatives: every image with its sidecar, scores.tsv with its column descriptions."""
+    bids = pytest.importorskip("bids", reason="pybids is a dev extra (pip install -e '.[dev]')")
+    from anomaly3d_core.cli import main
+
+    raw = tmp_path / "raw"
+    shutil.copytree(bids_data / "test", raw)
+    out = raw / "derivatives" / "anomaly3d"
+    common = ["--model", str(cli_model)]
+    assert main(["bids", str(raw), str(out), "participant", "--participant-label", "50", *common]) == 0
+    assert main(["bids", str(raw), str(out), "participant", "--participant_label", "sub-51", *common]) == 0
+    assert main(["bids", str(raw), str(out), "group", *common]) == 0
+    layout = bids.BIDSLayout(raw, derivatives=str(out), validate=False)
+    maps = layout.get(scope="derivatives", suffix="statmap", desc="anomaly", extension=".nii.gz")
+    masks = layout.get(scope="derivatives", suffix="mask", desc="anomaly", extension=".nii.gz")
+    assert sorted(m.entities["subject"] for m in maps) == ["50", "51"] and len(masks) == 2
+    assert all(m.entities["space"] == "T1w" and m.entities["datatype"] == "anat" for m in maps)
+    meta = maps[0].get_metadata()
+    assert meta["Sources"][0].startswith("bids:raw:sub-5") and not meta["Model"].startswith("/")
+    assert masks[0].get_metadata()["Sources"][0].startswith("bids::sub-5")
+    table = (out / "scores.tsv").read_text().splitlines()
+    columns = table[0].split("\t")
+    assert columns[:2] == ["participant_id", "session_id"] and len(table) == 3
+    assert set(columns) == set(json.loads((out / "scores.json").read_text()))
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetLinks"] == {"raw": "../.."} and "://" not in json.dumps(description)
+    group = (out / "report.html").read_text()
+    assert 'href="sub-50.html"' in group and 'href="sub-51.html"' in group
+    assert main(["bids", str(raw), str(out), "participant", "--participant-label", "99", *common]) == 1
 
 
 def test_python_api_with_subject_mappings(bids_data: Path) -> None:

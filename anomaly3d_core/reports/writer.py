@@ -66,6 +66,19 @@ class ReportWriter:
         self.extras[name] = {"flagged_voxels": int(np.asarray(result.mask).sum()), "clusters": int(n)}
         return path
 
+    def add_from_folder(self, rows: Sequence[Mapping[str, Any]], names: Sequence[str], bids: bool) -> None:
+        """Links and cluster counts of scans scored by earlier runs, from the reports and masks on disk."""
+        import nibabel as nib
+
+        for row, name in zip(rows, names, strict=True):
+            report = self.out_dir / subject_report_name(name, bids)
+            if report.is_file():
+                self.hrefs.setdefault(name, os.path.relpath(report, self.out_dir))
+            if name not in self.extras and row.get("mask"):
+                mask = np.asarray(nib.load(self.out_dir / row["mask"]).dataobj) > 0
+                n = ndimage.label(mask, np.ones((3, 3, 3), bool))[1]
+                self.extras[name] = {"flagged_voxels": int(mask.sum()), "clusters": int(n)}
+
     def group(
         self,
         rows: Sequence[Mapping[str, Any]],
