@@ -174,7 +174,7 @@ def _fit(args: argparse.Namespace, cli: Any, bids_dir: Path) -> int:
     name = set_name(bids_dir)
     with (
         write_lock(target, "model folder"),
-        command_run(config, "bids-fit", config_label(args.config), name) as run,
+        command_run(config, "bids-fit", config_label(args.config), name, overrides=args.overrides) as run,
     ):
         pipe.fit(found.items, callbacks=[epoch_logger()] if run else ())
         sets = fit_datasets(pipe, found.items, None, name) if run is not None else None
