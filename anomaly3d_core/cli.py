@@ -570,7 +570,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"plots and metrics    : {out / 'evaluation'}")
     print(f"model (MLflow model) : {out / 'model'}")
     if run is not None:
-        print(f"MLflow run           : {run.info.run_id}  ->  {ui_command(config)}")
+        print(f"MLflow run           : {run.info.run_id}  ->  {ui_command(config, run.info.experiment_id)}")
         if register:
             print(f"registered model     : models:/{register[0]}@{register[1]}  ->  make serve")
     print(f"total {time.perf_counter() - t0:.0f} s")

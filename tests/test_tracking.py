@@ -119,7 +119,9 @@ def test_the_ui_opens_on_runs_whose_models_carry_final_figures(record):
     for name in ("demo defaults on demo/train", "fit defaults on demo/train"):
         run = runs[name]
         assert run.info.run_name == f"{name}, num_epochs=2, max_patches=300 +3 more"
-        assert run.data.tags["anomaly3d.overrides"].startswith("training.num_epochs=2 patches.max_patches=300")
+        assert run.data.tags["anomaly3d.overrides"].startswith(
+            "training.num_epochs=2 patches.max_patches=300"
+        )
         [model] = [m for m in models if m.source_run_id == run.info.run_id]
         losses = client.get_metric_history(run.info.run_id, "train_loss")
         on_model = [m for m in mlflow.get_logged_model(model.model_id).metrics if m.key == "train_loss"]

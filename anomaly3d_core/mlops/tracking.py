@@ -199,8 +199,17 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
             mlflow.log_artifact(str(path), artifact_path)
 
 
-def ui_command(config: PipelineConfig | None = None) -> str:
-    return f"mlflow ui --backend-store-uri {tracking_uri(config)}"
+def ui_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The UI page listing an experiment's runs. MLflow 3.5+ opens experiments in its GenAI view
+    unless told ``workflowType=machine_learning`` (a switch it remembers in the browser); older 3.x
+    releases read the experiment's ``mlflow.experimentKind`` tag instead."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_command(config: PipelineConfig | None = None, experiment_id: str | None = None) -> str:
+    """How to look at the runs: the ``mlflow ui`` command line, and the page to open when known."""
+    command = f"mlflow ui --backend-store-uri {tracking_uri(config)}"
+    return f"{command}  then open {ui_url(experiment_id)}" if experiment_id else command
 
 
 def project_version() -> str:
