@@ -205,3 +205,17 @@ def test_a_browser_renders_the_reports(tmp_path: Path) -> None:
 
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (1400, 1000) and pixels[..., :3].std() > 0.05
+
+
+def test_progress_writes_plain_lines_when_not_on_a_terminal(capsys: pytest.CaptureFixture) -> None:
+    from anomaly3d_core.progress import PlainProgress, progress
+
+    bar = progress(range(20), desc="scoring", total=20)  # stderr is captured: not a terminal
+    assert isinstance(bar, PlainProgress)
+    for _ in bar:
+        bar.set_postfix({"loss": "0.1"})
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 10 and lines[0].startswith("scoring: 2/20, ") and "s left (loss 0.1)" in lines[0]
+    assert lines[-1].startswith("scoring: 20/20, ") and "left" not in lines[-1]
+    assert list(progress(range(3), desc="quiet", enabled=False)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
