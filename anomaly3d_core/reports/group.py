@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from anomaly3d_core.reports import html
+import anomaly3d_core.reports.html as html
 from anomaly3d_core.reports.subject import _number, quality_flags
 
 # What each reported metric means, in the words a reader of the summary needs.

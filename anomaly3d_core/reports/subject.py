@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+import anomaly3d_core.reports.html as html
 from anomaly3d_core.io.files import atomic_write
-from anomaly3d_core.reports import html
 
 MAX_TARGETS = 3  # clusters (and true lesions) shown per subject, largest first
 MAX_ROWS = 20  # rows of the cluster table
