@@ -277,8 +277,9 @@ def evaluate_files(
     model_uri: str = "",
     reports: bool = True,
 ) -> tuple[dict[str, Any], BatchFailures]:
-    """Score ``inputs``, compare with masks, write ``metrics.json``, ``summary.txt``, plots, overlays
-    and (with ``reports``) an HTML report per scan and ``report.html`` for the group.
+    """Score ``inputs``, compare with masks, write ``metrics.json``, ``summary.txt``, ``subjects.tsv``,
+    ``lesions.tsv``, plots, overlays and (with ``reports``) an HTML report per scan and
+    ``report.html`` for the group.
 
     Lesion kinds for the per-kind table come from a ``manifest.csv`` beside ``masks_dir`` with a
     ``lesion_kind`` column (as ``anomaly3d demo-data`` writes), when there is one."""
@@ -286,7 +287,7 @@ def evaluate_files(
     from anomaly3d_core.evaluation import plotting
     from anomaly3d_core.evaluation.metrics import comprehensive_evaluation
     from anomaly3d_core.postprocess.thresholding import multi_threshold_analysis
-    from anomaly3d_core.reports.evaluation import lesion_kinds, subject_evaluation
+    from anomaly3d_core.reports.evaluation import lesion_kinds, subject_evaluation, write_tables
     from anomaly3d_core.reports.subject import decision_text
 
     failures = BatchFailures()
@@ -359,6 +360,7 @@ def evaluate_files(
     )
     gt_in = [t[f] for t, f in zip(truths, foregrounds, strict=True)]
     sc_in = [r.score_map[f] for r, f in zip(results, foregrounds, strict=True)]
+    write_tables(out_dir, subjects, lesions)
     plots = []
     if any(g.any() for g in gt_in):
         curve = [("model", gt_in, sc_in)]

@@ -55,3 +55,21 @@ def subject_evaluation(
         for row in lesion_table(result.score_map, mask, truth, result.volume.affine, result.threshold)
     ]
     return subject, lesions
+
+
+def write_tables(out_dir: Path, subjects: list[dict[str, Any]], lesions: list[dict[str, Any]]) -> None:
+    """``subjects.tsv`` (one row per scan) and ``lesions.tsv`` (one row per true lesion) of an evaluation."""
+    from anomaly3d_core.io.files import atomic_write
+
+    for name, rows in (("subjects.tsv", subjects), ("lesions.tsv", lesions)):
+        if not rows:
+            continue
+        columns = list(rows[0])
+
+        def write(tmp: str, rows: list[dict[str, Any]] = rows, columns: list[str] = columns) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, columns, delimiter="\t", lineterminator="\n", restval="n/a")
+                writer.writeheader()
+                writer.writerows({k: "n/a" if v is None else v for k, v in r.items()} for r in rows)
+
+        atomic_write(Path(out_dir) / name, write)

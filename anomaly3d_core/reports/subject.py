@@ -21,6 +21,7 @@ from anomaly3d_core.io.files import atomic_write
 
 MAX_TARGETS = 3  # clusters (and true lesions) shown per subject, largest first
 MAX_ROWS = 20  # rows of the cluster table
+CALIBRATION_FIELDS = ("p_value", "alpha", "volume_threshold")  # shown when a result has them
 
 
 def model_facts(detector: Any, model_uri: str = "") -> dict[str, Any]:
@@ -192,7 +193,9 @@ def _overlays(result: Any, sequences: Sequence[str], title: str, decision: str, 
                 alt=f"{title} {target.label}",
             )
         )
-    p_map = getattr(result, "p_map", None)
+    p_map = next(
+        (m for m in (getattr(result, k, None) for k in ("p_map", "p_value_map")) if m is not None), None
+    )
     if p_map is not None and chosen:
         logp = -np.log10(np.clip(np.asarray(p_map, dtype=np.float64), 1e-12, 1.0))
         fig = plot_overlay(
@@ -226,6 +229,9 @@ def subject_report(
     """The report's HTML for one scored scan (a :class:`~anomaly3d_core.detector.ScoreResult`) and
     its ``scores.csv`` row; ``truth`` adds the true lesions; ``group_href`` links the group report."""
     row = {"volume_threshold": model.get("scan threshold"), **dict(row)}
+    for key in CALIBRATION_FIELDS:  # a result may carry them before its row does
+        if row.get(key) in (None, "") and getattr(result, key, None) is not None:
+            row[key] = getattr(result, key)
     decision = decision_text(row)
     anomalous = str(row.get("is_anomalous")).lower() in ("true", "1")
     parts = []
