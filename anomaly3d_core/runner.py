@@ -226,7 +226,7 @@ def score_files(
 def _report_writer(pipeline: Detector, out_dir: Path, model_uri: str) -> Any:
     from anomaly3d_core.reports import ReportWriter
 
-    return ReportWriter(out_dir, pipeline, model_uri, sequences=pipeline.channels)
+    return ReportWriter(out_dir, pipeline, model_uri, sequences=getattr(pipeline, "channels", []))
 
 
 def _row_stem(row: dict[str, Any]) -> str:

@@ -304,3 +304,14 @@ def test_subjects_with_several_sequences_are_one_scan_each(tmp_path):
     )
     assert set(subjects["validation"]).isdisjoint(subjects["training"])
     assert {f["sequence"] for f in files["training"]} == {"T1w", "FLAIR"}
+
+
+def test_the_printed_ui_command_names_the_runs_page():
+    from anomaly3d_core.mlops.tracking import run_name, ui_command
+
+    text = ui_command(None, "7")
+    assert text.startswith("mlflow ui --backend-store-uri ")
+    assert text.endswith("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
+    assert run_name("fit", "brain.yaml", "demo/train", ["training.num_epochs=5"]) == (
+        "fit brain on demo/train, num_epochs=5"
+    )
