@@ -38,6 +38,7 @@ from anomaly3d_core.io.derivatives import (
 from anomaly3d_core.io.files import (
     atomic_write,
     load_volume,
+    output_path,
     output_stems,
     save_nifti,
     scan_stem,
@@ -85,8 +86,9 @@ def write_result(
     score, mask = (
         (names["score_map"], names["mask"]) if names else (f"{stem}_score.nii.gz", f"{stem}_mask.nii.gz")
     )
-    save_nifti(result.score_map.astype(np.float32), result.volume.affine, out_dir / score)
-    save_nifti(result.mask.astype(np.uint8), result.volume.affine, out_dir / mask)
+    score_path, mask_path = output_path(out_dir, score), output_path(out_dir, mask)
+    save_nifti(result.score_map.astype(np.float32), result.volume.affine, score_path)
+    save_nifti(result.mask.astype(np.uint8), result.volume.affine, mask_path)
     return {
         "file": result.volume.path,
         "volume_score": round(result.volume_score, 6),
@@ -205,8 +207,9 @@ def score_files(
                 row |= subject_columns(path)
             if names is not None:
                 sources = [bids_uri(f, bids_root) for f in path.files.values()]
-                write_sidecar(out_dir / names["sidecar"], row, model_reference(model_uri, out_dir), sources)
-                write_mask_sidecar(out_dir / names["mask_sidecar"], row, names["score_map"])
+                sidecar = output_path(out_dir, names["sidecar"])
+                write_sidecar(sidecar, row, model_reference(model_uri, out_dir), sources)
+                write_mask_sidecar(output_path(out_dir, names["mask_sidecar"]), row, names["score_map"])
             record_row(out_dir, row)
             if bids_root is not None:
                 with write_lock(out_dir / "scores.csv", "scores.csv", blocking=True):
@@ -387,13 +390,14 @@ def evaluate_files(
     sequences = pipeline.channels
     for i in order:
         r = results[i]
-        (out_dir / "overlays" / names[i]).parent.mkdir(parents=True, exist_ok=True)
+        png = output_path(out_dir / "overlays", f"{names[i]}.png")
+        png.parent.mkdir(parents=True, exist_ok=True)
         plotting.plot_overlay(
             r.volume.array,
             r.score_map,
             r.mask,
             truths[i],
-            out_dir / "overlays" / f"{names[i]}.png",
+            png,
             title=names[i],
             affine=r.volume.affine,
             sequences=sequences,

@@ -18,6 +18,7 @@ from scipy.stats import median_abs_deviation
 
 from anomaly3d_core.config import ThresholdConfig
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
+from anomaly3d_core.io import arrays
 from anomaly3d_core.postprocess import thresholding
 
 STATE_FILE, NORMATIVE_FILE = "state.json", "normative.npz"
@@ -183,9 +184,8 @@ class PostProcessor:
     @classmethod
     def load(cls, folder: Path, config: ThresholdConfig, registry: Any = None) -> tuple[PostProcessor, dict]:
         """The post-processor saved in ``folder`` and the whole ``state.json`` (for the caller's extras)."""
-        state = json.loads((folder / STATE_FILE).read_text())
+        state = json.loads(arrays.read_text(folder / STATE_FILE))
         post = cls(config, registry).load_state_dict(state)
-        if (folder / NORMATIVE_FILE).is_file():
-            with np.load(folder / NORMATIVE_FILE, allow_pickle=False) as z:
-                post.normative_ = {"mean": z["mean"], "std": z["std"]}
+        if (folder / NORMATIVE_FILE).is_file():  # each array's size checked before it is inflated
+            post.normative_ = arrays.load_npz(folder / NORMATIVE_FILE, ("mean", "std"))
         return post, state

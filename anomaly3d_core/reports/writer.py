@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from anomaly3d_core.io.files import output_path
 from anomaly3d_core.reports.group import group_report
 from anomaly3d_core.reports.subject import model_facts, subject_report, write_subject_report
 
@@ -48,7 +49,7 @@ class ReportWriter:
         folder: Path | None = None,
     ) -> Path:
         """Write ``name``'s report (into ``folder``, default the output root) and remember its link."""
-        path = (folder or self.out_dir) / subject_report_name(name, bids)
+        path = output_path(folder or self.out_dir, subject_report_name(name, bids))  # kept under the output
         group_href = os.path.relpath(self.out_dir / GROUP_REPORT, path.parent)
         text = subject_report(
             result,
