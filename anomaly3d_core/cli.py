@@ -575,6 +575,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\n" + summary_table(metrics))
     print(f"score maps and masks : {out / 'scores'}")
     print(f"plots and metrics    : {out / 'evaluation'}")
+    print(f"reports (open these) : {out / 'evaluation' / 'report.html'}, {out / 'scores' / 'report.html'}")
     print(f"model (MLflow model) : {out / 'model'}")
     if run is not None:
         print(f"MLflow run           : {run.info.run_id}  ->  {ui_command(config, run.info.experiment_id)}")

@@ -158,10 +158,10 @@ def write_reports(out: Path) -> Path:
 
 def test_reports_are_self_contained_with_the_flagged_table(tmp_path: Path) -> None:
     group = write_reports(tmp_path)
-    text = group.read_text()
+    text = group.read_text(encoding="utf-8")
     assert 'id="flagged"' in text and ">sub-01</a>" in text.split('id="flagged"')[1].split("</table>")[0]
     assert "poor registration" in text  # sub-02's data-quality flag
-    subject = (tmp_path / "sub-01_report.html").read_text()
+    subject = (tmp_path / "sub-01_report.html").read_text(encoding="utf-8")
     assert subject.count('src="data:image/png;base64,') >= 2  # a true lesion and a flagged cluster
     assert not re.search(r'(src|href)="(https?:|//)', subject + text)  # nothing fetched from elsewhere
     assert "ANOMALOUS: scan score 3 &gt; scan threshold 1" in subject
@@ -181,18 +181,19 @@ def test_a_browser_renders_the_reports(tmp_path: Path) -> None:
         "+[...document.images].filter(i=>i.naturalWidth>100).length+'</p>')})</script>"
     )
     probe = tmp_path / "probe.html"
-    probe.write_text((tmp_path / "sub-01_report.html").read_text().replace("</body>", script + "</body>"))
+    probe.write_text(
+        (tmp_path / "sub-01_report.html").read_text(encoding="utf-8").replace("</body>", script + "</body>"),
+        encoding="utf-8",
+    )
     dom = subprocess.run(
         [*command, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
         capture_output=True,
-        text=True,
         timeout=120,
-    ).stdout
+    ).stdout.decode("utf-8", "replace")
     assert "ANOMALOUS" in dom and 'id="clusters"' in dom
     assert int(re.search(r'id="decoded">(\d+)<', dom).group(1)) >= 2  # PNGs decoded by the browser
-    dom = subprocess.run(
-        [*command, "--dump-dom", group.as_uri()], capture_output=True, text=True, timeout=120
-    ).stdout
+    dom = subprocess.run([*command, "--dump-dom", group.as_uri()], capture_output=True, timeout=120).stdout
+    dom = dom.decode("utf-8", "replace")
     flagged = dom.split('id="flagged"')[1].split("</table>")[0]
     assert "sub-01" in flagged and "sub-02" not in flagged
     shot = tmp_path / "group.png"

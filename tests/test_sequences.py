@@ -282,13 +282,13 @@ def test_bids_app_outputs_are_indexed_by_pybids(bids_data: Path, cli_model: Path
     meta = maps[0].get_metadata()
     assert meta["Sources"][0].startswith("bids:raw:sub-5") and not meta["Model"].startswith("/")
     assert masks[0].get_metadata()["Sources"][0].startswith("bids::sub-5")
-    table = (out / "scores.tsv").read_text().splitlines()
+    table = (out / "scores.tsv").read_text(encoding="utf-8").splitlines()
     columns = table[0].split("\t")
     assert columns[:2] == ["participant_id", "session_id"] and len(table) == 3
     assert set(columns) == set(json.loads((out / "scores.json").read_text()))
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetLinks"] == {"raw": "../.."} and "://" not in json.dumps(description)
-    group = (out / "report.html").read_text()
+    group = (out / "report.html").read_text(encoding="utf-8")
     assert 'href="sub-50.html"' in group and 'href="sub-51.html"' in group
     assert main(["bids", str(raw), str(out), "participant", "--participant-label", "99", *common]) == 1
 

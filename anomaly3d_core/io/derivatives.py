@@ -90,7 +90,7 @@ def model_reference(model_uri: str, out: Path) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
 
 
 def write_description(out: Path, model_uri: str, source_root: Path | None) -> None:
@@ -157,7 +157,7 @@ def write_scores_tsv(out: Path, rows: Sequence[Mapping[str, Any]], columns: Sequ
     for row in rows:
         values = {**row, "participant_id": row.get("subject"), "session_id": row.get("session")}
         writer.writerow(["n/a" if values.get(c) in (None, "") else values[c] for c in names])
-    atomic_write(out / SCORES_TSV, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+    atomic_write(out / SCORES_TSV, lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))
     _write_json(
         out / SCORES_TSV.replace(".tsv", ".json"),
         {c: COLUMN_DESCRIPTIONS.get(c, {"Description": c}) for c in names},

@@ -20,7 +20,7 @@ def lesion_kinds(masks_dir: Path, registry: Any = None) -> dict[str, str]:
     path = Path(masks_dir).parent / "manifest.csv"
     if not path.is_file():
         return {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if "lesion_kind" not in (reader.fieldnames or []):
             return {}
@@ -67,7 +67,7 @@ def write_tables(out_dir: Path, subjects: list[dict[str, Any]], lesions: list[di
         columns = list(rows[0])
 
         def write(tmp: str, rows: list[dict[str, Any]] = rows, columns: list[str] = columns) -> None:
-            with open(tmp, "w", newline="") as f:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
                 writer = csv.DictWriter(f, columns, delimiter="\t", lineterminator="\n", restval="n/a")
                 writer.writeheader()
                 writer.writerows({k: "n/a" if v is None else v for k, v in r.items()} for r in rows)

@@ -162,7 +162,7 @@ def _given_lesion_table(row: Mapping[str, Any], result: Any, base: Path | None) 
     if name:
         path = Path(name) if base is None or Path(name).is_absolute() else base / name
         if path.is_file():
-            with open(path, newline="") as f:
+            with open(path, newline="", encoding="utf-8") as f:
                 return list(csv.DictReader(f, delimiter="\t"))
     return []
 
