@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         "'champion'), servable as models:/NAME@ALIAS (also: tracking.register_as); default anomaly3d-STUDY",
     )
     _common(p)
+
+    from anomaly3d_core.bids_app import add_parser as add_bids_parser
+
+    add_bids_parser(sub, _common)  # anomaly3d bids BIDS_DIR OUTPUT_DIR participant|group
     return parser
 
 
@@ -368,7 +372,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     with write_lock(args.out, "model folder"):
         _print_advice(config, train)
         name = set_name(data_folder(args.train))
-        with command_run(config, "fit", config_label(args.config), name) as run:
+        with command_run(config, "fit", config_label(args.config), name, overrides=args.overrides) as run:
             pipe.fit(train, val, callbacks=[epoch_logger()] if run else ())
             sets = None
             if run is not None:
@@ -393,7 +397,7 @@ def _save_fit(pipe: Any, out: Path, register: tuple[str, str] | None, sets: Any)
         lineage,
         log_artifact,
         log_datasets,
-        log_metrics,
+        log_fit_metrics,
         log_model,
     )
 
@@ -402,15 +406,7 @@ def _save_fit(pipe: Any, out: Path, register: tuple[str, str] | None, sets: Any)
         log_datasets(sets)
         info = log_model(pipe, register)
         metadata = {LINEAGE_KEY: lineage(info)}
-        log_metrics(
-            {
-                "fit_seconds": pipe.fit_seconds_,
-                "threshold": pipe.threshold_,
-                "volume_threshold": pipe.volume_threshold_,
-                "n_train_volumes": pipe.n_train_volumes_,
-                "n_val_volumes": pipe.n_val_volumes_,
-            }
-        )
+        log_fit_metrics(pipe, sets, info.model_id if info is not None else None)
     written = pipe.save(out, metadata)
     plot_training_curves(pipe.history_, out / "training_curves.png")
     log_artifact(out / "training_curves.png", "plots")
@@ -508,9 +504,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if pipe.config.tracking.enabled:
             lineage = source_run(lineage, pipe.config)
         config_name = lineage.get("config") or Path(args.model.rstrip("/")).name
-        with command_run(pipe.config, "evaluate", config_name, name) as run:
+        with command_run(pipe.config, "evaluate", config_name, name, overrides=args.overrides) as run:
             model_id = link_model(args.model, lineage) if run else None
-            metrics, failures = evaluate_files(pipe, found.items, Path(args.masks), out)
+            metrics, failures = evaluate_files(pipe, found.items, Path(args.masks), out, model_uri=args.model)
             dataset = None
             if run is not None:
                 dataset = _evaluation_set(found.items, failures, Path(args.masks), args.input, name)
@@ -553,7 +549,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     train, tests = _inputs(str(data / "train"), config), _inputs(str(data / "test"), config)
     _print_advice(config, train.items)
     name = set_name(data / "train")
-    with command_run(config, "demo", config_label(args.config), name) as run:
+    with command_run(config, "demo", config_label(args.config), name, overrides=args.overrides) as run:
         print("[2/4] fitting on normal subjects ...", flush=True)
         pipe.fit(train.items, callbacks=[epoch_logger()] if run else ())
         sets = fit_datasets(pipe, train.items, None, name) if run else None
@@ -563,7 +559,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         uri = str((out / "model").resolve())
         batch = score_files(pipe, tests.items, out / "scores", bids_root=tests.bids_root, model_uri=uri)
         print("[4/4] evaluating against ground truth ...", flush=True)
-        metrics, failures = evaluate_files(pipe, tests.items, data / "test_masks", out / "evaluation")
+        metrics, failures = evaluate_files(
+            pipe, tests.items, data / "test_masks", out / "evaluation", model_uri=uri
+        )
         dataset = None
         if run is not None:
             dataset = _evaluation_set(
@@ -577,9 +575,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\n" + summary_table(metrics))
     print(f"score maps and masks : {out / 'scores'}")
     print(f"plots and metrics    : {out / 'evaluation'}")
+    print(f"reports (open these) : {out / 'evaluation' / 'report.html'}, {out / 'scores' / 'report.html'}")
     print(f"model (MLflow model) : {out / 'model'}")
     if run is not None:
-        print(f"MLflow run           : {run.info.run_id}  ->  {ui_command(config)}")
+        print(f"MLflow run           : {run.info.run_id}  ->  {ui_command(config, run.info.experiment_id)}")
         if register:
             print(f"registered model     : models:/{register[0]}@{register[1]}  ->  make serve")
     print(f"total {time.perf_counter() - t0:.0f} s")
@@ -600,6 +599,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return run_tuning(config, args)
 
 
+def cmd_bids(args: argparse.Namespace) -> int:
+    from anomaly3d_core import bids_app
+
+    return bids_app.run(args, sys.modules[__name__])
+
+
 COMMANDS = {
     "plugins": cmd_plugins,
     "demo": cmd_demo,
@@ -608,6 +613,7 @@ COMMANDS = {
     "score": cmd_score,
     "evaluate": cmd_evaluate,
     "tune": cmd_tune,
+    "bids": cmd_bids,
 }
 
 
