@@ -37,6 +37,7 @@ from anomaly3d_core.io.files import (
 )
 from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.mlops.schema import SCORES_COLUMNS
+from anomaly3d_core.postprocess.lesions import write_lesion_table
 from anomaly3d_core.preprocess.registration import registration_quality
 from anomaly3d_core.progress import progress
 
@@ -69,24 +70,61 @@ class ScoredBatch:
 def write_result(
     result: ScoreResult, out_dir: Path, stem: str | None = None, names: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """Write the score map and mask on the input's grid; returns the CSV row.
+    """Write the score map, p-map, mask and lesion table on the input's grid; returns the CSV row.
 
-    Named ``<stem>_score.nii.gz`` and ``<stem>_mask.nii.gz``, or as ``names`` says (BIDS-Derivatives).
+    Named ``<stem>_score.nii.gz``, ``<stem>_pvalue.nii.gz``, ``<stem>_mask.nii.gz`` and
+    ``<stem>_lesions.tsv``, or as ``names`` says (BIDS-Derivatives). A model without calibration
+    nulls writes no p-map and no lesion table (their cells stay empty).
     """
     stem = stem or scan_stem(result.volume.path or "volume")
-    score, mask = (
-        (names["score_map"], names["mask"]) if names else (f"{stem}_score.nii.gz", f"{stem}_mask.nii.gz")
-    )
-    save_nifti(result.score_map.astype(np.float32), result.volume.affine, out_dir / score)
-    save_nifti(result.mask.astype(np.uint8), result.volume.affine, out_dir / mask)
+    names = names or {
+        "score_map": f"{stem}_score.nii.gz",
+        "p_map": f"{stem}_pvalue.nii.gz",
+        "mask": f"{stem}_mask.nii.gz",
+        "lesion_table": f"{stem}_lesions.tsv",
+    }
+    save_nifti(result.score_map.astype(np.float32), result.volume.affine, out_dir / names["score_map"])
+    save_nifti(result.mask.astype(np.uint8), result.volume.affine, out_dir / names["mask"])
+    calibrated = result.p_map is not None
+    if calibrated:
+        save_nifti(result.p_map.astype(np.float32), result.volume.affine, out_dir / names["p_map"])
+        write_lesion_table(result.lesions, out_dir / names["lesion_table"])
     return {
         "file": result.volume.path,
-        "volume_score": round(result.volume_score, 6),
-        "is_anomalous": result.is_anomalous,
-        "threshold": round(result.threshold, 6),
-        "score_map": score,
-        "mask": mask,
+        **decision_columns(result),
+        "score_map": names["score_map"],
+        "p_map": names["p_map"] if calibrated else "",
+        "mask": names["mask"],
+        "lesion_table": names["lesion_table"] if calibrated else "",
         **{k: round(v, 4) for k, v in registration_quality(result.prepared).items()},
+    }
+
+
+def decision_columns(result: ScoreResult) -> dict[str, Any]:
+    """The scan's numbers and decision as ``scores.csv``, the sidecar and the served response name them.
+
+    A NaN or infinite volume score is an error (never a decision); an undefined p-value (a model
+    without calibration nulls) is an empty cell.
+    """
+    if not np.isfinite(result.volume_score):
+        raise DataError(
+            result.volume.path, f"volume score {result.volume_score}: not a finite number, no decision"
+        )
+
+    def num(value: float) -> float | str:
+        return round(float(value), 6) if np.isfinite(value) or np.isinf(value) else ""
+
+    return {
+        "volume_score": round(float(result.volume_score), 6),
+        "volume_threshold": num(result.volume_threshold),
+        "p_value": num(result.p_value),
+        "alpha": num(result.alpha),
+        "is_anomalous": bool(result.is_anomalous),
+        "scan_statistic": result.scan_statistic,
+        "n_calibration": int(result.n_calibration),
+        "mask_rule": result.mask_rule,
+        "voxel_threshold": round(float(result.threshold), 6),
+        "n_lesions": len(result.lesions),
     }
 
 
@@ -113,6 +151,8 @@ def read_scores(out_dir: Path) -> list[dict[str, Any]]:
             if not row.get("score_map") and row.get("file"):  # a CSV from before these columns
                 stem = scan_stem(row["file"])
                 row["score_map"], row["mask"] = f"{stem}_score.nii.gz", f"{stem}_mask.nii.gz"
+            if row.get("threshold") and not row.get("voxel_threshold"):  # a CSV from before p-values
+                row["voxel_threshold"] = row.pop("threshold")
             if (
                 row.get("score_map")
                 and (out_dir / row["score_map"]).is_file()

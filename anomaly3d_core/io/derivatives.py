@@ -6,9 +6,11 @@ Layout of ``OUT`` (the derivatives dataset's root, e.g. ``bids/derivatives/anoma
     scores.csv                         one row per subject (and session), as for any input
     sub-01/[ses-1/]anat/
       sub-01[_ses-1]_space-<ref>_stat-anomaly_statmap.nii.gz   voxel scores
-      sub-01[_ses-1]_space-<ref>_stat-anomaly_statmap.json     volume score, decision, threshold,
-                                                                model, sources
+      sub-01[_ses-1]_space-<ref>_stat-anomaly_statmap.json     volume score and threshold, p-value,
+                                                                alpha, decision, mask rule, model, sources
+      sub-01[_ses-1]_space-<ref>_stat-pvalue_statmap.nii.gz    voxel p-values (calibration normals)
       sub-01[_ses-1]_space-<ref>_desc-anomaly_mask.nii.gz      voxels flagged anomalous
+      sub-01[_ses-1]_space-<ref>_desc-anomaly_lesions.tsv      one row per flagged cluster
 
 ``space-<ref>`` is the reference sequence (``space-T1w``: on the subject's own T1w grid, as
 fMRIPrep names it).
@@ -27,12 +29,14 @@ BIDS_VERSION = "1.9.0"
 
 
 def derivative_names(subject: Subject, reference: str) -> dict[str, str]:
-    """Paths (relative to the derivatives root) of a subject's score map, mask and sidecar."""
+    """Paths (relative to the derivatives root) of a subject's score map, p-map, mask, lesion table and sidecar."""
     folder = f"sub-{subject.subject}/" + (f"ses-{subject.session}/" if subject.session else "") + "anat/"
     base = f"{folder}{subject.stem}_space-{reference}"
     return {
         "score_map": f"{base}_stat-anomaly_statmap.nii.gz",
+        "p_map": f"{base}_stat-pvalue_statmap.nii.gz",
         "mask": f"{base}_desc-anomaly_mask.nii.gz",
+        "lesion_table": f"{base}_desc-anomaly_lesions.tsv",
         "sidecar": f"{base}_stat-anomaly_statmap.json",
     }
 
@@ -74,11 +78,26 @@ def write_description(out: Path, model_uri: str, source_root: Path | None) -> No
 def write_sidecar(path: Path, row: dict[str, Any], model_uri: str, sources: list[str]) -> None:
     """The JSON sidecar of a score map: the subject's decision and where it came from."""
     sidecar = {
-        "Description": "voxel-wise anomaly score (higher is more abnormal); mask: score above Threshold",
+        "Description": "voxel-wise anomaly score (higher is more abnormal); the mask is made by MaskRule",
         "VolumeScore": row["volume_score"],
+        "ScanStatistic": row["scan_statistic"],
+        "VolumeThreshold": _json_number(row["volume_threshold"]),
+        "PValue": _json_number(row["p_value"]),
+        "Alpha": _json_number(row["alpha"]),
         "IsAnomalous": bool(row["is_anomalous"]),
-        "Threshold": row["threshold"],
+        "NCalibrationScans": row["n_calibration"],
+        "MaskRule": row["mask_rule"],
+        "VoxelThreshold": row["voxel_threshold"],
+        "NLesions": row["n_lesions"],
         "Model": model_uri,
         "Sources": sources,
     }
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2)))
+
+
+def _json_number(value: Any) -> float | str | None:
+    """A CSV cell as JSON: numbers stay numbers, infinity as the string "inf", empty as null."""
+    if value == "" or value is None:
+        return None
+    value = float(value)
+    return value if abs(value) != float("inf") else str(value)
