@@ -57,6 +57,17 @@ SUMMARY_KEYS = (
 )
 
 
+GUARANTEE_KEYS = (
+    "normal_flagged_fraction",
+    "lesioned_flagged_fraction",
+    "voxel_fdr_lesioned",
+    "fp_clusters_per_normal_scan",
+    "fp_clusters_per_lesioned_scan",
+    "scan_auroc_p_value",
+    "scan_auroc_top_k_mean",
+)
+
+
 CSV_FIELDS = SCORES_COLUMNS  # the columns of scores.csv, shared with the served model
 
 
@@ -284,10 +295,11 @@ def evaluate_files(
     # matplotlib and scikit-learn: imported for evaluation only, so plain scoring does not load them
     from anomaly3d_core.evaluation import plotting
     from anomaly3d_core.evaluation.metrics import comprehensive_evaluation
+    from anomaly3d_core.postprocess.calibration import top_k_mean
     from anomaly3d_core.postprocess.thresholding import multi_threshold_analysis
 
     failures = BatchFailures()
-    results, truths, foregrounds, names = [], [], [], []
+    results, truths, foregrounds, names, top_ks = [], [], [], [], []
     stems = output_stems(inputs, pipeline.registry)  # a name clash refuses the batch before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, stem in progress(list(zip(inputs, stems, strict=True)), desc="evaluating", total=len(inputs)):
@@ -302,7 +314,8 @@ def evaluate_files(
         except Exception as exc:  # one bad file never stops the batch, whatever it raises
             failures.record(path, exc)
             continue
-        result.prepared = result.prepared_scores = None  # keep only what the metrics need
+        top_ks.append(top_k_mean(result.prepared_scores, result.prepared.mask, 0.01))
+        result.prepared = result.prepared_scores = result.p_map = None  # keep only what the metrics need
         results.append(result)
         truths.append(truth)
         foregrounds.append(result.foreground)
@@ -318,11 +331,13 @@ def evaluate_files(
         volume_scores=[r.volume_score for r in results],
         volume_threshold=pipeline.volume_threshold_,
     )
+    metrics |= guarantees(results, truths, top_ks)
     metrics["seconds_per_volume"] = float(np.mean([r.seconds for r in results]))
     metrics["files"] = [
         {
             "file": r.volume.path,
             "volume_score": r.volume_score,
+            "p_value": r.p_value,
             "is_anomalous": r.is_anomalous,
             "has_lesion": bool(t.any()),
         }
@@ -359,6 +374,23 @@ def evaluate_files(
     return metrics, failures
 
 
+def guarantees(results: list[ScoreResult], truths: list[np.ndarray], top_k: list[float]) -> dict[str, Any]:
+    """:func:`~anomaly3d_core.evaluation.guarantees.guarantee_metrics` of scored scans (keys ``guarantee_*``);
+    ``top_k``: each scan's top-1 % mean score on the working grid (the AUROC reference)."""
+    from anomaly3d_core.evaluation.guarantees import guarantee_metrics
+
+    found = guarantee_metrics(
+        truths,
+        [r.mask for r in results],
+        [r.is_anomalous for r in results],
+        [r.p_value if np.isfinite(r.p_value) else 1.0 for r in results],
+        top_k,
+        [float(abs(np.linalg.det(np.asarray(r.volume.affine)[:3, :3]))) for r in results],
+        results[0].alpha,
+    )
+    return {f"guarantee_{k}": v for k, v in found.items()}
+
+
 def summary_table(metrics: dict[str, Any]) -> str:
     lines = [f"{'metric':<24}{'value':>10}  95% CI"]
     for key in SUMMARY_KEYS:
@@ -366,5 +398,10 @@ def summary_table(metrics: dict[str, Any]) -> str:
             ci = metrics.get(f"{key}_ci")
             ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
             lines.append(f"{key:<24}{metrics[key]:>10.4f}  {ci_text}")
+    for key in GUARANTEE_KEYS:
+        if f"guarantee_{key}" in metrics:
+            ci = metrics.get(f"guarantee_{key}_ci")
+            ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+            lines.append(f"{key:<32}{metrics[f'guarantee_{key}']:>10.4f}  {ci_text}")
     lines.append(f"{'volumes':<24}{metrics['n_volumes']:>10d}")
     return "\n".join(lines) + "\n"
