@@ -311,13 +311,19 @@ class Detector(ABC):
         masks = [
             np.asarray(g) > 0 if isinstance(g, np.ndarray) else self._mask_array(g) for g in ground_truth
         ]
-        return comprehensive_evaluation(
+        from anomaly3d_core.postprocess.calibration import top_k_mean
+        from anomaly3d_core.runner import guarantees
+
+        metrics = comprehensive_evaluation(
             masks,
             [r.score_map for r in results],
             self.threshold_,
+            predicted_masks=[r.mask for r in results],
             volume_scores=[r.volume_score for r in results],
             volume_threshold=self.volume_threshold_,
         )
+        top_k = [top_k_mean(r.prepared_scores, r.prepared.mask, 0.01) for r in results]  # type: ignore[union-attr]
+        return metrics | guarantees(results, masks, top_k)
 
     def _mask_array(self, item: VolumeLike) -> np.ndarray:
         if isinstance(item, Volume):

@@ -13,7 +13,6 @@ from scipy import ndimage, stats
 from anomaly3d_core.config import ThresholdConfig
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.postprocess.calibration import (
-    CalibrationNull,
     bh_mask,
     calibration_warning,
     conformal_p,
@@ -47,7 +46,9 @@ def test_conformal_p_value_formula_and_threshold():
     assert conformal_p(0.0, null) == 1.0
     null19 = np.arange(19.0)
     assert conformal_threshold(null19, 0.05) == 18.0  # p <= 0.05 only above the largest of 19
-    assert conformal_p(18.5, null19) == pytest.approx(0.05) and conformal_p(18.0, null19) == pytest.approx(0.1)
+    assert conformal_p(18.5, null19) == pytest.approx(0.05) and conformal_p(18.0, null19) == pytest.approx(
+        0.1
+    )
     assert conformal_threshold(np.arange(18.0), 0.05) == math.inf  # 1/19 > 0.05: unreachable
 
 
@@ -176,12 +177,95 @@ def test_lesion_table_coordinates_against_a_known_affine(tmp_path):
     assert first["volume_mm3"] == pytest.approx(27 * 9.0)
     assert (first["centre_x"], first["centre_y"], first["centre_z"]) == pytest.approx((0.0, 20.0, 27.5))
     assert (first["peak_x"], first["peak_y"], first["peak_z"]) == pytest.approx((2.0, 17.0, 27.5))
-    assert first["peak_score"] == 9.0 and first["peak_p"] == pytest.approx(1e-5) and first["cluster_p"] == 0.02
+    assert (
+        first["peak_score"] == 9.0 and first["peak_p"] == pytest.approx(1e-5) and first["cluster_p"] == 0.02
+    )
     assert (first["peak_mni_x"], first["peak_mni_y"], first["peak_mni_z"]) == (6.0, 4.0, 5.0)
-    assert rows[1]["centre_x"] == pytest.approx(2.0 * 12.5 - 10.0) and rows[1]["volume_mm3"] == pytest.approx(18.0)
+    assert rows[1]["centre_x"] == pytest.approx(2.0 * 12.5 - 10.0) and rows[1]["volume_mm3"] == pytest.approx(
+        18.0
+    )
     no_mni = lesion_table(labels, scores, p, affine)
     assert math.isnan(no_mni[0]["centre_mni_x"]) and math.isnan(no_mni[0]["cluster_p"])
     write_lesion_table(no_mni, tmp_path / "l.tsv")
     table = list(csv.DictReader(open(tmp_path / "l.tsv"), delimiter="\t"))
     assert tuple(table[0]) == LESION_COLUMNS and table[0]["centre_mni_x"] == "n/a"
     assert float(table[0]["volume_mm3"]) == 243.0
+
+
+# ---------------------------------------------------------------------- through a fitted detector
+def _test_scans(demo_dir):
+    return sorted((demo_dir / "test").glob("*.nii.gz"))[:2]
+
+
+def test_score_outputs_carry_named_decision_columns(fitted, demo_dir, tmp_path):
+    import json
+
+    from anomaly3d_core.io.derivatives import write_sidecar
+    from anomaly3d_core.mlops.rows import score_row
+    from anomaly3d_core.mlops.schema import RESPONSE_COLUMNS, SCORES_COLUMNS
+    from anomaly3d_core.mlops.spark import csv_row
+    from anomaly3d_core.runner import score_files
+
+    scans = _test_scans(demo_dir)
+    batch = score_files(fitted, scans, tmp_path / "out")
+    rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
+    assert tuple(rows[0]) == SCORES_COLUMNS and "threshold" not in rows[0]
+    n = fitted.postprocessor_.n_calibration
+    null = fitted.postprocessor_.null_.null_stats_["max_cluster_mass"]
+    for row in rows:
+        assert int(row["n_calibration"]) == n and float(row["alpha"]) == 0.05
+        expected = (1 + np.count_nonzero(null >= float(row["volume_score"]))) / (n + 1)
+        assert float(row["p_value"]) == pytest.approx(expected, abs=1e-6)
+        assert row["is_anomalous"] == str(float(row["p_value"]) <= 0.05)
+        assert float(row["voxel_threshold"]) == pytest.approx(fitted.threshold_, abs=1e-5)
+        assert row["scan_statistic"] == "max_cluster_mass" and row["mask_rule"] == "cluster"
+        assert (tmp_path / "out" / row["p_map"]).is_file()
+        table = list(csv.DictReader(open(tmp_path / "out" / row["lesion_table"]), delimiter="\t"))
+        assert len(table) == int(row["n_lesions"])
+    served = score_row({"path": str(scans[0])}, 0, fitted)
+    assert tuple(served) == RESPONSE_COLUMNS
+    assert served["p_value"] == pytest.approx(float(rows[0]["p_value"]), abs=1e-6)
+    assert served["lesion_table"].startswith("cluster\tvolume_mm3")  # no out_dir: the TSV's text
+    spark_out = tmp_path / "spark"
+    spark = csv_row(score_row({"path": str(scans[0]), "out_dir": str(spark_out)}, 0, fitted), spark_out)
+    assert spark["p_value"] == pytest.approx(float(rows[0]["p_value"]), abs=1e-6)
+    assert spark["volume_threshold"] == math.inf and spark["p_map"] == rows[0]["p_map"]
+    write_sidecar(tmp_path / "side.json", batch.rows[0], "model", [])
+    sidecar = json.loads((tmp_path / "side.json").read_text())
+    assert sidecar["PValue"] == pytest.approx(float(rows[0]["p_value"])) and sidecar["Alpha"] == 0.05
+    assert sidecar["VolumeThreshold"] == "inf" and "Threshold" not in sidecar
+    assert sidecar["VoxelThreshold"] == batch.rows[0]["voxel_threshold"]
+
+
+def test_a_model_saved_before_calibration_nulls_loads_and_reports_no_p_value(
+    saved_model, demo_dir, tmp_path, caplog
+):
+    import shutil
+
+    from anomaly3d_core.persistence import load_detector
+    from anomaly3d_core.runner import write_result
+
+    old = tmp_path / "old"
+    shutil.copytree(saved_model, old)
+    files = next(old.rglob("calibration.npz"))
+    files.unlink()
+    with caplog.at_level(logging.WARNING):
+        model = load_detector(old)
+    assert "saved before calibration nulls" in caplog.text
+    result = model.score(_test_scans(demo_dir)[0])
+    assert math.isnan(result.p_value) and result.p_map is None and result.mask_rule == "threshold"
+    legacy = model.postprocessor_.volume_threshold_
+    assert result.volume_threshold == legacy and result.is_anomalous == (result.volume_score > legacy)
+    row = write_result(result, tmp_path, "scan")
+    assert row["p_value"] == "" and row["p_map"] == "" and row["n_calibration"] == 0
+
+
+def test_a_non_finite_score_fails_the_scan_instead_of_deciding(fitted, demo_dir, tmp_path, monkeypatch):
+    from anomaly3d_core.runner import score_files
+
+    monkeypatch.setattr(fitted, "score_prepared", lambda prep: np.full(prep.mask.shape, np.nan, np.float32))
+    scan = _test_scans(demo_dir)[0]
+    with pytest.raises(DataError, match="non-finite"):
+        fitted.score(scan)
+    batch = score_files(fitted, [scan], tmp_path)
+    assert not batch.rows and "non-finite" in batch.failures.report()
