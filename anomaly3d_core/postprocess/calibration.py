@@ -66,7 +66,7 @@ def calibration_warning(n: int, alpha: float) -> str | None:
     return (
         f"{n} calibration normal scan(s): the smallest possible p-value is 1/(n+1) = {1 / (n + 1):.3g} "
         f"> alpha {alpha:g}, so no scan and no cluster can be flagged; use at least {need} held-out "
-        "normal scans (data.val / fit(val_volumes=...)) or a larger alpha"
+        "normal scans (anomaly3d fit --calibration DIR, or detector.calibrate(scans)) or a larger alpha"
     )
 
 
