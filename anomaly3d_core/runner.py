@@ -152,7 +152,7 @@ def write_csv(
 
 
 def read_scores(out_dir: Path) -> list[dict[str, Any]]:
-    """The rows of ``out_dir/scores.csv`` whose score map and mask are on disk (others are dropped)."""
+    """The rows of ``out_dir/scores.csv`` whose files (maps, mask, lesion table) are on disk (others are dropped)."""
     path = out_dir / "scores.csv"
     if not path.is_file():
         return []
@@ -164,11 +164,8 @@ def read_scores(out_dir: Path) -> list[dict[str, Any]]:
                 row["score_map"], row["mask"] = f"{stem}_score.nii.gz", f"{stem}_mask.nii.gz"
             if row.get("threshold") and not row.get("voxel_threshold"):  # a CSV from before p-values
                 row["voxel_threshold"] = row.pop("threshold")
-            if (
-                row.get("score_map")
-                and (out_dir / row["score_map"]).is_file()
-                and (out_dir / row["mask"]).is_file()
-            ):
+            files = [row.get(c) for c in ("score_map", "mask", "p_map", "lesion_table") if row.get(c)]
+            if row.get("score_map") and row.get("mask") and all((out_dir / f).is_file() for f in files):
                 rows.append(row)
     return rows
 
