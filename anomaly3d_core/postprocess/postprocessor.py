@@ -209,6 +209,7 @@ class PostProcessor:
             "volume_threshold": self.volume_threshold_,
             "score_stats": self.score_stats_,
             "normal_volume_scores": self.normal_volume_scores_,
+            "n_calibration": self.n_calibration,  # for the reader: the nulls are in calibration.npz
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> PostProcessor:
