@@ -414,6 +414,7 @@ def _save_fit(pipe: Any, out: Path, register: tuple[str, str] | None, sets: Any)
                 "volume_threshold": pipe.volume_threshold_,
                 "n_train_volumes": pipe.n_train_volumes_,
                 "n_val_volumes": pipe.n_val_volumes_,
+                "n_calibration": pipe.postprocessor_.n_calibration,
             }
         )
     written = pipe.save(out, metadata)

@@ -311,8 +311,8 @@ class Detector(ABC):
         masks = [
             np.asarray(g) > 0 if isinstance(g, np.ndarray) else self._mask_array(g) for g in ground_truth
         ]
+        from anomaly3d_core.evaluation.guarantees import result_guarantees
         from anomaly3d_core.postprocess.calibration import top_k_mean
-        from anomaly3d_core.runner import guarantees
 
         metrics = comprehensive_evaluation(
             masks,
@@ -323,7 +323,7 @@ class Detector(ABC):
             volume_threshold=self.volume_threshold_,
         )
         top_k = [top_k_mean(r.prepared_scores, r.prepared.mask, 0.01) for r in results]  # type: ignore[union-attr]
-        return metrics | guarantees(results, masks, top_k)
+        return metrics | result_guarantees(results, masks, top_k)
 
     def _mask_array(self, item: VolumeLike) -> np.ndarray:
         if isinstance(item, Volume):

@@ -291,6 +291,7 @@ def evaluate_files(
     """Score ``inputs``, compare with masks, write ``metrics.json``, ``summary.txt`` and plots."""
     # matplotlib and scikit-learn: imported for evaluation only, so plain scoring does not load them
     from anomaly3d_core.evaluation import plotting
+    from anomaly3d_core.evaluation.guarantees import result_guarantees
     from anomaly3d_core.evaluation.metrics import comprehensive_evaluation
     from anomaly3d_core.postprocess.calibration import top_k_mean
     from anomaly3d_core.postprocess.thresholding import multi_threshold_analysis
@@ -328,7 +329,7 @@ def evaluate_files(
         volume_scores=[r.volume_score for r in results],
         volume_threshold=pipeline.volume_threshold_,
     )
-    metrics |= guarantees(results, truths, top_ks)
+    metrics |= result_guarantees(results, truths, top_ks)
     metrics["seconds_per_volume"] = float(np.mean([r.seconds for r in results]))
     metrics["files"] = [
         {
@@ -369,23 +370,6 @@ def evaluate_files(
             title=names[i],
         )
     return metrics, failures
-
-
-def guarantees(results: list[ScoreResult], truths: list[np.ndarray], top_k: list[float]) -> dict[str, Any]:
-    """:func:`~anomaly3d_core.evaluation.guarantees.guarantee_metrics` of scored scans (keys ``guarantee_*``);
-    ``top_k``: each scan's top-1 % mean score on the working grid (the AUROC reference)."""
-    from anomaly3d_core.evaluation.guarantees import guarantee_metrics
-
-    found = guarantee_metrics(
-        truths,
-        [r.mask for r in results],
-        [r.is_anomalous for r in results],
-        [r.p_value if np.isfinite(r.p_value) else 1.0 for r in results],
-        top_k,
-        [float(abs(np.linalg.det(np.asarray(r.volume.affine)[:3, :3]))) for r in results],
-        results[0].alpha,
-    )
-    return {f"guarantee_{k}": v for k, v in found.items()}
 
 
 def summary_table(metrics: dict[str, Any]) -> str:

@@ -96,3 +96,20 @@ def guarantee_metrics(
         out[f"lesion_sensitivity_{name}_cm3"] = float(np.mean(found)) if found else float("nan")
         out[f"n_lesions_{name}_cm3"] = len(found)
     return out
+
+
+def result_guarantees(
+    results: Sequence[Any], truths: Sequence[np.ndarray], top_k: Sequence[float]
+) -> dict[str, Any]:
+    """:func:`guarantee_metrics` of scored scans (:class:`~anomaly3d_core.detector.ScoreResult`), keys
+    ``guarantee_*``; ``top_k``: each scan's top-1 % mean score on its working grid (the AUROC reference)."""
+    found = guarantee_metrics(
+        truths,
+        [r.mask for r in results],
+        [r.is_anomalous for r in results],
+        [r.p_value if np.isfinite(r.p_value) else 1.0 for r in results],
+        top_k,
+        [float(abs(np.linalg.det(np.asarray(r.volume.affine)[:3, :3]))) for r in results],
+        results[0].alpha,
+    )
+    return {f"guarantee_{k}": v for k, v in found.items()}
