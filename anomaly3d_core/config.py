@@ -218,6 +218,13 @@ class TrainingConfig(Section):
     grad_clip: float | None = 1.0
     early_stopping_patience: int = Field(8, ge=1)
     val_fraction: float = Field(0.2, ge=0, lt=1)
+    calibration_folds: int = Field(
+        0,
+        ge=0,
+        description="cross-fitting: K >= 2 fits K extra models, each without one fold of the training "
+        "normals, and calibrates the p-values on every training normal scored by the model that never saw "
+        "it (used when fit gets no val_volumes); 0 = calibrate on the validation split only",
+    )
     use_amp: bool = False
     seed: int = 0
     device: str = "auto"

@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage, stats
 
 from anomaly3d_core.config import ThresholdConfig
-from anomaly3d_core.errors import DataError
+from anomaly3d_core.errors import ConfigError, DataError
 from anomaly3d_core.postprocess.calibration import (
     bh_mask,
     calibration_warning,
@@ -269,3 +269,22 @@ def test_a_non_finite_score_fails_the_scan_instead_of_deciding(fitted, demo_dir,
         fitted.score(scan)
     batch = score_files(fitted, [scan], tmp_path)
     assert not batch.rows and "non-finite" in batch.failures.report()
+
+
+def test_cross_fitting_calibrates_on_every_training_normal_scored_by_a_model_without_it(demo_dir):
+    from conftest import FAST
+
+    from anomaly3d_core.io.files import list_inputs
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+
+    config = {**FAST, "training": {**FAST["training"], "num_epochs": 2, "calibration_folds": 2}}
+    pipe = AnomalyDetectionPipeline(config).fit(list_inputs(demo_dir / "train"), show_progress=False)
+    assert pipe.postprocessor_.n_calibration == 4 and pipe.n_val_volumes_ == 1
+    scored = [s for fold in pipe.crossfit_ for s in fold["scored"]]
+    assert sorted(scored) == sorted(str(p) for p in list_inputs(demo_dir / "train"))
+    for fold in pipe.crossfit_:
+        assert not set(fold["scored"]) & set(fold["trained_on"]) and len(fold["trained_on"]) == 2
+    with pytest.raises(ConfigError, match="calibration_folds: 5"):
+        AnomalyDetectionPipeline({**config, "training": {**config["training"], "calibration_folds": 5}}).fit(
+            list_inputs(demo_dir / "train"), show_progress=False
+        )
