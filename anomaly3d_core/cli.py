@@ -207,8 +207,15 @@ def _load_model(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[
 
         folder = fetch_model(args.model, stack)
     pipe = load_detector(folder)
-    if args.overrides:
-        pipe.set_reading(args.overrides)
+    # tracking.* is the run's (the model folder's own is ignored); the rest changes how scans are read
+    run_sets = [o for o in args.overrides if o.strip().startswith("tracking.")]
+    if run_sets:
+        from anomaly3d_core.config import build_config
+
+        pipe.config.tracking = build_config({}, run_sets).tracking
+    reading = [o for o in args.overrides if o not in run_sets]
+    if reading:
+        pipe.set_reading(reading)
     return pipe, read_lineage(folder)
 
 
@@ -630,6 +637,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("anomaly3d_core").setLevel(logging.DEBUG)
     logging.captureWarnings(True)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from anomaly3d_core import registry
+
+    registry.exit_on_hang = True  # a plugin package that hangs at import ends the command, named
     switches = getattr(args, "top_plugin_switches", []) + getattr(args, "plugin_switches", [])
     if switches:
         from anomaly3d_core.registry import DISABLE_PLUGINS_ENV

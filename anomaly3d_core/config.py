@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from anomaly3d_core import safe_yaml
 from anomaly3d_core.errors import ConfigError, PluginError, did_you_mean
 from anomaly3d_core.registry import get_registry
 
@@ -411,7 +412,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], prefix
 def parse_value(text: str) -> Any:
     """Parse a ``--set`` value with YAML rules (numbers, booleans, lists)."""
     try:
-        return yaml.safe_load(text)
+        return safe_yaml.load(text)
     except yaml.YAMLError:
         return text
 
@@ -548,7 +549,7 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = safe_yaml.load_file(p) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(
                 f"{p}: not valid YAML ({exc.__class__.__name__}: {exc})".replace("\n", " ")

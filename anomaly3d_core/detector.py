@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from anomaly3d_core.errors import Anomaly3DError
+from anomaly3d_core.errors import Anomaly3DError, DataError
 from anomaly3d_core.io.data import VolumeLike, as_volume
 from anomaly3d_core.io.files import load_volume
 from anomaly3d_core.io.volume import Volume
@@ -198,7 +198,14 @@ class Detector(ABC):
         t0 = time.perf_counter()
         r = self.score_native(item)
         prep = r.prepared
+        bad = int(r.prepared_scores.size - np.isfinite(r.prepared_scores).sum())
+        if bad:  # a NaN is never a decision: the scan fails with the reason
+            raise DataError(
+                prep.source.path, f"scoring gave {bad} NaN or infinite voxel scores; no decision made"
+            )
         v = self.postprocessor_.verdict(r.prepared_scores, prep.mask, prep.spacing, prep.source.path)
+        if not np.isfinite(v.volume_score):
+            raise DataError(prep.source.path, f"the volume score is {v.volume_score}; no decision made")
         native_mask = mask_to_native(v.mask, prep)
         if self.postprocessor_.config.postprocess.restrict_to_foreground or v.mask_rule != "threshold":
             native_mask &= r.foreground

@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from anomaly3d_core import safe_yaml
 from anomaly3d_core.config import (
     PipelineConfig,
     Section,
@@ -77,7 +78,7 @@ class EnsembleConfig(Section):
                 if not path.is_file():
                     raise ValueError(f"member config file not found: {m}")
                 try:
-                    m = yaml.safe_load(path.read_text()) or {}
+                    m = safe_yaml.load_file(path) or {}
                 except yaml.YAMLError as exc:
                     raise ValueError(
                         f"member config {m}: not valid YAML ({exc.__class__.__name__})"

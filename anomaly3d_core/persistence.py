@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from anomaly3d_core import safe_yaml
 from anomaly3d_core.config import PipelineConfig, load_config
 from anomaly3d_core.detector import Detector, model_files_dir
 from anomaly3d_core.ensemble import ENSEMBLE_FILE, EnsembleConfig, EnsemblePipeline, build_ensemble_config
@@ -38,7 +39,7 @@ def read_yaml(path: str | Path) -> Any:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        return yaml.safe_load(p.read_text())
+        return safe_yaml.load_file(p)
     except yaml.YAMLError as exc:
         raise ConfigError(
             f"{p}: not valid YAML ({exc.__class__.__name__}: {exc})".replace("\n", " ")

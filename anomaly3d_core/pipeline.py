@@ -18,6 +18,8 @@ import torch
 
 from anomaly3d_core.config import (
     PipelineConfig,
+    TrackingConfig,
+    TuningConfig,
     build_config,
     load_config,
     merge_trees,
@@ -25,7 +27,7 @@ from anomaly3d_core.config import (
 )
 from anomaly3d_core.detector import Detector
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
-from anomaly3d_core.io import cache, limits
+from anomaly3d_core.io import arrays, cache, limits
 from anomaly3d_core.io.data import BatchFailures, VolumeLike, as_volume
 from anomaly3d_core.io.files import find_loader, load_volume, save_nifti
 from anomaly3d_core.io.subjects import Subject, as_subject
@@ -186,7 +188,8 @@ class AnomalyDetectionPipeline(Detector):
         if bad:
             raise ConfigError(
                 f"--set {bad[0]}: a fitted model keeps its config; only data.loader and data.loader_args "
-                "(how scans are read) can be set here; refit with --set to change anything else"
+                "(how scans are read) and tracking.* (where this run is recorded) can be set here; "
+                "refit with --set to change anything else"
             )
         self.config.data = build_config(self.config.model_dump(mode="json"), overrides, self.registry).data
 
@@ -514,7 +517,11 @@ class AnomalyDetectionPipeline(Detector):
                 f"{folder}: not a saved anomaly3d pipeline (missing {', '.join(missing)}){kind}"
             )
         pipe = cls(folder / CONFIG_FILE, device=device, registry=registry)
+        # where records are written or sent is the user's to say (command line, environment), never
+        # a model folder's: a folder from someone else could otherwise send evaluations to its author
+        pipe.config.tracking, pipe.config.tuning = TrackingConfig(), TuningConfig()
         pipe.model_ = pipe.build_network()
+        arrays.check_archive(folder / WEIGHTS_FILE)  # what its entries declare bounds what loading allocates
         try:  # tensors only: a pickled object in the file is refused, never run
             weights = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
             pipe.model_.load_state_dict(weights)

@@ -16,12 +16,15 @@ Switches: ``ANOMALY3D_DISABLE_PLUGIN_AUTOLOAD=1`` loads only the built-ins;
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+import sys
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,6 +192,40 @@ def get_plugin_manager(
     return pm
 
 
+IMPORT_TIMEOUT_ENV = "ANOMALY3D_PLUGIN_IMPORT_TIMEOUT"  # seconds a plugin package may take to import
+exit_on_hang = False  # the command line sets it: a hung import then ends the command with its message
+
+
+@contextlib.contextmanager
+def _import_watchdog(package: str, target: str) -> Iterator[None]:
+    """Name a plugin package whose import has not finished after the timeout (an import cannot be
+    interrupted): a warning, and on the command line exit status 2 instead of hanging for ever."""
+    try:
+        timeout = float(os.environ.get(IMPORT_TIMEOUT_ENV) or 30)
+    except ValueError:
+        timeout = 30.0
+
+    def expired() -> None:
+        message = (
+            f"anomaly3d: plugin package '{package}' has not finished importing '{target}' after {timeout:g} s "
+            f"({IMPORT_TIMEOUT_ENV}); it may hang: turn it off with {DISABLE_PLUGINS_ENV}={package} "
+            f"(or anomaly3d -p no:{package})"
+        )
+        if exit_on_hang:
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
+            os._exit(2)
+        log.warning(message)
+
+    timer = threading.Timer(timeout, expired)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def _load_entry_point(
     pm: pluggy.PluginManager, found: _Discovery, ep: Any, dist_name: str, version: str, plugin_name: str
 ) -> None:
@@ -196,7 +233,12 @@ def _load_entry_point(
         found.broken.append(BrokenPlugin(dist_name, version, ep.name, reason, fix))
 
     try:
-        plugin = ep.load()
+        with (
+            contextlib.nullcontext()
+            if dist_name == BUILTIN_DISTRIBUTION
+            else _import_watchdog(dist_name, ep.value)
+        ):
+            plugin = ep.load()
     except (Exception, SystemExit) as exc:  # whatever a broken package raises on import
         text = " ".join(str(exc).split())
         broken(

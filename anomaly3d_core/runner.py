@@ -30,6 +30,7 @@ from anomaly3d_core.io.derivatives import bids_uri, derivative_names, write_desc
 from anomaly3d_core.io.files import (
     atomic_write,
     load_volume,
+    output_path,
     output_stems,
     save_nifti,
     scan_stem,
@@ -94,12 +95,16 @@ def write_result(
         "mask": f"{stem}_mask.nii.gz",
         "lesion_table": f"{stem}_lesions.tsv",
     }
-    save_nifti(result.score_map.astype(np.float32), result.volume.affine, out_dir / names["score_map"])
-    save_nifti(result.mask.astype(np.uint8), result.volume.affine, out_dir / names["mask"])
+    save_nifti(
+        result.score_map.astype(np.float32), result.volume.affine, output_path(out_dir, names["score_map"])
+    )
+    save_nifti(result.mask.astype(np.uint8), result.volume.affine, output_path(out_dir, names["mask"]))
     calibrated = result.p_map is not None
     if calibrated:
-        save_nifti(result.p_map.astype(np.float32), result.volume.affine, out_dir / names["p_map"])
-        write_lesion_table(result.lesions, out_dir / names["lesion_table"])
+        save_nifti(
+            result.p_map.astype(np.float32), result.volume.affine, output_path(out_dir, names["p_map"])
+        )
+        write_lesion_table(result.lesions, output_path(out_dir, names["lesion_table"]))
     return {
         "file": result.volume.path,
         **decision_columns(result),
@@ -241,7 +246,7 @@ def score_files(
                 row |= subject_columns(path)
             if names is not None:
                 sources = [bids_uri(f, bids_root) for f in path.files.values()]
-                write_sidecar(out_dir / names["sidecar"], row, model_uri, sources)
+                write_sidecar(output_path(out_dir, names["sidecar"]), row, model_uri, sources)
             record_row(out_dir, row)
         batch.rows.append(row)
         if keep_results:
@@ -360,13 +365,14 @@ def evaluate_files(
     order = np.argsort([-r.volume_score for r in results])[:n_overlays]  # None: every volume
     for i in order:
         r = results[i]
-        (out_dir / "overlays" / names[i]).parent.mkdir(parents=True, exist_ok=True)
+        png = output_path(out_dir / "overlays", f"{names[i]}.png")
+        png.parent.mkdir(parents=True, exist_ok=True)
         plotting.plot_overlay(
             r.volume.channel(0),
             r.score_map,
             r.mask,
             truths[i],
-            out_dir / "overlays" / f"{names[i]}.png",
+            png,
             title=names[i],
         )
     return metrics, failures

@@ -11,7 +11,15 @@ Fits a tiny model (demo data, 2 mm working grid), serves it with a real ``mlflow
 - a coarse scan: 16^3 voxels of 64 mm (a few KB) that the 2 mm grid would make 512^3;
 - trailing zeros: a valid 32^3 scan followed by 2.7 GB of compressed zeros (accepted and scored:
   the stream is only inflated as far as the header declares);
-- a normal demo scan.
+- a normal demo scan;
+- (issue 20) a MetaImage header whose data file is a file of the server (absolute path), an NRRD
+  header pointing at one through ``../``, a scan with intensities near 3e38, and a scan of 0.001 mm
+  voxels.
+
+Then, each in a fresh process (time of the refusal itself, peak RSS of that process, imports
+included): a 500-byte YAML alias bomb as a config, a model folder whose ``normative.npz`` claims
+2 x 4 GiB, a DICOM series with a duplicated slice, a manifest whose subject is ``../../x``, and a
+tracking server that accepts connections but never answers.
 
 After each request it records the HTTP status, the round-trip time and the server's peak RSS so
 far (``VmHWM`` of every process of the server, the largest). Peak RSS is a high-water mark, so the
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import base64
 import gzip
+import io
 import json
 import os
 import platform
@@ -77,6 +86,88 @@ def payloads(demo_scan: Path) -> list[tuple[str, bytes]]:
     ]
 
 
+def trust_payloads(secret: Path, demo_scan: Path) -> list[tuple[str, bytes]]:
+    """Issue 20's payloads: headers that name files of the server, and silently wrong numbers."""
+    mha = "ObjectType = Image\nNDims = 3\nDimSize = 8 8 4\nElementType = MET_UCHAR\n"
+    nrrd = "NRRD0004\ntype: uchar\ndimension: 3\nsizes: 8 8 4\nencoding: raw\n"
+    img = nib.load(demo_scan)
+    huge = np.array(img.get_fdata(dtype=np.float32))  # a copy: nibabel caches the array
+    huge[huge > np.percentile(huge, 90)] = 3e38
+    tiny = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), np.diag([0.001, 0.001, 0.001, 1.0]))
+    return [
+        ("MetaImage naming a server file", (mha + f"ElementDataFile = {secret}\n").encode()),
+        ("NRRD naming ../../ a server file", (nrrd + f"data file: {'../' * 12}{secret}\n\n").encode()),
+        ("intensities near 3e38", gzip.compress(nib.Nifti1Image(huge, img.affine).to_bytes())),
+        ("0.001 mm voxels", gzip.compress(tiny.to_bytes())),
+    ]
+
+
+LOCAL_CASES = ("yaml alias bomb", "inflating normative.npz", "duplicated DICOM slice", "subject ../../x")
+
+
+def local_case(name: str, model: Path, work: Path) -> dict:
+    """Run one local refusal in this (fresh) process: its seconds, outcome and this process's peak RSS."""
+    import resource
+    import zipfile
+
+    from anomaly3d_core.errors import Anomaly3DError
+    from anomaly3d_core.io.files import load_volume
+    from anomaly3d_core.io.subjects import manifest_subjects
+    from anomaly3d_core.mlops.tracking import check_store
+    from anomaly3d_core.persistence import load_any_config, load_detector
+    from anomaly3d_plugins.loaders.dicom import write_series
+
+    work.mkdir(parents=True, exist_ok=True)
+    if name == "yaml alias bomb":
+        text = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+            for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+        )
+        (work / "bomb.yaml").write_text(text)
+        action = lambda: load_any_config(work / "bomb.yaml")  # noqa: E731
+    elif name == "inflating normative.npz":
+        shutil.copytree(model, work / "model")
+        inner = next((work / "model").rglob("state.json")).parent
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            head, {"descr": "<f4", "fortran_order": False, "shape": (1 << 15,) * 2}
+        )
+        with zipfile.ZipFile(inner / "normative.npz", "w", zipfile.ZIP_DEFLATED) as z:
+            for key in ("mean", "std"):
+                z.writestr(f"{key}.npy", head.getvalue() + bytes(4 << 20))
+        action = lambda: load_detector(work / "model")  # noqa: E731
+    elif name == "duplicated DICOM slice":
+        rng = np.random.default_rng(0)
+        series = write_series(100 + 10 * rng.random((32, 32, 24)), np.diag([1.0, 1.0, 2.0, 1.0]), work, "s")
+        first = sorted(series.iterdir())[5]
+        shutil.copy(first, series / ("zz_" + first.name))
+        action = lambda: load_volume(series)  # noqa: E731
+    elif name == "subject ../../x":
+        (work / "m.csv").write_text("subject,sequence,path\n../../x,T1w,a.nii.gz\n")
+        action = lambda: manifest_subjects(work / "m.csv", ["T1w"])  # noqa: E731
+    else:  # a tracking server that accepts and never answers
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        os.environ["ANOMALY3D_TRACKING_TIMEOUT"] = "1"
+        uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        action = lambda: check_store(uri)  # noqa: E731
+    t0 = time.perf_counter()
+    try:
+        found = action()
+        outcome = "refused: " + str(found[1][0]) if name == "subject ../../x" and found[1] else "accepted"
+    except Anomaly3DError as exc:
+        outcome = "refused: " + str(exc)
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "case": name,
+        "seconds": round(seconds, 3),
+        "peak_rss_mib": round(rss / (1 << 20), 1),
+        "outcome": outcome,
+    }
+
+
 def tree(pid: int) -> list[int]:
     """``pid`` and all its descendants."""
     children: dict[int, list[int]] = {}
@@ -125,7 +216,13 @@ def post(port: int, data: bytes) -> tuple[int, dict, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # one local case in this process
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.case:
+        print(json.dumps(local_case(args.case, Path(args.model), Path(args.work))))
+        return
 
     from anomaly3d_core.demo.datasets import make_demo_dataset
     from anomaly3d_core.io import limits
@@ -177,7 +274,10 @@ def main() -> None:
                     ) from None
                 time.sleep(0.5)
         scan = sorted((data / "test").iterdir())[-1]
+        secret = work / "secret.bin"
+        secret.write_bytes(bytes(range(256)) * 4)
         items = payloads(scan)
+        items[-1:-1] = trust_payloads(secret, scan)  # rejections first: peak RSS is a high-water mark
         baseline = peak_rss(server.pid)
         print(f"server ready; peak RSS after start-up: {baseline / (1 << 20):.0f} MiB", flush=True)
         for name, data_bytes in items:
@@ -199,6 +299,17 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=60)
         log.close()
+    local = []
+    try:
+        for i, case in enumerate((*LOCAL_CASES, "silent tracking server")):
+            cmd = [sys.executable, __file__, "--case", case, "--model", str(work / "model")]
+            proc = subprocess.run([*cmd, "--work", str(work / f"case{i}")], capture_output=True, text=True)
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            local.append(row)
+            print(
+                f"{case:<48} {row['seconds']:6.3f} s  peak RSS {row['peak_rss_mib']:7.1f} MiB  {row['outcome'][:90]}"
+            )
+    finally:
         shutil.rmtree(work, ignore_errors=True)
     rejected = [r for r in rows if r["status"] != 200]
     result = {
@@ -210,6 +321,9 @@ def main() -> None:
         "server": "mlflow models serve --env-manager local -w 1",
         "baseline_peak_rss_mib": round(baseline / (1 << 20), 1),
         "rows": rows,
+        "local_cases": local,
+        "max_local_refusal_seconds": max(r["seconds"] for r in local),
+        "max_local_peak_rss_mib": max(r["peak_rss_mib"] for r in local),
         "max_rejection_seconds": max(r["seconds"] for r in rejected),
         "peak_rss_while_rejecting_mib": max(r["peak_rss_mib"] for r in rejected),
         "goals": {"rejection_seconds": 1.0, "peak_rss_mib": 1024},

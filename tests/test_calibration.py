@@ -265,10 +265,10 @@ def test_a_non_finite_score_fails_the_scan_instead_of_deciding(fitted, demo_dir,
 
     monkeypatch.setattr(fitted, "score_prepared", lambda prep: np.full(prep.mask.shape, np.nan, np.float32))
     scan = _test_scans(demo_dir)[0]
-    with pytest.raises(DataError, match="non-finite"):
+    with pytest.raises(DataError, match="NaN or infinite voxel scores; no decision made"):
         fitted.score(scan)
     batch = score_files(fitted, [scan], tmp_path)
-    assert not batch.rows and "non-finite" in batch.failures.report()
+    assert not batch.rows and "no decision made" in batch.failures.report()
 
 
 def test_cross_fitting_calibrates_on_every_training_normal_scored_by_a_model_without_it(demo_dir):

@@ -71,6 +71,10 @@ def find_loader(path: str | Path, name: str = "auto", registry: Any = None) -> A
     )
 
 
+MIN_VOXEL_MM = 0.01  # a smaller voxel is a broken header (or wrong units), not a scan
+MAX_INTENSITY = 1e12  # far beyond any scanner's values; their sums overflow 32-bit floats (3.4e38)
+
+
 def check_volume(volume: Volume, allow_constant: bool = False) -> Volume:
     """Reject data that cannot be a 3D scan; squeeze a singleton 4th axis.
 
@@ -96,10 +100,23 @@ def check_volume(volume: Volume, allow_constant: bool = False) -> Volume:
     if bad:
         raise DataError(volume.path, f"{bad} voxels are NaN or Inf; fix or mask them before scoring")
     lo, hi = float(arr.min()), float(arr.max())
+    if max(abs(lo), abs(hi)) > MAX_INTENSITY:
+        raise DataError(
+            volume.path,
+            f"intensities reach {max(abs(lo), abs(hi)):.3g}, beyond {MAX_INTENSITY:g}: at the edge of 32-bit "
+            "floating point, where resampling and normalisation overflow; rescale the scan's intensities",
+        )
     if lo == hi and not allow_constant:
         raise DataError(volume.path, f"constant volume (every voxel is {lo:g}); nothing to analyse")
     if not np.all(np.isfinite(volume.affine)) or abs(np.linalg.det(volume.affine[:3, :3])) < 1e-12:
         raise DataError(volume.path, "affine is singular or not finite; the file's geometry is broken")
+    spacing = np.sqrt((np.asarray(volume.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    if spacing.min() < MIN_VOXEL_MM:  # too large ones meet the working-grid limit when resampled
+        raise DataError(
+            volume.path,
+            f"voxel size {' x '.join(f'{v:.4g}' for v in spacing)} mm is below {MIN_VOXEL_MM:g} mm: the "
+            "header's geometry is wrong (check its pixdim/spacing and units)",
+        )
     volume.array = arr
     return volume
 
@@ -406,3 +423,21 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     return atomic_write(path, lambda tmp: nib.save(img, tmp))
+
+
+def output_path(out_dir: str | Path, name: str) -> Path:
+    """``out_dir / name`` for a name derived from input (a subject, a file stem, BIDS entities), refused
+    unless it stays inside ``out_dir``: no absolute path, no ``..``, no link that leads out."""
+    out = Path(out_dir)
+    rel = Path(name)
+    if not name or rel.is_absolute() or ".." in rel.parts or "\0" in name:
+        raise DataError(
+            name, f"an output name derived from the input would be written outside {out}; refused"
+        )
+    target = out / rel
+    root = out.resolve()
+    if not target.parent.resolve().is_relative_to(root):
+        raise DataError(
+            name, f"an output name derived from the input leads outside {out} (through a link); refused"
+        )
+    return target

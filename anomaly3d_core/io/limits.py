@@ -24,6 +24,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ ENV = {
     "max_bytes": "ANOMALY3D_MAX_BYTES",
     "max_grid_voxels": "ANOMALY3D_MAX_GRID_VOXELS",
 }
+MIN_GRID_AXIS = 4  # a working grid thinner than this along any axis has nothing to score
+EXTERNAL_DATA_ENV = "ANOMALY3D_ALLOW_EXTERNAL_DATA"  # 1: a header may name data files outside its folder
 _SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -159,6 +162,13 @@ def check_grid(path: str | Path | None, grid: Sequence[int], spacing: Sequence[f
     """Refuse a working grid (after resampling) larger than ``max_grid_voxels``, before it is allocated."""
     lim = current()
     voxels = math.prod(int(s) for s in grid)
+    if min(int(s) for s in grid) < MIN_GRID_AXIS:
+        size = f" of {' x '.join(f'{s:g}' for s in spacing)} mm voxels" if spacing is not None else ""
+        raise DataError(
+            path,
+            f"the scan{size} resamples to a {_shape_text(grid)} grid, under {MIN_GRID_AXIS} voxels along an "
+            "axis: too small to score; check the file's voxel size",
+        )
     if voxels > lim.max_grid_voxels:
         size = f" from voxels of {' x '.join(f'{s:g}' for s in spacing)} mm" if spacing is not None else ""
         raise DataError(
@@ -166,3 +176,27 @@ def check_grid(path: str | Path | None, grid: Sequence[int], spacing: Sequence[f
             f"resampling{size} would make a {_shape_text(grid)} grid = {voxels:,} voxels, above the limit of "
             f"{lim.max_grid_voxels:,} ({ENV['max_grid_voxels']}); check the file's voxel size or raise the limit",
         )
+
+
+_untrusted: ContextVar[bool] = ContextVar("anomaly3d_untrusted_input", default=False)
+
+
+@contextlib.contextmanager
+def untrusted_input() -> Iterator[None]:
+    """Mark the reads inside the block as of a request's payload: a loader then follows no reference
+    to another file (a detached header's data file), whatever the environment allows."""
+    token = _untrusted.set(True)
+    try:
+        yield
+    finally:
+        _untrusted.reset(token)
+
+
+def reading_untrusted() -> bool:
+    """Whether the current read is of a request's payload (see :func:`untrusted_input`)."""
+    return _untrusted.get()
+
+
+def external_data_allowed() -> bool:
+    """Whether a local file's header may name data files outside its own folder (``ANOMALY3D_ALLOW_EXTERNAL_DATA=1``)."""
+    return not reading_untrusted() and os.environ.get(EXTERNAL_DATA_ENV, "").strip() == "1"

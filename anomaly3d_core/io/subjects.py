@@ -34,6 +34,7 @@ from anomaly3d_core.errors import DataError
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _ENTITY = re.compile(r"^[a-zA-Z]+-[a-zA-Z0-9]+$")
 MANIFEST_COLUMNS = ("subject", "sequence", "path")
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a subject or session label: names files, never a path
 
 
 @dataclass
@@ -159,6 +160,16 @@ def manifest_subjects(path: str | Path, channels: Sequence[str]) -> tuple[list[S
         if not sub or not seq or not (row["path"] or "").strip():
             blank = [c for c in MANIFEST_COLUMNS if not (row[c] or "").strip()]
             empty.append(DataError(path, f"line {number}: empty {', '.join(blank)}; the row is skipped"))
+            continue
+        bad = next((label for label in (sub, ses) if label is not None and not LABEL.fullmatch(label)), None)
+        if bad is not None:
+            empty.append(
+                DataError(
+                    path,
+                    f"line {number}: '{bad}' cannot name outputs (letters, digits, '.', '_', '+' and '-' only, "
+                    "not starting with '.'); the row is skipped",
+                )
+            )
             continue
         file = Path(row["path"].strip())
         grouped.setdefault((sub, ses), {}).setdefault(seq, []).append(

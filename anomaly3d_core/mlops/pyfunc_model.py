@@ -11,16 +11,21 @@ scores the others, because one failed row would otherwise fail a whole Spark job
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import re
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
 from anomaly3d_core.errors import Anomaly3DError, DataError
 from anomaly3d_core.mlops.rows import failed_row, is_batch, names_files, response, score_row
@@ -91,11 +96,17 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
                 f"that is off unless {FILES_ENV}=1 is set there (the Spark route sets it); send 'volume' instead",
                 error_code=INVALID_PARAMETER_VALUE,
             )
-        if is_batch(columns):
-            return response([self._batch_row(row, i) for i, row in enumerate(records)])
-        return response([self._inline_row(row, i) for i, row in enumerate(records)], INLINE_COLUMNS)
+        deadline = time.monotonic() + request_timeout()
+        with scoring_slot(deadline):
+            if is_batch(columns):
+                return response([self._batch_row(row, i, deadline) for i, row in enumerate(records)])
+            return response(
+                [self._inline_row(row, i, deadline) for i, row in enumerate(records)], INLINE_COLUMNS
+            )
 
-    def _batch_row(self, row: dict[str, Any], i: int) -> dict[str, Any]:
+    def _batch_row(self, row: dict[str, Any], i: int, deadline: float = math.inf) -> dict[str, Any]:
+        if time.monotonic() > deadline:  # the client has been answered with a timeout: stop working for it
+            return failed_row(row, i, f"not scored: the request ran past its {request_timeout():g} s limit")
         try:
             return score_row(row, i, self.pipeline)
         except DataError as exc:  # the row's `file` names the scan
@@ -111,7 +122,13 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
                 row, i, f"internal error while scoring ({type(exc).__name__}); see the worker log"
             )
 
-    def _inline_row(self, row: dict[str, Any], i: int) -> dict[str, Any]:
+    def _inline_row(self, row: dict[str, Any], i: int, deadline: float = math.inf) -> dict[str, Any]:
+        if time.monotonic() > deadline:
+            raise ServingError(
+                f"row {i}: the request ran past its {request_timeout():g} s limit "
+                f"({TIMEOUT_ENV}); send fewer rows per request",
+                TEMPORARILY_UNAVAILABLE,
+            )
         try:
             return score_row(row, i, self.pipeline, inline=True)
         except DataError as exc:
@@ -129,6 +146,44 @@ class Anomaly3DModel(mlflow.pyfunc.PythonModel):
                 f"row {i}: internal error while scoring ({type(exc).__name__}); see the server log",
                 INTERNAL_ERROR,
             ) from None
+
+
+TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # the scoring server answers 504 after it
+CONCURRENCY_ENV = "ANOMALY3D_SERVE_CONCURRENCY"  # requests one server process scores at once
+_slots: dict[int, threading.BoundedSemaphore] = {}
+_slots_guard = threading.Lock()
+
+
+def request_timeout() -> float:
+    """Seconds a request may take, as the scoring server counts them (``mlflow models serve`` always
+    sets it, default 60); no limit where the model runs outside a server (Spark, Python)."""
+    try:
+        return float(os.environ.get(TIMEOUT_ENV) or math.inf)
+    except ValueError:
+        return math.inf
+
+
+@contextlib.contextmanager
+def scoring_slot(deadline: float) -> Iterator[None]:
+    """One of ``ANOMALY3D_SERVE_CONCURRENCY`` (default 1) scoring slots of this process, so concurrent
+    requests queue instead of each holding its scans in memory at once; a request that cannot get
+    one before its deadline is answered 503."""
+    try:
+        n = max(1, int(os.environ.get(CONCURRENCY_ENV) or 1))
+    except ValueError:
+        n = 1
+    with _slots_guard:
+        slot = _slots.setdefault(n, threading.BoundedSemaphore(n))
+    if not slot.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise ServingError(
+            f"the server is busy with other requests and this one waited past its {request_timeout():g} s "
+            f"limit; retry later ({CONCURRENCY_ENV} sets how many are scored at once)",
+            TEMPORARILY_UNAVAILABLE,
+        )
+    try:
+        yield
+    finally:
+        slot.release()
 
 
 def load_once(path: str) -> Any:

@@ -27,7 +27,9 @@ from typing import Any
 
 import yaml
 
+from anomaly3d_core import safe_yaml
 from anomaly3d_core.config import PipelineConfig
+from anomaly3d_core.errors import Anomaly3DError
 from anomaly3d_core.mlops.naming import common_folder
 from anomaly3d_core.registry import get_registry
 
@@ -93,10 +95,36 @@ def plugin_versions(config: Any, registry: Any = None) -> dict[str, str]:
     return out
 
 
+STORE_TIMEOUT_ENV = "ANOMALY3D_TRACKING_TIMEOUT"  # seconds a tracking server gets to answer the first call
+
+
+def check_store(uri: str) -> None:
+    """Fail at once, in one line, when a tracking server does not answer, instead of after MLflow's
+    retries (minutes) or, worse, after training. Later calls get a bounded timeout and few retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    timeout = float(os.environ.get(STORE_TIMEOUT_ENV) or 10)
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as exc:
+        reason = (
+            f"no answer within {timeout:g} s" if isinstance(exc, requests.Timeout) else type(exc).__name__
+        )
+        raise Anomaly3DError(
+            f"tracking server {uri} does not answer ({reason}); start it, point MLFLOW_TRACKING_URI (or "
+            "--set tracking.tracking_uri) at one that runs, or --set tracking.enabled=false"
+        ) from None
+
+
 def _experiment_id(name: str, uri: str) -> str:
     """Set the tracking URI and return the experiment's id, creating the experiment when needed."""
     import mlflow
 
+    check_store(uri)
     mlflow.set_tracking_uri(uri)
     for attempt in range(5):  # processes sharing a new SQLite store race to create its schema
         try:
@@ -420,7 +448,7 @@ def read_lineage(model_folder: str | Path) -> dict[str, str]:
     """The run and logged model behind a model folder: from the ``MLmodel`` of a model downloaded
     from MLflow (``run_id``, ``model_id``) or of a folder written by ``fit --out`` (its metadata)."""
     try:
-        meta = yaml.safe_load((Path(model_folder) / "MLmodel").read_text()) or {}
+        meta = safe_yaml.load_file(Path(model_folder) / "MLmodel") or {}
     except (OSError, yaml.YAMLError):
         return {}
     if not isinstance(meta, dict):
@@ -440,6 +468,7 @@ def source_run(found: dict[str, str], config: Any) -> dict[str, str]:
     import mlflow
 
     if found.get("run_id") and not found.get("config"):
+        check_store(tracking_uri(config))
         mlflow.set_tracking_uri(tracking_uri(config))
         try:
             tags = mlflow.get_run(found["run_id"]).data.tags
@@ -489,6 +518,7 @@ def fetch_model(uri: str, stack: contextlib.ExitStack) -> Path:
     from anomaly3d_core.errors import Anomaly3DError
 
     store = tracking_uri()
+    check_store(store)
     mlflow.set_tracking_uri(store)
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="anomaly3d-model-")))
     try:

@@ -19,8 +19,14 @@ from scipy.stats import median_abs_deviation
 
 from anomaly3d_core.config import ThresholdConfig
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
+from anomaly3d_core.io import arrays
 from anomaly3d_core.postprocess import thresholding
-from anomaly3d_core.postprocess.calibration import CalibrationNull, calibration_warning, require_finite
+from anomaly3d_core.postprocess.calibration import (
+    SCAN_STATISTICS,
+    CalibrationNull,
+    calibration_warning,
+    require_finite,
+)
 from anomaly3d_core.postprocess.verdict import Verdict, calibrated_verdict, conformal_threshold
 
 STATE_FILE, NORMATIVE_FILE, CALIBRATION_FILE = "state.json", "normative.npz", "calibration.npz"
@@ -230,14 +236,12 @@ class PostProcessor:
     @classmethod
     def load(cls, folder: Path, config: ThresholdConfig, registry: Any = None) -> tuple[PostProcessor, dict]:
         """The post-processor saved in ``folder`` and the whole ``state.json`` (for the caller's extras)."""
-        state = json.loads((folder / STATE_FILE).read_text())
+        state = json.loads(arrays.read_text(folder / STATE_FILE))
         post = cls(config, registry).load_state_dict(state)
-        if (folder / NORMATIVE_FILE).is_file():
-            with np.load(folder / NORMATIVE_FILE, allow_pickle=False) as z:
-                post.normative_ = {"mean": z["mean"], "std": z["std"]}
+        if (folder / NORMATIVE_FILE).is_file():  # each array's size checked before it is inflated
+            post.normative_ = arrays.load_npz(folder / NORMATIVE_FILE, ("mean", "std"))
         if (folder / CALIBRATION_FILE).is_file():
-            with np.load(folder / CALIBRATION_FILE, allow_pickle=False) as z:
-                post.null_ = CalibrationNull.from_arrays(z)
+            post.null_ = load_null(folder / CALIBRATION_FILE)
         else:
             log.warning(
                 "%s: saved before calibration nulls (no %s): scans get the legacy decision (volume score "
@@ -269,3 +273,12 @@ def fit_null(
     if warning:
         log.warning(warning)
     return null
+
+
+def load_null(path: Path) -> CalibrationNull:
+    """``calibration.npz``, each array's size checked before it is inflated."""
+    base = arrays.load_npz(
+        path, ("count", "body", "forming_score", "settings", *(f"null_{k}" for k in SCAN_STATISTICS))
+    )
+    tails = arrays.load_npz(path, tuple(f"tail_{i}" for i in range(len(base["count"]))))
+    return CalibrationNull.from_arrays(base | tails)

@@ -7,6 +7,7 @@ of slices, is checked against the reading limits before any pixel data is read.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,7 @@ class DicomLoader(VolumeLoader):
                 folder, f"series_uid '{uid}' is not in this folder; " + CHOOSE.format(", ".join(series))
             )
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        check_slice_positions(folder, uid, files)
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         try:
@@ -85,6 +87,60 @@ class DicomLoader(VolumeLoader):
         volume = image_to_volume(image, str(folder))
         volume.meta.update({"format": "dicom", "series_uid": uid, "n_slices": len(files)})
         return volume
+
+
+def slice_positions(files: Sequence[str]) -> np.ndarray:
+    """Each slice file's position along the slice normal (mm), from its position and orientation tags."""
+    positions = []
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+            origin = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+            cosines = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+        except (RuntimeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise DataError(
+                name, f"slice header cannot be read ({reason}); the file is truncated or not DICOM"
+            ) from None
+        normal = np.cross(cosines[:3], cosines[3:6])
+        positions.append(float(np.dot(normal, origin)))
+    return np.asarray(positions)
+
+
+def check_slice_positions(folder: Path, uid: str, files: Sequence[str]) -> None:
+    """Refuse a series with duplicated, missing or unevenly spaced slices, naming the slices.
+
+    ITK would read such a series as a regular grid at the mean spacing, silently shifting anatomy;
+    the scores (and the decision) then describe a distorted scan.
+    """
+    if len(files) < 3:
+        return
+    pos = slice_positions(files)
+    order = np.argsort(pos)
+    gaps = np.diff(pos[order])
+    step = float(np.median(gaps))
+    where = f"DICOM series {uid}"
+    for i, gap in enumerate(gaps):
+        a, b = Path(files[order[i]]).name, Path(files[order[i + 1]]).name
+        if gap < max(1e-3, 0.01 * step):
+            raise DataError(
+                folder,
+                f"{where}: slices {a} and {b} lie at the same position ({pos[order[i]]:.2f} mm): a "
+                "duplicated slice; remove the copy and retry",
+            )
+    uneven = np.abs(gaps - step) > max(0.01, 0.05 * step)
+    if uneven.any():
+        i = int(np.argmax(np.abs(gaps - step)))
+        a, b = Path(files[order[i]]).name, Path(files[order[i + 1]]).name
+        missing = max(1, round(gaps[i] / step) - 1) if gaps[i] > step else 0
+        what = f"{missing} slice(s) missing or unreadable there" if missing else "unevenly spaced slices"
+        raise DataError(
+            folder,
+            f"{where}: slices {a} and {b} are {gaps[i]:.2f} mm apart where the others are {step:.2f} mm: "
+            f"{what}; a scan needs evenly spaced slices",
+        )
 
 
 def write_series(

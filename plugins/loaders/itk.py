@@ -45,6 +45,66 @@ def _reason(path: Path, exc: Exception) -> str:
     return f"corrupt or unreadable ITK image ({last})"
 
 
+def referenced_files(path: Path) -> list[str]:
+    """The data files a MetaImage or NRRD header names besides itself (none when its data is attached).
+
+    Covers one file (``ElementDataFile = x.raw``, ``data file: x.raw``), ``LIST`` (names on the
+    following lines) and numbered patterns (``slice%03d.raw 1 40 1``).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16).decode("latin-1")
+    except OSError:
+        return []
+    lines = head.splitlines()
+    nrrd = head.startswith("NRRD")
+    for i, line in enumerate(lines):
+        if nrrd and not line.strip():
+            return []  # the header ends at the first blank line
+        key, sep, value = line.partition(":" if nrrd else "=")
+        if not sep or key.strip().lower().replace(" ", "") != ("datafile" if nrrd else "elementdatafile"):
+            continue
+        value = value.strip()
+        if not nrrd and value.upper() == "LOCAL":
+            return []
+        words = value.split()
+        if words and words[0].upper() == "LIST":
+            return [n.strip() for n in lines[i + 1 :] if n.strip()]
+        if "%" in value and len(words) >= 4:
+            try:
+                lo, hi, step = int(words[1]), int(words[2]), int(words[3])
+                return [words[0] % k for k in range(lo, hi + (1 if step > 0 else -1), step or 1)][:100_000]
+            except (ValueError, TypeError):
+                return [value]
+        return [value]
+    return []
+
+
+def check_references(path: Path) -> None:
+    """Refuse a header that makes the reader open files elsewhere: any data file in a request's
+    payload, and outside the header's own folder for a local file unless the user allows it."""
+    names = referenced_files(path)
+    if not names:
+        return
+    if limits.reading_untrusted():
+        raise DataError(
+            path,
+            "its header names a separate data file; a request must carry the image data inside the file "
+            "(.nii.gz, or .nrrd/.mha with attached data)",
+        )
+    if limits.external_data_allowed():
+        return
+    folder = path.parent.resolve()
+    for name in names:
+        target = (path.parent / name).resolve()
+        if not target.is_relative_to(folder):
+            raise DataError(
+                path,
+                f"its header names the data file '{name}', outside the header's folder {path.parent}; keep the "
+                f"data next to the header, or set {limits.EXTERNAL_DATA_ENV}=1 to allow it",
+            )
+
+
 def check_information(reader: sitk.ImageFileReader, path: str | Path, n_files: int = 1) -> None:
     """Refuse an image whose header claims more than the limits, before its data is read."""
     size = [int(s) for s in reader.GetSize()]
@@ -85,6 +145,7 @@ class ItkLoader(VolumeLoader):
 
     def load(self, path: str | Path) -> Volume:
         path = Path(path)
+        check_references(path)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         try:

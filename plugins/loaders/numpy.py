@@ -18,7 +18,7 @@ import numpy as np
 
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.interfaces import VolumeLoader
-from anomaly3d_core.io import limits
+from anomaly3d_core.io.arrays import check_npy_header
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_plugins.loaders import examples
 
@@ -126,13 +126,4 @@ def _is_zip(path: Path) -> bool:
 
 def check_header(f: IO[bytes], path: Path) -> tuple[int, ...]:
     """The shape in a ``.npy`` header, refused when it claims more than the limits allow."""
-    try:
-        version = np.lib.format.read_magic(f)
-        read = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        )
-        shape, _, dtype = read(f)
-    except Exception as exc:
-        raise DataError(path, f"corrupt or truncated NumPy file ({exc.__class__.__name__}: {exc})") from None
-    limits.check_claim(path, shape, dtype.itemsize)
-    return tuple(int(s) for s in shape)
+    return check_npy_header(f, path)
