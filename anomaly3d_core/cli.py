@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="pipeline YAML (default: built-in defaults)")
     p.add_argument("--train", required=True, help="folder, file or glob of normal training scans")
     p.add_argument("--val", help="optional held-out normal scans for early stopping and calibration")
+    p.add_argument(
+        "--calibration",
+        help="held-out normal scans used only to calibrate the p-values (never to train or pick the epoch); "
+        "at least ceil(1/alpha)-1 of them (19 for alpha 0.05)",
+    )
     p.add_argument("--out", required=True, help="model folder to write (an MLflow model)")
     p.add_argument(
         "--register",
@@ -374,6 +379,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         name = set_name(data_folder(args.train))
         with command_run(config, "fit", config_label(args.config), name, overrides=args.overrides) as run:
             pipe.fit(train, val, callbacks=[epoch_logger()] if run else ())
+            if args.calibration:
+                pipe.calibrate(_inputs(args.calibration, config).items)
             sets = None
             if run is not None:
                 from anomaly3d_core.mlops.tracking import fit_datasets
@@ -382,7 +389,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
             out = _save_fit(pipe, Path(args.out), register, sets)
     print(
         f"model written to {out} ({pipe.n_train_volumes_} training, {pipe.n_val_volumes_} validation volumes, "
-        f"{len(pipe.history_['train_loss'])} epochs, {pipe.fit_seconds_:.1f} s); threshold {pipe.threshold_:.4g}"
+        f"{len(pipe.history_['train_loss'])} epochs, {pipe.fit_seconds_:.1f} s); voxel threshold {pipe.threshold_:.4g}"
+    )
+    post = pipe.postprocessor_
+    print(
+        f"calibrated on {post.n_calibration} normal scan(s): a scan is flagged when its p-value <= alpha "
+        f"{post.config.alpha:g} ({post.config.scan_statistic} > {post.scan_threshold:.4g}); mask: {post.config.mask_rule}"
     )
     _print_registered(register)
     return _report(pipe.failures_, "fit", found.errors)

@@ -51,9 +51,11 @@ METRIC_NAMES = {
     "fit_seconds": "training and calibration time",
     "seconds_per_volume": "scoring time per scan",
     "threshold": "the model's calibrated voxel threshold",
-    "volume_threshold": "the model's calibrated volume-score threshold",
+    "volume_threshold": "the volume score above which a scan is flagged (p <= alpha); not logged when "
+    "infinite (too few calibration scans to reach alpha)",
     "n_train_volumes": "scans trained on",
-    "n_val_volumes": "held-out normal scans calibrated on",
+    "n_val_volumes": "held-out normal scans of the fit's validation",
+    "n_calibration": "normal scans the p-values were calibrated on",
 }
 # tuning.metric's older names for the same figures
 METRIC_ALIASES = {"voxel_ap": "pixel_ap", "voxel_auroc": "pixel_auc"}
@@ -479,6 +481,7 @@ def log_fit_metrics(
             "threshold": detector.threshold_,
             "volume_threshold": detector.volume_threshold_,
             "n_val_volumes": detector.n_val_volumes_,
+            "n_calibration": detector.postprocessor_.n_calibration,
         },
         model_id=model_id,
         dataset=calibration,
