@@ -164,13 +164,13 @@ class PatchConfig(Section):
         "patch: blend one error per patch; auto: voxel when possible",
     )
 
-    residual_sign: Literal["both", "bright", "dark", "physics"] | dict[str, Literal["both", "bright", "dark"]] = (
-        Field(
-            "both",
-            description="which sign of the reconstruction residual counts (voxel scoring of intensities): "
-            "bright (scan above its reconstruction), dark, both; physics: FLAIR/T2w bright, T1w dark, other "
-            "suffixes both; or per sequence, e.g. {FLAIR: bright, T1w: both}",
-        )
+    residual_sign: (
+        Literal["both", "bright", "dark", "physics"] | dict[str, Literal["both", "bright", "dark"]]
+    ) = Field(
+        "both",
+        description="which sign of the reconstruction residual counts (voxel scoring of intensities): "
+        "bright (scan above its reconstruction), dark, both; physics: FLAIR/T2w bright, T1w dark, other "
+        "suffixes both; or per sequence, e.g. {FLAIR: bright, T1w: both}",
     )
     channel_combine: Literal["mean", "max"] = Field(
         "mean", description="how the sequences' per-voxel residuals become one score: their mean or max"
@@ -325,7 +325,9 @@ class PipelineConfig(Section):
                 )
             unknown = [k for k in sign if k not in names]
             if unknown:
-                raise ValueError(f"patches.residual_sign: '{unknown[0]}' is not one of data.sequences {names}")
+                raise ValueError(
+                    f"patches.residual_sign: '{unknown[0]}' is not one of data.sequences {names}"
+                )
         return self
 
     @model_validator(mode="after")

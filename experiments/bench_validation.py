@@ -72,7 +72,9 @@ def spearman_lines(results: Sequence[dict[str, Any]], test_key: Callable[[dict],
         pairs = [(key(r), test_key(r)) for r in results if key(r) is not None]
         if len(pairs) >= 3:
             rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
-            lines.append(f"Spearman rank correlation, {label} vs test AP, over {len(pairs)} routes: {rho:.2f}")
+            lines.append(
+                f"Spearman rank correlation, {label} vs test AP, over {len(pairs)} routes: {rho:.2f}"
+            )
     return lines
 
 

@@ -66,7 +66,12 @@ SIGNED: dict[str, tuple[list[str], dict[str, Any]]] = {
 }
 #: rows that are no preset: (kind, sequences, method name, options)
 BASELINES: dict[str, tuple[str, list[str], str, dict[str, Any]]] = {
-    "baseline: FLAIR one-liner max(0, (FLAIR - median) / MAD)": ("baseline", ["T1w", "FLAIR"], "flair_mad", {}),
+    "baseline: FLAIR one-liner max(0, (FLAIR - median) / MAD)": (
+        "baseline",
+        ["T1w", "FLAIR"],
+        "flair_mad",
+        {},
+    ),
     "baseline: FLAIR two-sided |FLAIR - median| / MAD": (
         "baseline",
         ["T1w", "FLAIR"],
@@ -126,7 +131,9 @@ def make_method(entry: Entry) -> tuple[Callable[[list], Any], Callable[[Any, Any
     from anomaly3d_core.io.subjects import as_subject
     from anomaly3d_core.preprocess.sequences import read_subject
 
-    def on_grid(item: Any) -> Any:  # the sequences co-registered onto the T1w grid, as the pipeline reads them
+    def on_grid(
+        item: Any,
+    ) -> Any:  # the sequences co-registered onto the T1w grid, as the pipeline reads them
         read = lambda x: load_volume(x) if isinstance(x, str | Path) else as_volume(x)  # noqa: E731
         return read_subject(as_subject(item), sequences, read, "auto")
 
@@ -146,7 +153,9 @@ def score_split(model: Any, score: Callable, data: Path, split: str, channels: l
     from anomaly3d_core.io.data import list_items
 
     kinds = {r["subject"]: r["lesion_kind"] for r in csv.DictReader(open(data / f"{split}_manifest.csv"))}
-    out: dict[str, list] = {k: [] for k in ("truths", "scores", "vscores", "preds", "kinds", "mm3", "seconds")}
+    out: dict[str, list] = {
+        k: [] for k in ("truths", "scores", "vscores", "preds", "kinds", "mm3", "seconds")
+    }
     for subject in list_items(data / split, channels).items:
         t0 = time.perf_counter()
         smap, vscore, decided = score(model, subject)
@@ -239,7 +248,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--only", nargs="*", help="entry names (substring match)")
     parser.add_argument("--exact", action="store_true", help="--only names are exact row names")
-    parser.add_argument("--no-validation", action="store_true", help="skip the cross-fitted validation column")
+    parser.add_argument(
+        "--no-validation", action="store_true", help="skip the cross-fitted validation column"
+    )
     bench_tracking.add_arguments(parser)
     args = parser.parse_args()
     data = args.data or Path("bench_output/data") / (
@@ -249,9 +260,7 @@ def main() -> None:
         f"multi-sequence benchmark data in {make_benchmark_data(data, space=args.space, sequences=SEQUENCES)}"
     )
     rows = entries(args.space)
-    names = [
-        n for n in rows if not args.only or any((o == n) if args.exact else (o in n) for o in args.only)
-    ]
+    names = [n for n in rows if not args.only or any((o == n) if args.exact else (o in n) for o in args.only)]
     results = []
     for name in names:
         print(f"-- {name}", flush=True)

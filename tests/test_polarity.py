@@ -29,7 +29,13 @@ def _subject(seed: int, flair_factor: float = 1.0) -> dict[str, Volume]:
 def _config(sign: object, combine: str = "mean") -> dict:
     return {
         "data": {"sequences": ["T1w", "FLAIR"], "cache": False, "preprocessing": {"target_spacing": None}},
-        "patches": {"patch_size": 4, "stride": 2, "max_patches": 600, "residual_sign": sign, "channel_combine": combine},
+        "patches": {
+            "patch_size": 4,
+            "stride": 2,
+            "max_patches": 600,
+            "residual_sign": sign,
+            "channel_combine": combine,
+        },
         "autoencoder": {"type": "standard", "args": {"hidden_dims": [32], "latent_dim": 8}},
         "training": {"num_epochs": 6, "batch_size": 128},
         "threshold": {"smoothing_sigma": 0.0},
@@ -65,12 +71,22 @@ def test_same_weights_same_map_with_both() -> None:
     old = _config("both")
     del old["patches"]["residual_sign"], old["patches"]["channel_combine"]
     a = AnomalyDetectionPipeline(old).fit(train, show_progress=False).score(_subject(7, 1.8)).score_map
-    b = AnomalyDetectionPipeline(_config("both")).fit(train, show_progress=False).score(_subject(7, 1.8)).score_map
+    b = (
+        AnomalyDetectionPipeline(_config("both"))
+        .fit(train, show_progress=False)
+        .score(_subject(7, 1.8))
+        .score_map
+    )
     np.testing.assert_array_equal(a, b)
 
 
 def test_channel_signs_and_physics_defaults() -> None:
-    assert channel_signs("physics", ["T1w", "FLAIR", "T2w", "DWI"]) == (PHYSICS_SIGN["T1w"], "bright", "bright", "both")
+    assert channel_signs("physics", ["T1w", "FLAIR", "T2w", "DWI"]) == (
+        PHYSICS_SIGN["T1w"],
+        "bright",
+        "bright",
+        "both",
+    )
     assert channel_signs({"FLAIR": "bright"}, ["T1w", "FLAIR"]) == ("both", "bright")
     assert channel_signs("dark", [], 1) == ("dark",)
     with pytest.raises(ConfigError, match="not one of data.sequences"):

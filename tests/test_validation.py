@@ -73,7 +73,10 @@ def test_synthetic_lesion_lands_at_one_world_place_on_every_grid() -> None:
     lesion.foci[0].radii_mm = np.array([5.0, 5.0, 5.0])
     lesion.change = {"FLAIR": 0.5}
     masks = [lesion_mask(v, [lesion]) for v in (fine, coarse)]
-    centres = [v.affine[:3, :3] @ np.argwhere(m).mean(0) + v.affine[:3, 3] for v, m in zip((fine, coarse), masks)]
+    centres = [
+        v.affine[:3, :3] @ np.argwhere(m).mean(0) + v.affine[:3, 3]
+        for v, m in zip((fine, coarse), masks, strict=True)
+    ]
     np.testing.assert_allclose(centres[0], lesion.foci[0].centre_mm, atol=0.6)
     np.testing.assert_allclose(centres[1], lesion.foci[0].centre_mm, atol=1.2)
     out = apply_lesions(fine, [lesion], "FLAIR").array
@@ -104,7 +107,11 @@ def test_crossfit_validation_figures_rank_a_good_detector_above_a_blind_one() ->
 
     good = crossfit_validation(heads, lambda items: 100.0, lambda v: {"image": v}, deviation, k=2).figures()
     blind = crossfit_validation(
-        heads, lambda items: 100.0, lambda v: {"image": v}, lambda m, v: (np.random.default_rng(0).random(v["image"].shape), 0.0), k=2
+        heads,
+        lambda items: 100.0,
+        lambda v: {"image": v},
+        lambda m, v: (np.random.default_rng(0).random(v["image"].shape), 0.0),
+        k=2,
     ).figures()
     assert good["n_scans"] == 8  # each held-out normal clean and corrupted
     assert good["pixel_ap"] > 0.3 > blind["pixel_ap"]

@@ -53,7 +53,9 @@ class Lesion:
     change: dict[str, float] = field(default_factory=dict)
 
 
-def _profile(shape: tuple[int, ...], affine: np.ndarray, focus: Focus) -> tuple[tuple[slice, ...], np.ndarray]:
+def _profile(
+    shape: tuple[int, ...], affine: np.ndarray, focus: Focus
+) -> tuple[tuple[slice, ...], np.ndarray]:
     """The focus's profile ``p`` in [0, 1] on the bounding box (slices) of ``shape`` it reaches."""
     inv = np.linalg.inv(affine)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
@@ -63,9 +65,13 @@ def _profile(shape: tuple[int, ...], affine: np.ndarray, focus: Focus) -> tuple[
     hi = np.minimum(shape, np.ceil(centre + reach).astype(int) + 1)
     if np.any(hi <= lo):
         return tuple(slice(0, 0) for _ in shape), np.zeros((0, 0, 0), np.float32)
-    idx = np.meshgrid(*[np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi, strict=True)], indexing="ij")
+    idx = np.meshgrid(
+        *[np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi, strict=True)], indexing="ij"
+    )
     world = [sum(affine[r, c] * idx[c] for c in range(3)) + affine[r, 3] for r in range(3)]
-    dist = np.sqrt(sum(((w - c) / r) ** 2 for w, c, r in zip(world, focus.centre_mm, focus.radii_mm, strict=True)))
+    dist = np.sqrt(
+        sum(((w - c) / r) ** 2 for w, c, r in zip(world, focus.centre_mm, focus.radii_mm, strict=True))
+    )
     p = 1.0 / (1.0 + np.exp((dist - 1.0) / max(focus.softness, 1e-3)))
     if focus.texture_seed is not None:  # smooth texture in [0.2, 1.8]
         rng = np.random.default_rng(focus.texture_seed)
@@ -146,11 +152,15 @@ def corrupt_subject(
     """A subject's sequences (first = reference) with 1-3 synthetic lesions, the truth on the reference grid."""
     names = list(volumes)
     reference = volumes[names[0]]
-    lesions = [draw_lesion(reference, names, rng) for _ in range(int(rng.integers(n_lesions[0], n_lesions[1] + 1)))]
+    lesions = [
+        draw_lesion(reference, names, rng) for _ in range(int(rng.integers(n_lesions[0], n_lesions[1] + 1)))
+    ]
     out = {name: apply_lesions(vol, lesions, name) for name, vol in volumes.items()}
     mask = lesion_mask(reference, lesions)
     if not mask.any():  # a lesion too small for the grid: widen the first one until it shows
-        lesions[0].foci[0].radii_mm = np.maximum(lesions[0].foci[0].radii_mm, 2.0 * np.asarray(reference.spacing))
+        lesions[0].foci[0].radii_mm = np.maximum(
+            lesions[0].foci[0].radii_mm, 2.0 * np.asarray(reference.spacing)
+        )
         out = {name: apply_lesions(vol, lesions, name) for name, vol in volumes.items()}
         mask = lesion_mask(reference, lesions)
     return out, mask, lesions

@@ -136,7 +136,9 @@ class ValidationScores(Generic[Item]):
         precision, recall, _ = precision_recall_curve(y, s)
         return {
             "pixel_ap": float(average_precision_score(y, s)),
-            "pixel_best_dice": float(np.nanmax(2 * precision * recall / np.maximum(precision + recall, 1e-12))),
+            "pixel_best_dice": float(
+                np.nanmax(2 * precision * recall / np.maximum(precision + recall, 1e-12))
+            ),
             "volume_auroc": float(roc_auc_score(labels, self.volume_scores))
             if 0 < sum(labels) < len(labels)
             else float("nan"),
