@@ -1,24 +1,28 @@
 """The multi-sequence benchmark: the same subjects scored from T1w alone and from T1w with FLAIR (and T2w).
 
-    python experiments/benchmark_multiseq.py [--space template|native] [--data DIR] [--out DIR] [--only NAME ...]
+    python experiments/benchmark_multiseq.py [--space template|native] [--data DIR] [--out DIR]
+        [--only NAME ... [--exact]] [--no-validation]
 
 Data: ``bench_data.make_benchmark_data(DIR, sequences=("T1w", "T2w", "FLAIR"), space=...)`` with
 fixed seeds (default DIR ``bench_output/data/multiseq`` or ``multiseq_native``), written as BIDS:
-16 training normals; a tuning set (``tumour`` and ``infarct`` only, not used here: the presets
-were fixed before this benchmark); a test set of 8 normals and 16 lesioned subjects with four
-lesion kinds. In native space every sequence has its own grid (FLAIR with 3-4 mm slices) and the
-head moves slightly between sequences.
+16 training normals; a tuning set (two normals, ``tumour`` and ``infarct`` only); a test set of 8
+normals and 16 lesioned subjects with four lesion kinds. In native space every sequence has its
+own grid (FLAIR with 3-4 mm slices) and the head moves slightly between sequences.
 
-Every row trains with one preset and the same budget; only ``data.sequences`` differs between the
-rows of a preset. Template space: ``brain_mri.yaml``. Native space: both routes, the native preset
-``brain_mri_native.yaml`` (no registration; scan and depth normalisation) and ``brain_mri.yaml``
-(affine registration to MNI152, normative scoring); "tuning-set AP" (pooled voxel AP on the
-tuning split: ``tumour`` and ``infarct`` only) is the figure a route is chosen by, never the test
-set. Score maps lie on each subject's T1w grid, where the ground truth is. Voxel metrics are
-pooled over the T1w brain voxels of all test subjects; "lesion sens." is the fraction of
-ground-truth lesions (connected components) that the model's own decision mask touches, for all
-kinds and for the small MS-like lesions; "held-out AP" pools the ``ms`` and ``haemorrhage``
-subjects with the normals. Results: ``benchmark_multiseq[_native].json`` and ``.md`` in ``--out``.
+Rows (:func:`entries`): each preset with each sequence set (:data:`SETS`), with signed residuals
+(:data:`SIGNED`: ``patches.residual_sign``, ``patches.channel_combine``), in native space with the
+deformable registration step (:data:`DEFORMABLE`), and the baselines (:data:`BASELINES`: the FLAIR
+one-liner, one- and two-sided). Template space: ``brain_mri.yaml``. Native space: both routes, the
+native preset ``brain_mri_native.yaml`` (no registration; scan and depth normalisation) and
+``brain_mri.yaml`` (affine registration to MNI152, normative scoring). "validation AP" is the
+cross-fitted synthetic-lesion figure over the training normals (``bench_validation``: the figure a
+route is chosen by); "tuning-set AP" the old tuning split's, for comparison; Spearman rank
+correlations of both with the test AP are printed under the table. Score maps lie on each
+subject's T1w grid, where the ground truth is. Voxel metrics are pooled over the T1w brain voxels
+of all test subjects; "lesion sens." is the fraction of ground-truth lesions (connected
+components) that the model's own decision mask touches, for all kinds, for the small MS-like
+lesions and per lesion size; "held-out AP" pools the ``ms`` and ``haemorrhage`` subjects with the
+normals. Results: ``benchmark_multiseq[_native].json`` and ``.md`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -64,6 +68,15 @@ SIGNED: dict[str, tuple[list[str], dict[str, Any]]] = {
     ),
     "T1w + T2w + FLAIR, physics": (["T1w", "T2w", "FLAIR"], {"patches.residual_sign": "physics"}),
 }
+#: the deformable step after the affine registration: rows for the registering preset in native space
+#: (template-space scans lie in MNI152 space already and are not registered)
+DEFORMABLE: dict[str, tuple[list[str], dict[str, Any]]] = {
+    "T1w alone, deformable": (["T1w"], {"data.preprocessing.deformable": True}),
+    "T1w + FLAIR, FLAIR bright, deformable": (
+        ["T1w", "FLAIR"],
+        {"patches.residual_sign": {"FLAIR": "bright"}, "data.preprocessing.deformable": True},
+    ),
+}
 #: rows that are no preset: (kind, sequences, method name, options)
 BASELINES: dict[str, tuple[str, list[str], str, dict[str, Any]]] = {
     "baseline: FLAIR one-liner max(0, (FLAIR - median) / MAD)": (
@@ -92,6 +105,8 @@ def entries(space: str) -> dict[str, Entry]:
     rows: dict[str, Entry] = {}
     for preset in presets:
         variants = {**{n: (seqs, {}) for n, seqs in SETS.items()}, **SIGNED}
+        if space == "native" and preset == "brain_mri.yaml":
+            variants |= DEFORMABLE
         for name, (seqs, overrides) in variants.items():
             rows[f"{name}, {preset}" if len(presets) > 1 else name] = ("pipeline", seqs, preset, overrides)
     return {**rows, **BASELINES}
