@@ -66,6 +66,11 @@ ENTRIES: dict[str, tuple[str, Any, dict[str, Any]]] = {
         TEMPLATE_CONFIG,
         {"patches.residual_sign": "dark"},
     ),
+    "brain_mri.yaml + deformable step": (
+        "pipeline",
+        TEMPLATE_CONFIG,
+        {"data.preprocessing.deformable": True},
+    ),
     "baseline: intensity MAD z-score": ("baseline", "intensity_mad", {}),
 }
 
