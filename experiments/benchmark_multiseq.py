@@ -95,6 +95,8 @@ BASELINES: dict[str, tuple[str, list[str], str, dict[str, Any]]] = {
 #: presets per space. In native space both routes run: the native preset (no registration) and
 #: brain_mri.yaml (registration to MNI152, normative); the validation column says which.
 SPACE_PRESETS = {"template": ["brain_mri.yaml"], "native": ["brain_mri_native.yaml", "brain_mri.yaml"]}
+#: ``--cache``: fits read preprocessed (registered) training scans from the cache (scoring never does)
+CACHE = [False]
 #: an entry: (kind, sequences, preset or baseline name, overrides or options)
 Entry = tuple[str, list[str], str, dict[str, Any]]
 
@@ -131,7 +133,9 @@ def make_method(entry: Entry) -> tuple[Callable[[list], Any], Callable[[Any, Any
         from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
         def fit(items: list) -> Any:
-            tree = config_tree(PRESETS[spec], {"data.sequences": sequences, **options})
+            tree = config_tree(
+                PRESETS[spec], {"data.sequences": sequences, "data.cache": CACHE[0], **options}
+            )
             return AnomalyDetectionPipeline(tree).fit(items, show_progress=False)
 
         def score(model: Any, item: Any) -> tuple:
@@ -266,6 +270,11 @@ def main() -> None:
     parser.add_argument(
         "--no-validation", action="store_true", help="skip the cross-fitted validation column"
     )
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="preprocessing cache for fits (fit times then exclude registration)",
+    )
     bench_tracking.add_arguments(parser)
     args = parser.parse_args()
     data = args.data or Path("bench_output/data") / (
@@ -275,6 +284,7 @@ def main() -> None:
         f"multi-sequence benchmark data in {make_benchmark_data(data, space=args.space, sequences=SEQUENCES)}"
     )
     rows = entries(args.space)
+    CACHE[0] = args.cache
     names = [n for n in rows if not args.only or any((o == n) if args.exact else (o in n) for o in args.only)]
     results = []
     for name in names:
