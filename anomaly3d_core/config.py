@@ -184,7 +184,7 @@ class PatchConfig(Section):
     ) = Field(
         "both",
         description="which sign of the reconstruction residual counts (voxel scoring of intensities): "
-        "bright (scan above its reconstruction), dark, both; physics: FLAIR/T2w bright, T1w dark, other "
+        "bright (scan above its reconstruction), dark, both; physics: FLAIR/T2w bright, T1w and other "
         "suffixes both; or per sequence, e.g. {FLAIR: bright, T1w: both}",
     )
     channel_combine: Literal["mean", "max"] = Field(

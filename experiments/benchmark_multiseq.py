@@ -61,12 +61,18 @@ SIGNED: dict[str, tuple[list[str], dict[str, Any]]] = {
         ["T1w", "FLAIR"],
         {"patches.residual_sign": {"FLAIR": "bright"}, "patches.channel_combine": "max"},
     ),
-    "T1w + FLAIR, physics (T1w dark, FLAIR bright)": (["T1w", "FLAIR"], {"patches.residual_sign": "physics"}),
-    "T1w + FLAIR, physics, max": (
+    "T1w + FLAIR, T1w dark, FLAIR bright": (
         ["T1w", "FLAIR"],
-        {"patches.residual_sign": "physics", "patches.channel_combine": "max"},
+        {"patches.residual_sign": {"T1w": "dark", "FLAIR": "bright"}},
     ),
-    "T1w + T2w + FLAIR, physics": (["T1w", "T2w", "FLAIR"], {"patches.residual_sign": "physics"}),
+    "T1w + FLAIR, T1w dark, FLAIR bright, max": (
+        ["T1w", "FLAIR"],
+        {"patches.residual_sign": {"T1w": "dark", "FLAIR": "bright"}, "patches.channel_combine": "max"},
+    ),
+    "T1w + T2w + FLAIR, physics (T2w, FLAIR bright)": (
+        ["T1w", "T2w", "FLAIR"],
+        {"patches.residual_sign": "physics"},
+    ),
 }
 #: the deformable step after the affine registration: rows for the registering preset in native space
 #: (template-space scans lie in MNI152 space already and are not registered)

@@ -9,7 +9,7 @@ import torch
 from anomaly3d_core.config import build_config
 from anomaly3d_core.errors import ConfigError
 from anomaly3d_core.io.volume import Volume
-from anomaly3d_core.model.polarity import PHYSICS_SIGN, channel_signs, combine_channels, signed_residual
+from anomaly3d_core.model.polarity import channel_signs, combine_channels, signed_residual
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
 SHAPE = (20, 20, 20)
@@ -81,12 +81,7 @@ def test_same_weights_same_map_with_both() -> None:
 
 
 def test_channel_signs_and_physics_defaults() -> None:
-    assert channel_signs("physics", ["T1w", "FLAIR", "T2w", "DWI"]) == (
-        PHYSICS_SIGN["T1w"],
-        "bright",
-        "bright",
-        "both",
-    )
+    assert channel_signs("physics", ["T1w", "FLAIR", "T2w", "DWI"]) == ("both", "bright", "bright", "both")
     assert channel_signs({"FLAIR": "bright"}, ["T1w", "FLAIR"]) == ("both", "bright")
     assert channel_signs("dark", [], 1) == ("dark",)
     with pytest.raises(ConfigError, match="not one of data.sequences"):
