@@ -61,20 +61,26 @@ def validate(
 
 
 def spearman_lines(results: Sequence[dict[str, Any]], test_key: Callable[[dict], float]) -> list[str]:
-    """How well the validation AP, and the old tuning-set AP, rank the rows as the test AP does."""
+    """How well the validation AP, and the old tuning-set AP, rank the rows as the test AP does:
+    over every row, and over the detector routes alone (rows not named ``baseline: ...``)."""
     from anomaly3d_core.evaluation.validation import spearman
 
     lines = []
+    groups = {
+        "all rows": lambda r: True,
+        "detector routes": lambda r: not str(r["name"]).startswith("baseline"),
+    }
     for label, key in (
         ("cross-fitted synthetic validation AP", lambda r: r.get("validation", {}).get("pixel_ap")),
         ("tuning-set AP (2 normals, tumour and infarct)", lambda r: r.get("tune", {}).get("pixel_ap")),
     ):
-        pairs = [(key(r), test_key(r)) for r in results if key(r) is not None]
-        if len(pairs) >= 3:
-            rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
-            lines.append(
-                f"Spearman rank correlation, {label} vs test AP, over {len(pairs)} routes: {rho:.2f}"
-            )
+        for group, keep in groups.items():
+            pairs = [(key(r), test_key(r)) for r in results if keep(r) and key(r) is not None]
+            if len(pairs) >= 3:
+                rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+                lines.append(
+                    f"Spearman rank correlation, {label} vs test AP, {group} ({len(pairs)}): {rho:.2f}"
+                )
     return lines
 
 
