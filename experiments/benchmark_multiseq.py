@@ -91,7 +91,7 @@ BASELINES: dict[str, tuple[str, list[str], str, dict[str, Any]]] = {
         "flair_mad",
         {},
     ),
-    "baseline: FLAIR two-sided |FLAIR - median| / MAD": (
+    "baseline: FLAIR two-sided abs(FLAIR - median) / MAD": (
         "baseline",
         ["T1w", "FLAIR"],
         "flair_mad",
