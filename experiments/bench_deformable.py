@@ -64,12 +64,13 @@ def per_scan(cases: list[dict], repeats: int) -> list[dict]:
     for case in cases:
         row: dict = {"name": case["name"]}
         for deformable in (False, True):
-            fit, times = timed(
+            fit, times, cpu = timed(
                 lambda c=case, d=deformable: reg.register(c["volume"], "mni152", deformable=d), repeats
             )
             key = "deformable" if deformable else "affine"
             row[key] = {
                 "seconds": round(statistics.median(times), 2),
+                "cpu_seconds": round(statistics.median(cpu), 2),
                 "intensity_error": round(
                     float(np.abs(_z(fit.array, tpl.brain) - target)[tpl.brain].mean()), 4
                 ),
