@@ -276,6 +276,7 @@ def main() -> None:
     parser.add_argument(
         "--no-validation", action="store_true", help="skip the cross-fitted validation column"
     )
+    parser.add_argument("--partial", type=Path, help="write the finished rows to this JSON after each row")
     parser.add_argument(
         "--cache",
         action="store_true",
@@ -304,6 +305,8 @@ def main() -> None:
             f"{r['seconds_per_subject']} s/subject",
             flush=True,
         )
+        if args.partial:  # every finished row at once, so a stopped run keeps what it measured
+            args.partial.write_text(json.dumps(results, indent=2) + "\n")
     suffix = "" if args.space == "template" else "_native"
     args.out.mkdir(parents=True, exist_ok=True)
     fresh_rows = list(results)
