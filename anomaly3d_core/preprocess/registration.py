@@ -487,8 +487,16 @@ def _deformable_grid(tx: sitk.BSplineTransform) -> tuple[list[int], tuple, tuple
 
 
 def inverse_deformation(deformation: list[float]) -> sitk.DisplacementFieldTransform:
-    """The inverse of the deformable step (affinely aligned points -> template points), as a field at 4 mm."""
-    tx = bspline_transform(deformation)
+    """The inverse of the deformable step (affinely aligned points -> template points), as a field at 4 mm.
+
+    Kept for the last few scans: a score map, its mask and its foreground go back through the same one.
+    """
+    return _inverse_deformation(tuple(float(v) for v in deformation))
+
+
+@functools.lru_cache(maxsize=4)
+def _inverse_deformation(deformation: tuple[float, ...]) -> sitk.DisplacementFieldTransform:
+    tx = bspline_transform(list(deformation))
     size, origin, spacing, direction = _deformable_grid(tx)
     field = sitk.TransformToDisplacementField(tx, sitk.sitkVectorFloat64, size, origin, spacing, direction)
     inverse = sitk.InvertDisplacementField(
