@@ -68,8 +68,23 @@ class PreprocessingConfig(Section):
         description="affine registration to a template before everything else (brain MRI: mni152); "
         "auto registers each scan to MNI152 unless it already lies in MNI152 space",
     )
+    deformable: bool = Field(
+        False,
+        description="after the affine registration, a coarse deformable step (BSpline, Mattes MI at 4 mm, "
+        "control points every 32 mm) aligns each scan's anatomy closer to the template; maps still come "
+        "back on each scan's own grid through its inverse",
+    )
 
     _triple = field_validator("target_shape", mode="before")(_triple)
+
+    @model_validator(mode="after")
+    def _deformable_needs_registration(self) -> PreprocessingConfig:
+        if self.deformable and self.register_to == "none":
+            raise ValueError(
+                "deformable: the deformable step follows the affine registration; set register_to "
+                "(auto or mni152) or leave deformable out"
+            )
+        return self
 
     @field_validator("target_spacing", mode="before")
     @classmethod
@@ -163,6 +178,18 @@ class PatchConfig(Section):
         "auto",
         description="voxel: blend each patch's per-voxel residuals (flatten embedding only); "
         "patch: blend one error per patch; auto: voxel when possible",
+    )
+
+    residual_sign: (
+        Literal["both", "bright", "dark", "physics"] | dict[str, Literal["both", "bright", "dark"]]
+    ) = Field(
+        "both",
+        description="which sign of the reconstruction residual counts (voxel scoring of intensities): "
+        "bright (scan above its reconstruction), dark, both; physics: FLAIR/T2w bright, T1w and other "
+        "suffixes both; or per sequence, e.g. {FLAIR: bright, T1w: both}",
+    )
+    channel_combine: Literal["mean", "max"] = Field(
+        "mean", description="how the sequences' per-voxel residuals become one score: their mean or max"
     )
 
     _triple = field_validator("patch_size", "stride", mode="before")(_triple)
@@ -332,6 +359,23 @@ class PipelineConfig(Section):
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
+
+    @model_validator(mode="after")
+    def _residual_sign(self) -> PipelineConfig:
+        sign = self.patches.residual_sign
+        if isinstance(sign, dict):
+            names = self.data.sequences or []
+            if not names:
+                raise ValueError(
+                    "patches.residual_sign: a per-sequence mapping needs data.sequences; for one file per "
+                    "scan give one of both, bright, dark"
+                )
+            unknown = [k for k in sign if k not in names]
+            if unknown:
+                raise ValueError(
+                    f"patches.residual_sign: '{unknown[0]}' is not one of data.sequences {names}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _patch_alias(self) -> PipelineConfig:

@@ -34,6 +34,7 @@ from anomaly3d_core.io.subjects import Subject, as_subject
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.model.embedding import FeatureEmbedding
 from anomaly3d_core.model.network import AnomalyNet, feature_units
+from anomaly3d_core.model.polarity import channel_signs
 from anomaly3d_core.model.pretrain import pretrain_extractor
 from anomaly3d_core.model.training import (
     EpochCallback,
@@ -129,6 +130,8 @@ class AnomalyDetectionPipeline(Detector):
             cfg.patches.stride,
             cfg.embedding.positional_weight,
             cfg.patches.score_mode,
+            channel_signs(cfg.patches.residual_sign, self.channels, extractor.in_channels),
+            cfg.patches.channel_combine,
         )
 
     @property
