@@ -42,6 +42,7 @@ from bench_results import merge_rows  # noqa: E402
 
 NATIVE_CONFIG = HERE / "configs" / "brain_mri_native.yaml"
 TEMPLATE_CONFIG = HERE / "configs" / "brain_mri.yaml"
+SYNTHETIC_CONFIG = HERE / "configs" / "brain_mri_synthetic.yaml"
 ENTRIES: dict[str, tuple[str, Any, dict[str, Any]]] = {
     "native preset (brain_mri_native.yaml)": ("pipeline", NATIVE_CONFIG, {}),
     "native preset without score normalisation (round 1)": (
@@ -56,6 +57,7 @@ ENTRIES: dict[str, tuple[str, Any, dict[str, Any]]] = {
         {"threshold.scan_normalization": "robust", "threshold.depth_normalization": True},
     ),
     "baseline: intensity MAD z-score": ("baseline", "intensity_mad", {}),
+    "synthetic anomalies, U-Net (brain_mri_synthetic.yaml)": ("detector", SYNTHETIC_CONFIG, {}),
 }
 
 
@@ -157,6 +159,20 @@ def make_method(entry: tuple[str, Any, dict[str, Any]]) -> tuple[Callable, Calla
             return np.asarray(r.score_map, np.float32), float(r.volume_score)
 
         return fit, score
+    if kind == "detector":  # any detector config (e.g. a top-level 'synthetic' section)
+        from anomaly3d_core.persistence import build_detector, load_any_config
+
+        def fit_detector(paths: list[Path]) -> None:
+            sets = [
+                f"{k}={v}" for k, v in {"tracking.enabled": False, "data.cache": False, **overrides}.items()
+            ]
+            state["pipe"] = build_detector(load_any_config(spec, sets)).fit(list(paths))
+
+        def score_detector(path: Path) -> tuple[np.ndarray, float]:
+            r = state["pipe"].score(path)
+            return np.asarray(r.score_map, np.float32), float(r.volume_score)
+
+        return fit_detector, score_detector
     import baselines
 
     from anomaly3d_core.io.volume import Volume
@@ -272,6 +288,10 @@ def entry_config(entry: tuple[str, Any, dict[str, Any]]) -> tuple[Any, str] | No
     from anomaly3d_core.config import build_config
 
     kind, spec, overrides = entry
+    if kind == "detector":
+        from anomaly3d_core.persistence import load_any_config
+
+        return load_any_config(spec, [f"{k}={v}" for k, v in overrides.items()]), Path(spec).name
     return (build_config(config_tree(spec, overrides)), Path(spec).name) if kind == "pipeline" else None
 
 

@@ -80,9 +80,12 @@ def focus_weight(
     return box, np.clip(ndimage.gaussian_filter(inside, edge) if edge > 0 else inside, 0.0, 1.0)
 
 
-def _local_level(x: np.ndarray, background: float, sigma: float) -> np.ndarray:
-    """Smoothed intensity above the background: the tissue level a change is relative to."""
-    return np.maximum(ndimage.gaussian_filter(x - background, sigma), 0.0)
+def _local_level(x: np.ndarray, fg: np.ndarray, background: float, sigma: float) -> np.ndarray:
+    """Smoothed intensity above the background within the foreground (normalised convolution): the
+    tissue level a change is relative to, not lowered next to the brain's edge."""
+    weight = ndimage.gaussian_filter(fg, sigma)
+    level = ndimage.gaussian_filter((x - background) * fg, sigma) / np.maximum(weight, 1e-3)
+    return np.maximum(level, 0.0)
 
 
 def _factor(rng: np.random.Generator, spec: CorruptionSpec, p_darker: float) -> float:
@@ -124,7 +127,7 @@ def corrupt(
         box, w = focus_weight(shape, centre, radii, float(rng.uniform(*spec.edge_sigma)), rng)
         w = w * fg_soft[box]
         kind = spec.kinds[int(rng.integers(len(spec.kinds)))]
-        strength = _apply(kind, x, donor_x, box, w, rng, spec, backgrounds, sequences, radius)
+        strength = _apply(kind, x, donor_x, box, w, fg_soft[box], rng, spec, backgrounds, sequences, radius)
         target[box] = np.maximum(target[box], w * strength)
     target[~foreground] = 0.0
     return x.reshape(np.shape(array)), np.clip(target, 0.0, 1.0)
@@ -136,46 +139,61 @@ def _apply(
     donor: np.ndarray,
     box: tuple[slice, ...],
     w: np.ndarray,
+    fg: np.ndarray,
     rng: np.random.Generator,
     spec: CorruptionSpec,
     backgrounds: list[float],
     sequences: Sequence[str],
     radius: float,
 ) -> float:
-    """Change ``x[:, box]`` in place by ``kind`` with weight ``w``; returns the target's strength."""
+    """Change ``x[:, box]`` in place by ``kind`` with weight ``w``; returns the target's strength.
+
+    Every kind keeps the image's noise level (a blend of two noisy images is smoother than either,
+    so fresh noise makes up the difference): otherwise the network learns to find smooth patches,
+    which real lesions are not.
+    """
+    region_all = x[(slice(None), *box)]
     if kind == "foreign":
         alpha = float(rng.uniform(0.3, 1.0))
         shift = [int(rng.integers(-s // 4, s // 4 + 1)) for s in x.shape[1:]]
         src = np.roll(donor, shift, axis=(1, 2, 3))[(slice(None), *box)]
-        x[(slice(None), *box)] = (1 - alpha * w) * x[(slice(None), *box)] + alpha * w * src
+        a = alpha * w
+        lost = np.sqrt(np.maximum(1.0 - a**2 - (1 - a) ** 2, 0.0))  # noise std lost by blending
+        noise = rng.standard_normal(region_all.shape).astype(np.float32)
+        sigma = np.array([_noise_sigma(c, fg) for c in region_all], np.float32)[:, None, None, None]
+        x[(slice(None), *box)] = (1 - a) * region_all + a * src + lost * sigma * noise
         return alpha
     darker = rng.random()  # one draw: the sequences of a subject agree on the lesion's nature
-    texture_sigma = float(rng.uniform(0.5, 1.5))
     strengths = []
     for c in range(x.shape[0]):
         p_darker = SEQUENCE_SIGNS.get(sequences[c], 0.5) if c < len(sequences) else 0.5
-        region = x[c][box]
-        level = _local_level(region, backgrounds[c], max(1.5, radius))
-        if kind == "intensity":
+        region = region_all[c]
+        level = _local_level(region, fg, backgrounds[c], max(1.5, radius))
+        fine = region - backgrounds[c] - _local_level(region, fg, backgrounds[c], 1.0)
+        if kind == "intensity":  # the tissue replaced by f times its level, noise and fine grain kept
             f = _factor(rng, spec, 1.0 if darker < p_darker else 0.0)
-            fine = region - backgrounds[c] - ndimage.gaussian_filter(region - backgrounds[c], texture_sigma)
-            new = backgrounds[c] + f * level + rng.uniform(0.0, 0.5) * fine
+            new = backgrounds[c] + f * level + fine * float(rng.uniform(0.8, 1.2))
             change = abs(f - 1.0)
-        elif kind == "texture":
-            smooth = ndimage.gaussian_filter(region, texture_sigma * 1.5)
-            noise = ndimage.gaussian_filter(rng.standard_normal(region.shape).astype(np.float32), 0.7)
-            rough = rng.uniform(0.0, 0.6) * noise * max(float(level.mean()), 1e-3)
-            new = smooth + rough
+        elif kind == "texture":  # same level, the fine grain smoothed away or roughened
+            grain = ndimage.gaussian_filter(rng.standard_normal(region.shape).astype(np.float32), 0.8)
+            grain *= 2.0 * _noise_sigma(region, fg) * float(rng.uniform(0.5, 2.0))
+            new = backgrounds[c] + level + (grain if rng.random() < 0.5 else 0.0) + fine
             change = 0.5
         else:  # ring: a rim of one sign around a core of the other
             f_core = _factor(rng, spec, 1.0 if darker < p_darker else 0.0)
             f_rim = 2.0 - f_core
             core = np.clip((w - 0.6) / 0.4, 0.0, 1.0)
-            new = backgrounds[c] + (core * f_core + (1 - core) * f_rim) * level
+            new = backgrounds[c] + (core * f_core + (1 - core) * f_rim) * level + fine
             change = abs(f_core - 1.0)
         x[c][box] = (1 - w) * region + w * new
         strengths.append(min(1.0, change / spec.visible_change))
     return float(max(strengths))
+
+
+def _noise_sigma(region: np.ndarray, fg: np.ndarray) -> float:
+    """Robust noise level of a region: the MAD of its finest detail (differences along the last axis)."""
+    d = np.diff(region, axis=-1)[fg[..., 1:] > 0.5]
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2)) if d.size > 8 else 0.0
 
 
 def normal_variation(array: np.ndarray, foreground: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -150,8 +150,9 @@ def train_segmenter(
     sampler = CropSampler(arrays, masks, s.crop_size)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
+    warmup = max(1, min(50, s.iterations // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / 50) * 0.5 * (1 + math.cos(math.pi * i / s.iterations))
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / s.iterations))
     )
     amp = s.use_amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
