@@ -39,13 +39,15 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--label", default="")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spinning on a busy machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: no spinning on a busy machine)"
+    )
     args = parser.parse_args()
+    import logging
+
     import torch
 
     from anomaly3d_core.persistence import build_detector, load_any_config
-
-    import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
