@@ -103,7 +103,7 @@ class CorruptionConfig(Section):
 class SyntheticValidationConfig(CorruptionConfig):
     """Held-out normals corrupted with other kinds (fainter, smaller): picks the training length."""
 
-    kinds: list[Kind] = Field(default_factory=lambda: ["texture", "ring"], min_length=1)
+    kinds: list[Kind] = Field(default_factory=lambda: ["ring"], min_length=1)
     radius_range: tuple[float, float] = (0.6, 6.0)
     change_range: tuple[float, float] = (0.1, 0.5)
     samples_per_scan: int = Field(1, ge=1, description="corrupted copies of each validation normal")

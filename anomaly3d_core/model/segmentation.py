@@ -26,6 +26,10 @@ from anomaly3d_core.model.training import EpochCallback
 log = logging.getLogger(__name__)
 
 
+#: batches of crops that batch-norm statistics are re-estimated from before each validation
+NORM_BATCHES = 16
+
+
 @dataclass(frozen=True)
 class LoopSettings:
     """What the loop needs from the config (``synthetic.training`` and ``synthetic.validation``)."""
@@ -133,6 +137,24 @@ def validation_ap(
     return float(average_precision_score(y, np.concatenate(ss))) if y.any() else float("nan")
 
 
+def refresh_norm_statistics(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
+    """Re-estimate batch-norm running statistics as a plain average over ``batches`` (precise BN)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
+
+
 def train_segmenter(
     model: nn.Module,
     arrays: Sequence[np.ndarray],
@@ -160,7 +182,8 @@ def train_segmenter(
     history: dict[str, list[float]] = {"iteration": [], "loss": [], "val_ap": [], "seconds": []}
     best, best_state, running, t0 = -1.0, None, [], time.perf_counter()
     n = len(arrays)
-    for it in range(s.iterations):
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
         xs, ts = [], []
         for _ in range(s.batch_size):
             i = int(rng.integers(n))
@@ -171,8 +194,10 @@ def train_segmenter(
             x, t = corrupt(x, m, rng, spec, donor=donor, sequences=sequences)
             xs.append(x)
             ts.append(t[None])
-        x_b = torch.from_numpy(np.stack(xs)).to(device)
-        t_b = torch.from_numpy(np.stack(ts)).to(device)
+        return torch.from_numpy(np.stack(xs)).to(device), torch.from_numpy(np.stack(ts)).to(device)
+
+    for it in range(s.iterations):
+        x_b, t_b = batch()
         model.train()
         with torch.autocast(device.type, enabled=amp):
             logits = model(x_b)
@@ -187,6 +212,7 @@ def train_segmenter(
         sched.step()
         running.append(float(loss.detach()))
         if (it + 1) % s.validate_every == 0 or it + 1 == s.iterations:
+            refresh_norm_statistics(model, [batch()[0] for _ in range(NORM_BATCHES)])
             ap = validation_ap(model, validation, device, amp) if validation else float("nan")
             history["iteration"].append(it + 1)
             history["loss"].append(float(np.mean(running)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -12,15 +12,15 @@ from torch import nn
 from anomaly3d_core.interfaces import Params, Segmenter
 
 
-def _block(cin: int, cout: int, dropout: float) -> nn.Sequential:
-    """Two 3x3x3 convolutions, each with batch norm and a leaky ReLU."""
+def _block(cin: int, cout: int, dropout: float, norm: str) -> nn.Sequential:
+    """Two 3x3x3 convolutions, each with a leaky ReLU (and batch norm with ``norm: batch``)."""
     layers: list[nn.Module] = []
     for a, b in ((cin, cout), (cout, cout)):
-        layers += [
-            nn.Conv3d(a, b, 3, padding=1, bias=False),
-            nn.BatchNorm3d(b),
-            nn.LeakyReLU(0.1, inplace=True),
-        ]
+        if norm == "batch":
+            layers += [nn.Conv3d(a, b, 3, padding=1, bias=False), nn.BatchNorm3d(b)]
+        else:
+            layers.append(nn.Conv3d(a, b, 3, padding=1))
+        layers.append(nn.LeakyReLU(0.1, inplace=True))
     if dropout:
         layers.append(nn.Dropout3d(dropout))
     return nn.Sequential(*layers)
@@ -29,8 +29,11 @@ def _block(cin: int, cout: int, dropout: float) -> nn.Sequential:
 class UNet(Segmenter):
     """Encoder-decoder with skip connections; ``channels`` per level, halving the grid between levels.
 
-    Batch norm (not instance norm): trained on crops and run on whole volumes, the eval-mode output
-    of a voxel then does not depend on how large the input is.
+    Batch norm by default (``norm: none`` drops it): trained on crops and run on whole volumes, a
+    voxel's eval-mode output then depends on its neighbourhood only (instance or group norm would
+    depend on the input's size). The training loop re-estimates the running statistics over many
+    crops before each validation and at the end, as their moving average over a few small batches
+    makes the output swing.
     """
 
     name: ClassVar[str] = "unet"
@@ -38,6 +41,7 @@ class UNet(Segmenter):
     class Params(Params):
         channels: list[int] = Field(default_factory=lambda: [16, 32, 64], description="features per level")
         dropout: float = Field(0.0, ge=0, lt=1)
+        norm: Literal["batch", "none"] = "batch"
 
         @field_validator("channels")
         @classmethod
@@ -53,12 +57,17 @@ class UNet(Segmenter):
         ch = self.params.channels
         self.size_multiple = 2 ** (len(ch) - 1)
         self.down = nn.ModuleList(
-            [_block(in_channels if i == 0 else ch[i - 1], c, self.params.dropout) for i, c in enumerate(ch)]
+            [
+                _block(in_channels if i == 0 else ch[i - 1], c, self.params.dropout, self.params.norm)
+                for i, c in enumerate(ch)
+            ]
         )
         self.up = nn.ModuleList(
             [nn.ConvTranspose3d(ch[i + 1], ch[i], 2, stride=2) for i in range(len(ch) - 1)]
         )
-        self.merge = nn.ModuleList([_block(2 * ch[i], ch[i], 0.0) for i in range(len(ch) - 1)])
+        self.merge = nn.ModuleList(
+            [_block(2 * ch[i], ch[i], 0.0, self.params.norm) for i in range(len(ch) - 1)]
+        )
         self.head = nn.Conv3d(ch[0], 1, 1)
 
     @classmethod
