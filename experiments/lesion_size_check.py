@@ -147,13 +147,15 @@ def main() -> None:
     )
     parser.add_argument("--data", type=Path, default=Path("bench_output/data/native"))
     parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--only", nargs="+", required=True, help="route names (substring match)")
+    parser.add_argument("--only", nargs="+", default=[], help="route names (substring match; required)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         args.result_file.write_text(json.dumps(run_one(args.one, args.data)))
         return
+    if not args.only:
+        parser.error("--only NAME: name the routes to run (substring of a benchmark_native.py entry)")
     make_benchmark_data(args.data, space="native")
     names = [n for n, e in ENTRIES.items() if e[0] != "baseline" and any(o in n for o in args.only)]
     args.out.mkdir(parents=True, exist_ok=True)

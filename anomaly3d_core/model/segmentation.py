@@ -166,7 +166,7 @@ def train_segmenter(
     sequences: Sequence[str] = (),
     callbacks: Sequence[EpochCallback] = (),
 ) -> dict[str, list[float]]:
-    """Train ``model`` in place; returns the history (loss per validation point, validation AP, seconds)."""
+    """Train ``model`` in place; returns the history (mean training loss between checks, validation AP, seconds)."""
     s = settings
     rng = np.random.default_rng([s.seed, 3])
     sampler = CropSampler(arrays, masks, s.crop_size)
@@ -179,7 +179,7 @@ def train_segmenter(
     amp = s.use_amp and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     bce = nn.BCEWithLogitsLoss()
-    history: dict[str, list[float]] = {"iteration": [], "loss": [], "val_ap": [], "seconds": []}
+    history: dict[str, list[float]] = {"iteration": [], "train_loss": [], "val_ap": [], "seconds": []}
     best, best_state, running, t0 = -1.0, None, [], time.perf_counter()
     n = len(arrays)
 
@@ -215,7 +215,7 @@ def train_segmenter(
             refresh_norm_statistics(model, [batch()[0] for _ in range(NORM_BATCHES)])
             ap = validation_ap(model, validation, device, amp) if validation else float("nan")
             history["iteration"].append(it + 1)
-            history["loss"].append(float(np.mean(running)))
+            history["train_loss"].append(float(np.mean(running)))
             history["val_ap"].append(ap)
             history["seconds"].append(round(time.perf_counter() - t0, 1))
             log.info("iteration %d: loss %.4f, validation AP %.3f", it + 1, np.mean(running), ap)
@@ -223,7 +223,7 @@ def train_segmenter(
             if validation and np.isfinite(ap) and ap > best:
                 best, best_state = ap, copy.deepcopy(model.state_dict())
             for cb in callbacks:
-                cb(it + 1, {"loss": history["loss"][-1], "val_ap": ap})
+                cb(it + 1, {"train_loss": history["train_loss"][-1], "val_ap": ap})
     if best_state is not None:
         model.load_state_dict(best_state)
         history["best_iteration"] = [history["iteration"][int(np.nanargmax(history["val_ap"]))]]
