@@ -204,6 +204,15 @@ def build_synthetic_config(
     return cfg
 
 
+def _read_tree(path: str | Path) -> Any:
+    """A YAML file through ``yaml.safe_load``, errors as one line."""
+    p = Path(path)
+    try:
+        return yaml.safe_load(p.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{p}: cannot be read as YAML ({exc.__class__.__name__})") from None
+
+
 class SyntheticAnomalyDetector(AnomalyDetectionPipeline):
     """Fit a segmentation network on normal scans with synthetic anomalies; score with its output.
 
@@ -220,9 +229,7 @@ class SyntheticAnomalyDetector(AnomalyDetectionPipeline):
         registry: Any = None,
     ) -> None:
         if isinstance(config, str | Path):
-            from anomaly3d_core.persistence import read_yaml
-
-            tree = read_yaml(config)
+            tree = _read_tree(config)
             if not isinstance(tree, dict) or "synthetic" not in tree:
                 raise ConfigError(
                     f"{config}: a synthetic-detector config has a top-level 'synthetic' section"

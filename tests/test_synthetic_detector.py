@@ -203,3 +203,14 @@ def test_several_sequences_are_channels_of_one_network():
     det = SyntheticAnomalyDetector(cfg).fit(two)
     assert det.model_.in_channels == 2
     assert det.score(two[0]).score_map.shape == two[0].array.shape[:3]
+
+
+def test_shipped_synthetic_presets_validate():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    one = load_any_config(configs / "brain_mri_synthetic.yaml")
+    two = load_any_config(configs / "brain_mri_synthetic_multiseq.yaml")
+    assert isinstance(one, SyntheticConfig) and one.data.channels == []
+    assert isinstance(two, SyntheticConfig) and two.data.channels == ["T1w", "FLAIR"]
+    assert set(one.corruption.kinds).isdisjoint(one.validation.kinds), "validation must use other kinds"
