@@ -214,3 +214,21 @@ def test_shipped_synthetic_presets_validate():
     assert isinstance(one, SyntheticConfig) and one.data.channels == []
     assert isinstance(two, SyntheticConfig) and two.data.channels == ["T1w", "FLAIR"]
     assert set(one.corruption.kinds).isdisjoint(one.validation.kinds), "validation must use other kinds"
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_one_network(tmp_path):
+    """Under torchrun each rank draws its own crops (other losses) and ends with the same weights."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("ddp_synthetic_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1"]
+    cmd += ["--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(worker), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key
+    assert r0["history"]["train_loss"] != r1["history"]["train_loss"]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from anomaly3d_core.model import distributed
 from anomaly3d_core.model.corruption import CorruptionSpec, corrupt, normal_variation
 from anomaly3d_core.model.training import EpochCallback
 
@@ -166,11 +167,19 @@ def train_segmenter(
     sequences: Sequence[str] = (),
     callbacks: Sequence[EpochCallback] = (),
 ) -> dict[str, list[float]]:
-    """Train ``model`` in place; returns the history (mean training loss between checks, validation AP, seconds)."""
+    """Train ``model`` in place; returns the history (mean training loss between checks, validation AP, seconds).
+
+    Under ``torchrun`` (:mod:`anomaly3d_core.model.distributed`) each rank draws its own crops and
+    DDP averages the gradients, so a batch is ``batch_size`` crops per rank.
+    """
     s = settings
-    rng = np.random.default_rng([s.seed, 3])
+    rng = np.random.default_rng([s.seed, 3, distributed.rank()])  # each rank its own crops
     sampler = CropSampler(arrays, masks, s.crop_size)
     model.to(device).train()
+    net: nn.Module = model
+    if distributed.active():  # under torchrun: DDP averages the gradients, ranks keep equal weights
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     opt = torch.optim.AdamW(model.parameters(), lr=s.learning_rate, weight_decay=s.weight_decay)
     warmup = max(1, min(50, s.iterations // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -198,9 +207,9 @@ def train_segmenter(
 
     for it in range(s.iterations):
         x_b, t_b = batch()
-        model.train()
+        net.train()
         with torch.autocast(device.type, enabled=amp):
-            logits = model(x_b)
+            logits = net(x_b)
         logits = logits.float()
         loss = bce(logits, t_b) + s.dice_weight * soft_dice_loss(torch.sigmoid(logits), t_b)
         opt.zero_grad(set_to_none=True)
