@@ -233,13 +233,10 @@ def _register(args: argparse.Namespace, config: Any, default: str | None = None)
 
 
 def _new_model(config: Any) -> Any:
-    """A pipeline, or an ensemble for a config with an ``ensemble`` section."""
-    from anomaly3d_core.ensemble import EnsembleConfig, EnsemblePipeline
-    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+    """A pipeline, an ensemble (``ensemble`` section) or a synthetic-anomaly detector (``synthetic``)."""
+    from anomaly3d_core.persistence import build_detector
 
-    return (
-        EnsemblePipeline(config) if isinstance(config, EnsembleConfig) else AnomalyDetectionPipeline(config)
-    )
+    return build_detector(config)
 
 
 def _inputs(spec: str, config_or_model: Any) -> Any:
@@ -605,7 +602,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     config = _config(args)
     if not isinstance(config, PipelineConfig):
         raise ConfigError(
-            f"{args.config}: tune searches one pipeline's settings; an ensemble config cannot be tuned"
+            f"{args.config}: tune searches one pipeline's settings; an ensemble or synthetic-detector "
+            "config cannot be tuned"
         )
     _check_out(args.out)
     return run_tuning(config, args)
