@@ -137,7 +137,10 @@ def test_fit_score_evaluate_with_a_bad_file(demo_dir, tmp_path, capsys):
     assert "pixel_auc" in (ev / "summary.txt").read_text()
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["guarantee_n_normal_scans"] == 1 and metrics["guarantee_n_lesioned_scans"] == 3
-    assert metrics["guarantee_normal_flagged_fraction"] == 0.0  # 4 calibration scans: p >= 0.2 > alpha
+    # 4 calibration scans are too few for alpha 0.05: the uncalibrated thresholds decide, and the
+    # flagged fraction reports those decisions
+    normal = [f["is_anomalous"] for f in metrics["files"] if not f["has_lesion"]]
+    assert metrics["guarantee_normal_flagged_fraction"] == sum(normal) / len(normal)
     assert "normal_flagged_fraction" in (ev / "summary.txt").read_text()
 
 
