@@ -265,11 +265,18 @@ class Detector(ABC):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-        """Save as an MLflow pyfunc model folder (servable with ``mlflow models serve``);
-        ``metadata`` is kept in its ``MLmodel`` file."""
-        from anomaly3d_core.mlops.serving import save_pyfunc  # mlflow is heavy: imported on save only
+        """Save as a plain model folder: the detector's files, ``plugins.json`` (the packages behind
+        its plugins) and ``metadata`` as ``metadata.json``; written whole or not at all.
 
-        return save_pyfunc(self, path, metadata)
+        ``anomaly3d_core.mlops.serving.save_pyfunc`` writes the same files as an MLflow model
+        (servable with ``mlflow models serve``); :func:`anomaly3d_core.persistence.load_detector`
+        loads either.
+        """
+        from anomaly3d_core.io.files import check_model_target, replace_tree
+        from anomaly3d_core.provenance import write_model_files
+
+        out = check_model_target(path)
+        return replace_tree(out, lambda new: write_model_files(self, new, metadata), "model folder")
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, registry: Any = None) -> Detector:

@@ -26,11 +26,19 @@ from anomaly3d_core.detector import Detector, model_files_dir
 from anomaly3d_core.ensemble import ENSEMBLE_FILE, EnsembleConfig, EnsemblePipeline, build_ensemble_config
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, PluginError
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+from anomaly3d_core.provenance import LINEAGE_KEY, PLUGINS_FILE, read_lineage
 from anomaly3d_core.registry import DISABLE_PLUGINS_ENV, get_registry
 
 DetectorConfig = PipelineConfig | EnsembleConfig
-PLUGINS_FILE = "plugins.json"  # written next to the detector's files by mlops.serving
 log = logging.getLogger(__name__)
+__all__ = [
+    "LINEAGE_KEY",
+    "build_detector",
+    "load_any_config",
+    "load_detector",
+    "read_lineage",
+    "reference_config",
+]
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -70,6 +78,13 @@ def load_any_config(
     return load_config(path, overrides, registry)
 
 
+def reference_config(config_or_detector: Any) -> PipelineConfig:
+    """The pipeline config that says how scans are read: the config itself, or an ensemble's first
+    member's (members share their sequences); a detector's own config for a detector."""
+    config = getattr(config_or_detector, "config", config_or_detector)
+    return config.members[0] if isinstance(config, EnsembleConfig) else config
+
+
 def build_detector(config: DetectorConfig, device: str | None = None, registry: Any = None) -> Detector:
     """An unfitted detector for a pipeline or ensemble config."""
     if isinstance(config, EnsembleConfig):
@@ -78,7 +93,8 @@ def build_detector(config: DetectorConfig, device: str | None = None, registry: 
 
 
 def load_detector(path: str | Path, device: str | None = None, registry: Any = None) -> Detector:
-    """Load a saved pipeline or ensemble (an MLflow model folder or a plain folder)."""
+    """Load a saved pipeline or ensemble: a plain folder (:meth:`Detector.save`) or an MLflow
+    model folder (``anomaly3d_core.mlops.serving.save_pyfunc``, ``fit --out``)."""
     inner = model_files_dir(path)
     registry = check_plugins_installed(path, inner, registry)
     kind = EnsemblePipeline if (inner / ENSEMBLE_FILE).is_file() else AnomalyDetectionPipeline

@@ -118,15 +118,15 @@ def run_one(name: str, data: Path) -> dict[str, Any]:
             s, vs = model.score(v)
             return s, v.array > 0, vs, s > model.threshold_, model.threshold_, float("nan")
     else:
-        from anomaly3d_core.cli import _new_model
         from anomaly3d_core.config import build_config
-        from anomaly3d_core.persistence import load_any_config
+        from anomaly3d_core.engine import Engine
+        from anomaly3d_core.persistence import build_detector, load_any_config
 
         if isinstance(entry, Path):
             config = load_any_config(entry, ["tracking.enabled=false"])
         else:
             config = build_config({**entry, "tracking": {"enabled": False}})
-        pipe = _new_model(config).fit(train, show_progress=False)
+        pipe = Engine().fit(build_detector(config), train, show_progress=False).detector
         fit_s = time.perf_counter() - t0
 
         def score(path: Path) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, float, float]:

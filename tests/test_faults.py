@@ -43,6 +43,7 @@ from anomaly3d_core.io.files import (
     scan_stem,
 )
 from anomaly3d_core.io.nifti import read_nifti
+from anomaly3d_core.mlops.serving import save_pyfunc
 from anomaly3d_core.persistence import load_detector
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 from anomaly3d_core.runner import find_mask, score_files, write_csv
@@ -176,7 +177,7 @@ def test_a_failed_save_keeps_the_previous_model(fitted, saved_model, tmp_path, m
 
     monkeypatch.setattr(mlflow.pyfunc, "save_model", broken)
     with pytest.raises(OSError, match="No space left"):
-        fitted.save(target)
+        save_pyfunc(fitted, target)
     after = load_detector(target)
     assert all(torch.equal(v, after.model_.state_dict()[k].cpu()) for k, v in before.items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
@@ -244,7 +245,7 @@ def test_a_second_writer_gets_a_clear_error(fitted, demo_dir, tmp_path, capsys):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(Anomaly3DError, match="another process is writing this model folder"):
-            fitted.save(target)
+            save_pyfunc(fitted, target)
         args = [
             "fit",
             "--train",
@@ -261,7 +262,7 @@ def test_a_second_writer_gets_a_clear_error(fitted, demo_dir, tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
-    fitted.save(target)  # the lock dies with its holder
+    save_pyfunc(fitted, target)  # the lock dies with its holder
     assert (target / "MLmodel").is_file() and not list(tmp_path.glob(".*"))
 
 

@@ -155,10 +155,14 @@ def test_model_folder_cannot_choose_where_records_go(saved_model, demo_dir, tmp_
 
 
 # ------------------------------------------------------------ 4. YAML alias bombs
-BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
-    for p, c in zip("abcdefgh", "bcdefghi", strict=True)
-) + "training:\n  num_epochs: *i\n"  # a validation message or a config dump would expand it
+BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    + "training:\n  num_epochs: *i\n"
+)  # a validation message or a config dump would expand it
 
 
 def test_yaml_alias_bombs_are_refused_at_once(saved_model, tmp_path, capsys):

@@ -25,18 +25,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from anomaly3d_core import safe_yaml
 from anomaly3d_core.config import PipelineConfig
 from anomaly3d_core.errors import Anomaly3DError
 from anomaly3d_core.mlops.naming import common_folder
+from anomaly3d_core.provenance import LINEAGE_KEY, read_lineage  # noqa: F401  (re-exported)
 from anomaly3d_core.registry import get_registry
 
 log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 TAG = "anomaly3d."  # prefix of every tag this module sets
-LINEAGE_KEY = "anomaly3d"  # the MLmodel metadata entry that says which run logged a saved model
 DEFAULT_ALIAS = "champion"
 # Final metrics share these names whichever command logged them (fit, demo, evaluate, tune, the
 # benchmark), so runs of all of them line up in the UI's comparison view.
@@ -158,14 +155,14 @@ def mlflow_run(
         run_name=run_name, experiment_id=exp_id, nested=nested, tags=dict(tags or {})
     ) as run:
         if log_config:
-            params = {k: _param(v) for k, v in config.flat().items()}
+            params = {k: param_text(v) for k, v in config.flat().items()}
             params.update(plugin_versions(config))
             mlflow.log_params(params)
             mlflow.log_text(config.to_yaml(), "config.yaml")
         yield run
 
 
-def _param(value: Any) -> str:
+def param_text(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 500 else text[:497] + "..."
 
@@ -442,24 +439,6 @@ def lineage(model_info: Any) -> dict[str, str]:
     return {k: v for k, v in out.items() if v}
 
 
-def read_lineage(model_folder: str | Path) -> dict[str, str]:
-    """The run and logged model behind a model folder: from the ``MLmodel`` of a model downloaded
-    from MLflow (``run_id``, ``model_id``) or of a folder written by ``fit --out`` (its metadata)."""
-    try:
-        meta = safe_yaml.load_file(Path(model_folder) / "MLmodel") or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    if not isinstance(meta, dict):
-        return {}
-    out = dict((meta.get("metadata") or {}).get(LINEAGE_KEY) or {})
-    for key in ("run_id", "model_id"):
-        if meta.get(key):
-            out[key] = str(meta[key])
-    if out.get("model_id"):
-        out.setdefault("model_uri", f"models:/{out['model_id']}")
-    return {k: str(v) for k, v in out.items()}
-
-
 def source_run(found: dict[str, str], config: Any) -> dict[str, str]:
     """``found`` (see :func:`read_lineage`) with the config and run name of the run that logged
     the model, looked up in ``config``'s tracking store when the model folder does not say them."""
@@ -554,7 +533,9 @@ def log_result_run(
     evaluation = next((d for d, context, *_ in datasets if context == "evaluation"), None)
     with mlflow.start_run(run_name=run_name, experiment_id=exp_id, tags=all_tags) as run:
         if config is not None:
-            mlflow.log_params({**{k: _param(v) for k, v in config.flat().items()}, **plugin_versions(config)})
+            mlflow.log_params(
+                {**{k: param_text(v) for k, v in config.flat().items()}, **plugin_versions(config)}
+            )
             mlflow.log_text(config.to_yaml(), "config.yaml")
         log_datasets(datasets)
         log_metrics(metrics, dataset=evaluation)
