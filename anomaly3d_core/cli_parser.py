@@ -6,6 +6,10 @@ Building the parser imports nothing heavy, so ``--help`` and usage errors answer
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
+import warnings
 
 EXIT_OK, EXIT_INPUTS_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -157,3 +161,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     return parser
+
+
+def configure(args: argparse.Namespace) -> int | None:
+    """Logging, warnings and plugin switches (``-p no:PACKAGE``) for one command; an exit code when
+    the arguments are refused, else ``None``."""
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+    )
+    if args.debug:  # tracebacks of the inputs a batch skipped, too
+        logging.getLogger("anomaly3d_core").setLevel(logging.DEBUG)
+    logging.captureWarnings(True)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from anomaly3d_core import registry
+
+    registry.exit_on_hang = True  # a plugin package that hangs at import ends the command, named
+    switches = getattr(args, "top_plugin_switches", []) + getattr(args, "plugin_switches", [])
+    if switches:
+        from anomaly3d_core.registry import DISABLE_PLUGINS_ENV
+
+        bad = [p for p in switches if not p.startswith("no:") or not p[3:].strip()]
+        if bad:
+            print(
+                f"anomaly3d: error: -p {bad[0]}: only -p no:PACKAGE (turn a plugin package off) is supported",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        names = [p[3:].strip() for p in switches]
+        current = os.environ.get(DISABLE_PLUGINS_ENV, "")
+        os.environ[DISABLE_PLUGINS_ENV] = ",".join([current, *names] if current else names)
+    if not args.debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    return None
