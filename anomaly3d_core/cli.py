@@ -80,7 +80,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from anomaly3d_core.engine import Engine
-    from anomaly3d_core.mlops.tracking import is_model_uri
+    from anomaly3d_core.mlops.models import is_model_uri
 
     out = check_out(args.out)
     if args.engine == "spark":

@@ -32,7 +32,7 @@ def check_out(path: str) -> Path:
 def load_model(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Any, Path]:
     """The saved detector (a folder, or a ``models:/``/``runs:/`` URI fetched for the command's
     duration), with any ``--set data.loader...`` reading options applied, and its folder."""
-    from anomaly3d_core.mlops.tracking import fetch_model, is_model_uri
+    from anomaly3d_core.mlops.models import fetch_model, is_model_uri
     from anomaly3d_core.persistence import load_detector
 
     folder = fetch_model(args.model, stack) if is_model_uri(args.model) else Path(args.model)
@@ -58,7 +58,7 @@ def cli_engine(config: Any) -> Any:
 
 def registration(args: argparse.Namespace, config: Any, default: str | None = None) -> tuple[str, str] | None:
     """``(name, alias)`` from ``--register``, else ``tracking.register_as``, else ``default``."""
-    from anomaly3d_core.mlops.tracking import parse_register
+    from anomaly3d_core.mlops.models import parse_register
 
     if not config.tracking.enabled:
         return None

@@ -329,29 +329,7 @@ class AnomalyDetectionPipeline(Detector):
 
     def _prepare_cached(self, item: VolumeLike) -> Prepared:
         """:meth:`prepare`, through the on-disk cache for files (see :mod:`anomaly3d_core.io.cache`)."""
-        data = self.config.data
-        files = (
-            [as_subject(item).files.get(s) for s in self.channels]
-            if isinstance(item, Subject | Mapping)
-            else [item]
-        )
-        if not data.cache or not all(isinstance(f, str | Path) and Path(f).exists() for f in files):
-            return self.prepare(item)
-        settings = {
-            "loader": data.loader,
-            "loader_args": data.loader_args,
-            "preprocessing": data.preprocessing.model_dump(mode="json"),
-        }
-        if isinstance(item, Subject | Mapping):
-            settings |= {"sequences": self.channels, "coregister": data.coregister}
-            key = cache.subject_key(files, settings)
-        else:
-            key = cache.content_key(item, settings)
-        prepared = cache.load(key, files[0])
-        if prepared is None:
-            prepared = self.prepare(item)
-            cache.store(key, prepared)
-        return prepared
+        return cache.prepared(item, self.prepare, self.config.data, self.channels)
 
     def _split(self, prepared: list[Prepared], gen: torch.Generator) -> tuple[list[Prepared], list[Prepared]]:
         n_val = int(round(len(prepared) * self.config.training.val_fraction))

@@ -37,9 +37,9 @@ from anomaly3d_core.io.files import (
     write_lock,
 )
 from anomaly3d_core.io.subjects import Subject
-from anomaly3d_core.mlops.schema import SCORES_COLUMNS
 from anomaly3d_core.preprocess.registration import registration_quality
 from anomaly3d_core.progress import progress
+from anomaly3d_core.scores import SCORES_COLUMNS
 
 log = logging.getLogger(__name__)
 SUMMARY_KEYS = (

@@ -97,3 +97,63 @@ def test_public_namespace():
         assert getattr(anomaly3d_core, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         anomaly3d_core.nope  # noqa: B018
+
+
+# The core: the engine, the detectors and the stages. It records through the injected Tracker
+# (anomaly3d_core.tracking) and never reaches up into mlops/ (MLflow, Optuna, serving, Spark).
+CORE_MODULES = (
+    "anomaly3d_core.engine",
+    "anomaly3d_core.tracking",
+    "anomaly3d_core.detector",
+    "anomaly3d_core.pipeline",
+    "anomaly3d_core.ensemble",
+    "anomaly3d_core.persistence",
+    "anomaly3d_core.provenance",
+    "anomaly3d_core.runner",
+    "anomaly3d_core.scores",
+)
+CORE_PACKAGES = ("io", "preprocess", "model", "postprocess", "evaluation")
+MAX_MODULE_LINES = 500
+
+
+def _core(graph: dict[str, set[str]]) -> list[str]:
+    packages = tuple(f"anomaly3d_core.{p}" for p in CORE_PACKAGES)
+    return sorted(m for m in graph if m in CORE_MODULES or m.startswith(packages))
+
+
+def test_core_never_imports_mlops_or_the_command_line():
+    graph = import_graph()
+    core = _core(graph)
+    assert set(CORE_MODULES) <= set(core) and "anomaly3d_core.io.files" in core
+    seen: dict[str, str] = {}  # module -> the core module through which it is reached
+    todo = [(m, m) for m in core]
+    while todo:
+        module, via = todo.pop()
+        for nxt in graph.get(module, ()):
+            if nxt not in seen:
+                seen[nxt] = via
+                todo.append((nxt, via))
+    upward = {m: v for m, v in seen.items() if m.startswith(("anomaly3d_core.mlops", "anomaly3d_core.cli"))}
+    assert upward == {}, f"core modules reach up (module: through): {upward}"
+
+
+def test_core_never_imports_mlflow_or_optuna():
+    graph = import_graph()
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if _module_name(path) not in _core(graph):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("mlflow", "optuna")]
+    assert offenders == []
+
+
+def test_no_module_over_500_lines():
+    sizes = {
+        str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines()) for p in ROOT.rglob("*.py")
+    }
+    assert {p: n for p, n in sizes.items() if n > MAX_MODULE_LINES} == {}
+    assert sizes["cli.py"] <= 300, "cli.py only parses arguments, calls the engine and prints"

@@ -21,9 +21,10 @@ import yaml
 from anomaly3d_core.cli import main
 from anomaly3d_core.errors import ConfigError
 from anomaly3d_core.mlops.datasets import ScanSet
+from anomaly3d_core.mlops.models import parse_register
 from anomaly3d_core.mlops.naming import set_name
 from anomaly3d_core.mlops.serving import decode_nifti
-from anomaly3d_core.mlops.tracking import METRIC_NAMES, parse_register
+from anomaly3d_core.mlops.tracking import METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [

@@ -12,20 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from anomaly3d_core.preprocess.registration import QUALITY_KEYS
+from anomaly3d_core.scores import SCORES_COLUMNS
 
 REQUEST_COLUMNS = ("volume", "path", "format", "out_dir")
-SCORES_COLUMNS = (
-    "file",
-    "subject",  # subject and session: for inputs with several sequences
-    "session",
-    "volume_score",
-    "is_anomalous",
-    "threshold",
-    "score_map",
-    "mask",
-    *QUALITY_KEYS,  # empty for scans that were not registered
-)
 RESPONSE_COLUMNS = (*SCORES_COLUMNS, "seconds", "error")  # error: "" when the row was scored
 INLINE_COLUMNS = ("volume_score", "is_anomalous", "threshold", "score_map")  # a request of base64 scans
 STRING_COLUMNS = ("file", "subject", "session", "score_map", "mask", "error")

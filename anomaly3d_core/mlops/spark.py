@@ -23,10 +23,10 @@ import pandas as pd
 from anomaly3d_core.errors import Anomaly3DError, DataError
 from anomaly3d_core.io.data import list_items
 from anomaly3d_core.io.files import list_inputs, output_stems
+from anomaly3d_core.mlops.models import is_model_uri
 from anomaly3d_core.mlops.pyfunc_model import FILES_ENV, THREADS_ENV
 from anomaly3d_core.mlops.rows import text
 from anomaly3d_core.mlops.schema import RESPONSE_COLUMNS, path_column, request_columns
-from anomaly3d_core.mlops.tracking import is_model_uri
 from anomaly3d_core.runner import ScoredBatch, record_rows
 
 TABLE_SUFFIXES = (".csv", ".parquet")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from anomaly3d_core.engine import Engine
-from anomaly3d_core.mlops import tracking
+from anomaly3d_core.mlops import models, tracking
 from anomaly3d_core.mlops.naming import data_folder
 from anomaly3d_core.model.training import EpochCallback
 from anomaly3d_core.tracking import NullTracker, Tracker
@@ -79,14 +79,14 @@ class MLflowTracker:
         return dataset
 
     def log_model(self, detector: Any, register: tuple[str, str] | None = None) -> dict[str, str]:
-        info = tracking.log_model(detector, register)
-        return tracking.lineage(info) if info is not None else {}
+        info = models.log_model(detector, register)
+        return models.lineage(info) if info is not None else {}
 
     def model_source(self, lineage: Mapping[str, str], config: Any) -> dict[str, str]:
-        return tracking.source_run(dict(lineage), config)
+        return models.source_run(dict(lineage), config)
 
     def link_model(self, source: str, lineage: Mapping[str, str]) -> str | None:
-        return tracking.link_model(source, lineage)
+        return models.link_model(source, lineage)
 
 
 def mlflow_model_writer(detector: Any, folder: Path, metadata: dict[str, Any] | None) -> Path:

@@ -35,6 +35,7 @@ from anomaly3d_core.errors import ConfigError, DataError, did_you_mean
 from anomaly3d_core.io.data import list_items
 from anomaly3d_core.io.files import atomic_write, load_volume, replace_tree
 from anomaly3d_core.io.subjects import Subject
+from anomaly3d_core.mlops.models import log_model, parse_register
 from anomaly3d_core.mlops.naming import data_folder, set_name
 from anomaly3d_core.mlops.serving import save_pyfunc
 from anomaly3d_core.mlops.tracking import (
@@ -43,9 +44,7 @@ from anomaly3d_core.mlops.tracking import (
     config_label,
     log_datasets,
     log_metrics,
-    log_model,
     mlflow_run,
-    parse_register,
     run_tags,
 )
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
