@@ -147,9 +147,11 @@ class Detector(ABC):
                 f"{type(self).__name__} is not fitted; call fit(volumes) or load(path) before {what}()"
             )
 
-    def score_native(self, item: VolumeLike) -> NativeScores:
-        """Scores on the working grid and on the input's grid; needs no calibration (used mid-training)."""
-        prep = self.prepare(item)
+    def score_native(self, item: VolumeLike | Prepared) -> NativeScores:
+        """Scores on the working grid and on the input's grid; needs no calibration (used mid-training).
+
+        ``item`` may be a scan :meth:`prepare` has already brought onto the working grid."""
+        prep = item if isinstance(item, Prepared) else self.prepare(item)
         scores = self.score_prepared(prep)
         native, fg = to_native(scores, prep, self.foreground_method)
         return NativeScores(prep, scores, native, fg)
@@ -161,8 +163,9 @@ class Detector(ABC):
         self.postprocessor_.calibrate([self.score_prepared(p) for p in prepared], [p.mask for p in prepared])
         return self
 
-    def score(self, item: VolumeLike) -> ScoreResult:
-        """Score one scan: score map, binary mask, volume score and decision, on the input's grid."""
+    def score(self, item: VolumeLike | Prepared) -> ScoreResult:
+        """Score one scan (or one :meth:`prepare` gave): score map, binary mask, volume score and
+        decision, on the input's grid."""
         self._check_fitted("score")
         t0 = time.perf_counter()
         r = self.score_native(item)

@@ -17,6 +17,7 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,21 @@ def subject_columns(subject: Subject) -> dict[str, str]:
     return {"subject": subject.subject, "session": subject.session or ""}
 
 
+class _InThisThread(contextlib.AbstractContextManager):
+    """An executor that runs each task at once, in the calling thread (``score_files(overlap=False)``)."""
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Any, *args: Any) -> Future[Any]:
+        done: Future[Any] = Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
+
+
 def score_files(
     pipeline: Detector,
     inputs: list[Path | Subject],
@@ -170,23 +186,27 @@ def score_files(
     keep_results: bool = False,
     bids_root: Path | None = None,
     model_uri: str = "",
+    overlap: bool = True,
 ) -> ScoredBatch:
     """Score every input (a file or a subject), write its maps and its ``scores.csv`` row; bad inputs
     go to ``failures``. Subjects of a BIDS dataset (``bids_root``) are written as BIDS-Derivatives
-    (:mod:`anomaly3d_core.io.derivatives`) with a JSON sidecar each."""
+    (:mod:`anomaly3d_core.io.derivatives`) with a JSON sidecar each.
+
+    The work runs as a three-stage pipeline that keeps the cores busy: while the network scores one
+    scan, a reader thread reads and preprocesses the next and a writer thread writes the previous
+    one's files. Results, their order and the per-file failures are those of scanning one by one
+    (``overlap=False`` does exactly that, in this thread); at most three scans are in memory.
+    """
     batch = ScoredBatch()
     stems = output_stems(inputs, pipeline.registry)  # a name clash refuses the batch before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     with write_lock(out_dir / "scores.csv", "scores.csv", blocking=True):
         write_csv(read_scores(out_dir), out_dir / "scores.csv")  # drop rows whose maps are gone
-    if bids_root is not None:
-        write_description(out_dir, model_uri, bids_root)
-    for path, stem in progress(list(zip(inputs, stems, strict=True)), desc="scoring", total=len(inputs)):
-        try:
-            result = pipeline.score(pipeline.read(path))
-        except Exception as exc:  # one bad file never stops the batch, whatever it raises
-            batch.failures.record(path, exc)
-            continue
+
+    def prepared(item: Path | Subject) -> Any:
+        return pipeline.prepare(pipeline.read(item))
+
+    def write(result: ScoreResult, path: Path | Subject, stem: str) -> dict[str, Any]:
         bids = isinstance(path, Subject) and path.bids and bids_root is not None
         names = derivative_names(path, pipeline.channels[0]) if bids else None
         with _uninterrupted():
@@ -197,9 +217,32 @@ def score_files(
                 sources = [bids_uri(f, bids_root) for f in path.files.values()]
                 write_sidecar(output_path(out_dir, names["sidecar"]), row, model_uri, sources)
             record_row(out_dir, row)
-        batch.rows.append(row)
-        if keep_results:
-            batch.results.append(result)
+        return row
+
+    if bids_root is not None:
+        write_description(out_dir, model_uri, bids_root)
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="anomaly3d-read") if overlap else _InThisThread() as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="anomaly3d-write") if overlap else _InThisThread() as writer,
+    ):
+        ahead = reader.submit(prepared, inputs[0]) if inputs else None
+        written: Future[dict[str, Any]] | None = None
+        pairs = list(zip(inputs, stems, strict=True))
+        for index, (path, stem) in enumerate(progress(pairs, desc="scoring", total=len(inputs))):
+            current = ahead  # read and preprocessed while the previous scan was scored
+            ahead = reader.submit(prepared, inputs[index + 1]) if index + 1 < len(inputs) else None
+            try:
+                result = pipeline.score(current.result())
+            except Exception as exc:  # one bad file never stops the batch, whatever it raises
+                batch.failures.record(path, exc)
+                continue
+            if written is not None:  # one write at a time, in order; its errors stop the batch here
+                batch.rows.append(written.result())
+            written = writer.submit(write, result, path, stem)
+            if keep_results:
+                batch.results.append(result)
+        if written is not None:
+            batch.rows.append(written.result())
     return batch
 
 

@@ -362,6 +362,9 @@ class _Interrupted:
     def read(self, path):
         return self.fitted.read(path)
 
+    def prepare(self, volume):  # scored whole below
+        return volume
+
     def score(self, volume):
         self.calls += 1
         if self.calls == 2:
