@@ -25,6 +25,10 @@ _EXPORTS: dict[str, str] = {
     "build_detector": "anomaly3d_core.persistence",
     "load_detector": "anomaly3d_core.persistence",
     "load_any_config": "anomaly3d_core.persistence",
+    # the engine: fit, score and evaluate flows; what they record
+    "Engine": "anomaly3d_core.engine",
+    "Tracker": "anomaly3d_core.tracking",
+    "NullTracker": "anomaly3d_core.tracking",
     # configuration and plugins
     "PipelineConfig": "anomaly3d_core.config",
     "load_config": "anomaly3d_core.config",
@@ -74,5 +78,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from anomaly3d_core.config import PipelineConfig, load_config  # noqa: F401
     from anomaly3d_core.detector import Detector, ScoreResult  # noqa: F401
+    from anomaly3d_core.engine import Engine  # noqa: F401
     from anomaly3d_core.ensemble import EnsemblePipeline  # noqa: F401
     from anomaly3d_core.pipeline import AnomalyDetectionPipeline  # noqa: F401
+    from anomaly3d_core.tracking import NullTracker, Tracker  # noqa: F401
