@@ -26,6 +26,7 @@ from anomaly3d_core.errors import ConfigError, PluginError
 from anomaly3d_core.registry import get_registry
 
 Triple = tuple[int, int, int]
+RUN_SECTIONS = ("tracking", "tuning")  # the run's settings, not the detector's: not kept in a model folder
 
 
 def _triple(value: Any) -> Any:
@@ -315,11 +316,22 @@ class PipelineConfig(Section):
             self.patches.patch_size = self.embedding.patch_size
         return self
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def to_yaml(self, detector_only: bool = False) -> str:
+        """The config as YAML; ``detector_only`` leaves out the run's settings (``tracking``,
+        ``tuning``), as a model folder keeps it."""
+        exclude = set(RUN_SECTIONS) if detector_only else None
+        return yaml.safe_dump(self.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+    def save(self, path: str | Path, detector_only: bool = False) -> None:
+        Path(path).write_text(self.to_yaml(detector_only))
+
+    @property
+    def is_ensemble(self) -> bool:
+        return False
+
+    def reference(self) -> PipelineConfig:
+        """The pipeline config that says how scans are read: this one (an ensemble's: its first member's)."""
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (``training.num_epochs``), for MLflow params."""

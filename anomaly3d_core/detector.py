@@ -122,6 +122,16 @@ class Detector(ABC):
 
     # ------------------------------------------------------------------ shared
     @property
+    def is_ensemble(self) -> bool:
+        """Whether this detector combines others (its config has ``members``)."""
+        return False
+
+    def reference(self) -> Detector:
+        """The detector whose reading and example scans stand for this one: itself, or an
+        ensemble's first member."""
+        return self
+
+    @property
     def channels(self) -> list[str]:
         """The sequences a subject gives, reference first; empty for one file per scan."""
         return []

@@ -82,7 +82,7 @@ def reference_config(config_or_detector: Any) -> PipelineConfig:
     """The pipeline config that says how scans are read: the config itself, or an ensemble's first
     member's (members share their sequences); a detector's own config for a detector."""
     config = getattr(config_or_detector, "config", config_or_detector)
-    return config.members[0] if isinstance(config, EnsembleConfig) else config
+    return config.reference()
 
 
 def build_detector(config: DetectorConfig, device: str | None = None, registry: Any = None) -> Detector:

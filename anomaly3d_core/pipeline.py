@@ -415,7 +415,7 @@ class AnomalyDetectionPipeline(Detector):
         self._check_fitted("save")
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        self.config.save(out / CONFIG_FILE)
+        self.config.save(out / CONFIG_FILE, detector_only=True)  # tracking and tuning are the run's
         torch.save({k: v.cpu() for k, v in self.model_.state_dict().items()}, out / WEIGHTS_FILE)
         self.postprocessor_.save(
             out,

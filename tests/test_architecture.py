@@ -157,3 +157,11 @@ def test_no_module_over_500_lines():
     }
     assert {p: n for p, n in sizes.items() if n > MAX_MODULE_LINES} == {}
     assert sizes["cli.py"] <= 300, "cli.py only parses arguments, calls the engine and prints"
+
+
+def test_ensembles_are_asked_through_the_detector_surface():
+    """``detector.is_ensemble`` / ``reference()``, never duck typing on a ``members`` attribute."""
+    duck = re.compile(r"(hasattr|getattr)\([^)]*[\"']members[\"']")
+    assert [
+        str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if duck.search(p.read_text(encoding="utf-8"))
+    ] == []

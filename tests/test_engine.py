@@ -191,3 +191,15 @@ def test_overlapped_scoring_gives_the_one_by_one_results(fitted, demo_dir, tmp_p
         a, b = (nib.load(tmp_path / d / row["score_map"]) for d in ("a", "b"))
         assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
     assert (tmp_path / "a" / "scores.csv").read_text() == (tmp_path / "b" / "scores.csv").read_text()
+
+
+def test_a_model_folder_keeps_the_detectors_settings_only(fitted, tmp_path):
+    """Tracking and tuning settings belong to the run, not to the saved detector."""
+    import yaml
+
+    from anomaly3d_core.config import TrackingConfig
+
+    tree = yaml.safe_load((fitted.save(tmp_path / "m") / "config.yaml").read_text())
+    assert "tracking" not in tree and "tuning" not in tree and "training" in tree
+    assert load_detector(tmp_path / "m").config.tracking == TrackingConfig()  # defaults: the run sets them
+    assert not fitted.is_ensemble and fitted.reference() is fitted and not fitted.config.is_ensemble

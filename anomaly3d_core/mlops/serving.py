@@ -187,8 +187,7 @@ def _requirements(model: Any) -> list[str]:
 def input_example(model: Any) -> pd.DataFrame:
     """The model's input example: one of its own held-out normal scans when it still has them
     (so the example is valid for models that need a particular grid), else a small synthetic scan."""
-    holder = model.members[0] if hasattr(model, "members") else model
-    example = holder.example_volume()
+    example = model.reference().example_volume()
     channels = model.channels
     if len(channels) > 1:  # one column per sequence, named by it
         if example is None or example.channels != len(channels):

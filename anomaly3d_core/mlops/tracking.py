@@ -247,7 +247,7 @@ def config_label(config_path: str | Path | None) -> str:
 
 
 def _members(config: Any) -> list[Any]:
-    return list(getattr(config, "members", None) or [config])
+    return list(config.members) if config.is_ensemble else [config]
 
 
 def component_tags(config: Any) -> dict[str, str]:
@@ -258,7 +258,7 @@ def component_tags(config: Any) -> dict[str, str]:
         return "+".join(dict.fromkeys(values))
 
     return {
-        f"{TAG}detector": "ensemble" if hasattr(config, "members") else "pipeline",
+        f"{TAG}detector": "ensemble" if config.is_ensemble else "pipeline",
         f"{TAG}extractor": joined(lambda m: m.extractor.type),
         f"{TAG}embedding": joined(lambda m: m.embedding.embedding_method),
         f"{TAG}autoencoder": joined(lambda m: m.autoencoder.type),
