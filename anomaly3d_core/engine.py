@@ -27,6 +27,7 @@ from anomaly3d_core.detector import Detector
 from anomaly3d_core.io.data import BatchFailures
 from anomaly3d_core.io.files import check_model_target, write_lock
 from anomaly3d_core.io.subjects import Subject
+from anomaly3d_core.model.training import EpochCallback
 from anomaly3d_core.persistence import LINEAGE_KEY, read_lineage
 from anomaly3d_core.runner import ScoredBatch, evaluate_files, score_files
 from anomaly3d_core.tracking import NullTracker, Tracker
@@ -109,13 +110,15 @@ class Engine:
         command: str = "fit",
         before: Callable[[], None] | None = None,
         show_progress: bool | None = None,
+        callbacks: Sequence[EpochCallback] = (),
     ) -> FitResult:
         """Train on normal scans and calibrate, record the run (data sets, model, fit metrics,
         training curves) and write the model folder ``out`` (none when ``out`` is ``None``).
 
         The folder is locked from the start, so a second fit into it stops at once. Under
         ``torchrun`` the other ranks train alongside; rank 0 records and writes. ``before`` runs on
-        rank 0 once the folder is locked, before training (the command line prints its advice).
+        rank 0 once the folder is locked, before training (the command line prints its advice);
+        ``callbacks`` get each epoch's losses, as the tracker's own does (tuning prunes with them).
         """
         from anomaly3d_core.model import distributed
 
@@ -127,7 +130,8 @@ class Engine:
             if before is not None:
                 before()
             callback = self.tracker.epoch_callback() if run is not None else None
-            detector.fit(train, val, callbacks=[callback] if callback else (), show_progress=show_progress)
+            every = [*callbacks, callback] if callback else list(callbacks)
+            detector.fit(train, val, callbacks=every, show_progress=show_progress)
             lineage: dict[str, str] = {}
             if run is not None:
                 self.tracker.log_fit_datasets(detector, train, val, train_name or "", val_name)

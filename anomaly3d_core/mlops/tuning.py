@@ -31,13 +31,14 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from anomaly3d_core.config import PipelineConfig, apply_overrides, build_config
 from anomaly3d_core.demo.synthetic import inject_anomalies
 from anomaly3d_core.detector import Detector
+from anomaly3d_core.engine import Engine
 from anomaly3d_core.errors import ConfigError, DataError, did_you_mean
 from anomaly3d_core.io.data import list_items
 from anomaly3d_core.io.files import atomic_write, load_volume, replace_tree
 from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.mlops.models import log_model, parse_register
 from anomaly3d_core.mlops.naming import data_folder, set_name
-from anomaly3d_core.mlops.serving import save_pyfunc
+from anomaly3d_core.mlops.tracker import mlflow_model_writer
 from anomaly3d_core.mlops.tracking import (
     METRIC_ALIASES,
     command_run,
@@ -302,7 +303,10 @@ def run_tuning(config: PipelineConfig, args: TuneRequest) -> int:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
 
-            pipe.fit(train, callbacks=[report])
+            # the trial's run is this nested one: the engine records nothing itself, writes the model
+            Engine(writer=mlflow_model_writer).fit(
+                pipe, train, out=trials / f"{trial.number:04d}", callbacks=[report]
+            )
             scores = val.metrics(pipe)
             value = scores[metric]
             log_metrics(
@@ -313,7 +317,6 @@ def run_tuning(config: PipelineConfig, args: TuneRequest) -> int:
                     "volume_threshold": pipe.volume_threshold_,
                 }
             )
-            save_pyfunc(pipe, trials / f"{trial.number:04d}")
         return value
 
     with command_run(config, command, config_name, name, tags=study_tags):
