@@ -111,7 +111,7 @@ def test_flows_inside_one_run_record_into_it(demo_dir, tmp_path):
             show_progress=False,
         )
         engine.score(fitted.detector, tests, tmp_path / "scores", log_maps=1)
-        engine.evaluate(
+        result = engine.evaluate(
             fitted.detector, tests, demo_dir / "test_masks", tmp_path / "evaluation", data_name="tests"
         )
     kinds = [c[0] for c in rec.calls]
@@ -121,7 +121,7 @@ def test_flows_inside_one_run_record_into_it(demo_dir, tmp_path):
     assert sum(c[0] == "artifact" and c[2] == "score_maps" for c in rec.calls) == 1
     assert ("evaluation dataset", 4, "tests") in rec.calls
     evaluation = [c for c in rec.calls if c[0] == "metrics" and c[3] == "the-dataset"]
-    assert evaluation and "pixel_ap" in evaluation[0][1] and "threshold" not in evaluation[0][1]
+    assert evaluation and set(evaluation[0][1]) == set(result.metrics)  # no saved model: its own metrics only
     # the plain folder names the run that recorded its model, as an MLflow folder's MLmodel does
     assert read_lineage(fitted.folder) == {"run_id": "r1", "model_id": "m-1", "model_uri": "models:/m-1"}
     assert json.loads((fitted.folder / "metadata.json").read_text())["anomaly3d"]["run_id"] == "r1"
@@ -146,7 +146,7 @@ def test_evaluating_a_saved_model_links_it_and_records_its_thresholds(
         rec.calls[0] == ("run", "evaluate", "model", None) and ("link", str(saved_model), "r9") in rec.calls
     )
     metrics = next(c for c in rec.calls if c[0] == "metrics")
-    assert "threshold" in metrics[1] and "volume_threshold" in metrics[1] and metrics[2] == "m-9"
+    assert "pixel_ap" in metrics[1] and "volume_threshold" in metrics[1] and metrics[2] == "m-9"
 
 
 def test_plain_and_mlflow_model_folders_load_alike(fitted, saved_model, demo_dir, tmp_path):
