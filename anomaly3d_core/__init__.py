@@ -37,8 +37,8 @@ _EXPORTS: dict[str, str] = {
     # data
     "Volume": "anomaly3d_core.io.volume",
     "load_volume": "anomaly3d_core.io.files",
-    "load_dataset": "anomaly3d_core.io.data",
-    "load_and_normalize_volume": "anomaly3d_core.io.data",
+    "load_dataset": "anomaly3d_core.seed_api",
+    "load_and_normalize_volume": "anomaly3d_core.seed_api",
     "augment_volume": "anomaly3d_core.preprocess.augmentation",
     "extract_patches_3d": "anomaly3d_core.model.patches",
     "make_demo_dataset": "anomaly3d_core.demo.datasets",
