@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,17 @@ def test_ensembles_are_asked_through_the_detector_surface():
     assert [
         str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if duck.search(p.read_text(encoding="utf-8"))
     ] == []
+
+
+def test_one_score_input_climbs_the_layers_at_most_5_times(saved_model, demo_dir, tmp_path):
+    """Following one input of ``anomaly3d score`` from the command line to the written map, calls
+    (imports included) go down the layers; experiments/trace_climbs.py says how it is counted."""
+    sys.path.insert(0, str(ROOT.parent / "experiments"))
+    try:
+        from trace_climbs import trace
+    finally:
+        sys.path.remove(str(ROOT.parent / "experiments"))
+    scan = sorted((demo_dir / "test").glob("*.nii.gz"))[0]
+    found = trace(["score", "--model", str(saved_model), "--input", str(scan), "--out", str(tmp_path)])
+    assert found["exit_code"] == 0 and (tmp_path / "scores.csv").is_file()
+    assert found["n_climbs"] <= 5, found["climbs"]
