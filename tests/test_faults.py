@@ -403,14 +403,15 @@ def test_written_files_follow_the_umask(fitted, tmp_path):
     try:
         save_nifti(np.ones((4, 4, 4)), np.eye(4), tmp_path / "a.nii.gz")
         write_csv([], tmp_path / "scores.csv")
-        fitted.save(tmp_path / "model")
+        fitted.save(tmp_path / "model")  # a plain folder
+        save_pyfunc(fitted, tmp_path / "mlflow_model")  # an MLflow one
     finally:
         os.umask(old)
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "a.nii.gz") == 0o640 and mode(tmp_path / "scores.csv") == 0o640
-    model = tmp_path / "model"
-    assert mode(model) == 0o750 and mode(model / "artifacts" / "pipeline" / "example.nii.gz") == 0o640
-    assert all(mode(p) & 0o040 for p in model.rglob("*") if p.is_file())  # the group can read everything
+    for model, inner in ((tmp_path / "model", "."), (tmp_path / "mlflow_model", "artifacts/pipeline")):
+        assert mode(model) == 0o750 and mode(model / inner / "example.nii.gz") == 0o640
+        assert all(mode(p) & 0o040 for p in model.rglob("*") if p.is_file())  # the group can read everything
 
 
 def test_tuning_writes_the_best_once_and_keys_trials_by_study(saved_model, tmp_path):
