@@ -1,15 +1,15 @@
 """Speed and memory of the brain presets: fit 16 volumes on a 2 mm grid, score a 128³ volume.
 
     python experiments/bench_speed.py [--out experiments/results]
-    python experiments/bench_speed.py --batch [--n-scans 12] [--rounds 3] [--out experiments/results]
+    python experiments/bench_speed.py --batch [--config brain_mri_native.yaml] [--n-scans 12] [--rounds 3]
 
-``--batch``: scoring a folder of template scans (``brain_mri.yaml``, demo scans on the 2 mm MNI152
-grid) through the engine, seconds per scan end to end (read, preprocess, network, maps and
+``--batch``: scoring a folder of template scans (demo scans on the 2 mm MNI152 grid; preset
+``brain_mri_native.yaml``, or ``--config``) through the engine, seconds per scan end to end (read, preprocess, network, maps and
 ``scores.csv`` written), one by one (``overlap=False``: how the engine scored before) and with
 reading ahead and writing behind (the engine's default), against the bare network pass
 (``score_prepared``) over the same preprocessed volumes; goal: overlapped <= 1.25x the bare pass.
 Each round measures the three in turn and the medians over rounds are reported, so a machine
-shared with other work loads all three alike. Written to ``bench_speed_batch.json``/``.md``.
+shared with other work loads all three alike. Written to ``bench_speed_batch_<preset>.json``/``.md``.
 
 Two rows: ``brain_mri.yaml`` with ``register_to=mni152`` (the 128³ test volume is on its own
 1.5 mm grid, so it must be registered to the template space the preset scores in; registration
@@ -124,7 +124,7 @@ def measure(
     return result
 
 
-def measure_batch(n_train: int, n_scans: int, rounds: int, work: Path) -> dict:
+def measure_batch(preset: str, n_train: int, n_scans: int, rounds: int, work: Path) -> dict:
     """Seconds per template scan scored through the engine, against the bare network pass (see the module docstring)."""
     from anomaly3d_core.config import load_config
     from anomaly3d_core.demo.datasets import make_demo_dataset
