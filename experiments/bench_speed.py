@@ -142,7 +142,7 @@ def measure_batch(preset: str, n_train: int, n_scans: int, rounds: int, work: Pa
         n_test_anomalous=n_anomalous,
     )
     config = load_config(
-        HERE / "configs" / "brain_mri.yaml",
+        HERE / "configs" / preset,
         ["tracking.enabled=false", "data.cache=false", "training.num_epochs=3"],
     )
     engine = Engine()
@@ -163,6 +163,7 @@ def measure_batch(preset: str, n_train: int, n_scans: int, rounds: int, work: Pa
         engine.score(pipe, scans, work / f"overlapped-{r}")
         overlapped.append((time.perf_counter() - t0) / len(scans))
     out = {
+        "preset": preset,
         "scans": len(scans),
         "grid": list(prepared[0].array.shape[:3]),
         "rounds": rounds,
@@ -185,9 +186,10 @@ def write_batch(result: dict, out: Path) -> None:
         + ", ".join(f"{x:.1f}" for x in result["load_average"])
     )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_speed_batch.json").write_text(json.dumps({**result, "machine": machine}, indent=2) + "\n")
+    stem = "bench_speed_batch_" + result["preset"].removesuffix(".yaml")
+    (out / f"{stem}.json").write_text(json.dumps({**result, "machine": machine}, indent=2) + "\n")
     lines = [
-        f"| scoring {result['scans']} template scans (grid {'x'.join(map(str, result['grid']))}) | s per scan | x bare pass |",
+        f"| {result['preset']}: scoring {result['scans']} template scans (working grid {'x'.join(map(str, result['grid']))}) | s per scan | x bare pass |",
         "|---|---|---|",
         f"| bare network pass (score_prepared) | {result['bare_network_s']} | 1.00 |",
         f"| engine, one by one | {result['one_by_one_s']} | {result['one_by_one_ratio']} |",
@@ -195,7 +197,7 @@ def write_batch(result: dict, out: Path) -> None:
         "",
         f"Medians of {result['rounds']} rounds; {machine}.",
     ]
-    (out / "bench_speed_batch.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -210,6 +212,9 @@ def main() -> None:
     parser.add_argument(
         "--batch", action="store_true", help="seconds per scan of a folder scored by the engine"
     )
+    parser.add_argument(
+        "--config", default="brain_mri_native.yaml", help="--batch: preset in experiments/configs"
+    )
     parser.add_argument("--n-scans", type=int, default=12, help="--batch: template scans to score")
     parser.add_argument("--rounds", type=int, default=3, help="--batch: rounds of the three measurements")
     args = parser.parse_args()
@@ -218,7 +223,8 @@ def main() -> None:
         return
     if args.batch:
         with tempfile.TemporaryDirectory() as tmp:
-            write_batch(measure_batch(min(args.n_train, 8), args.n_scans, args.rounds, Path(tmp)), args.out)
+            found = measure_batch(args.config, min(args.n_train, 8), args.n_scans, args.rounds, Path(tmp))
+            write_batch(found, args.out)
         return
     from anomaly3d_core.demo.datasets import make_demo_dataset
     from anomaly3d_core.io.files import list_inputs
