@@ -15,6 +15,7 @@ import pytest
 
 from anomaly3d_core.cli import main
 from anomaly3d_core.io.files import list_inputs
+from anomaly3d_core.mlops.serving import save_pyfunc
 from anomaly3d_core.runner import score_files
 
 JAVA_HOME = os.environ.get("JAVA_HOME", "")
@@ -182,4 +183,4 @@ def test_subjects_with_two_sequences_on_spark(spark, tmp_path):
         frame = spark.createDataFrame([(str(out), str(out))], "path string, out_dir string")
         from anomaly3d_core.mlops.spark import score_dataframe
 
-        score_dataframe(spark, str(model), frame)
+        score_dataframe(spark, str(save_pyfunc(pipe, tmp_path / "mlflow_model")), frame)
