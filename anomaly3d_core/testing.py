@@ -26,6 +26,7 @@ from typing import Any
 
 from anomaly3d_core.checks_common import (
     Check,
+    ConformanceError,
     _check,
     check_declaration,
     check_params,
@@ -53,6 +54,30 @@ from anomaly3d_core.interfaces import (
     ThresholdMethod,
     VolumeLoader,
 )
+
+__all__ = [
+    "Check",
+    "ConformanceError",
+    "check_autoencoder_fit",
+    "check_autoencoder_forward",
+    "check_autoencoder_scores",
+    "check_autoencoder_state",
+    "check_component",
+    "check_declaration",
+    "check_extractor_forward",
+    "check_extractor_frozen",
+    "check_extractor_in_channels",
+    "check_extractor_layers",
+    "check_extractor_state",
+    "check_loader_declaration",
+    "check_loader_example",
+    "check_loader_rejects_garbage",
+    "check_params",
+    "check_threshold",
+    "checks_for",
+    "parametrize_with_checks",
+    "registered_components",
+]
 
 _CHECKS: dict[type, list[Check]] = {
     FeatureExtractor: [
