@@ -56,7 +56,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     Engine.check_fit_target(args.out)  # before any work
     found = inputs(args.train, config)
     val = inputs(args.val, config).items if args.val else None
-    fitted = cli_engine(config).fit(
+    fitted = cli_engine(config, args).fit(
         build_detector(config),
         found.items,
         val,
@@ -117,7 +117,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         pipe, folder = load_model(args, stack)
         found = inputs(args.input, pipe)
-        engine = cli_engine(pipe.config)
+        engine = cli_engine(pipe.config, args)
         lineage = engine.model_lineage(folder, pipe.config)
         result = engine.evaluate(
             pipe,
@@ -148,6 +148,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return run_tuning(config, TuneRequest(**{k: v for k, v in vars(args).items() if k in fields}))
 
 
+def cmd_bids(args: argparse.Namespace) -> int:
+    from anomaly3d_core import bids_app
+
+    return bids_app.run(args)
+
+
 COMMANDS = {
     "plugins": cmd_plugins,
     "demo": cmd_demo,
@@ -156,6 +162,7 @@ COMMANDS = {
     "score": cmd_score,
     "evaluate": cmd_evaluate,
     "tune": cmd_tune,
+    "bids": cmd_bids,
 }
 
 

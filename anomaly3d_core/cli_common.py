@@ -49,11 +49,12 @@ def load_model(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[A
     return pipe, folder
 
 
-def cli_engine(config: Any) -> Any:
-    """The engine as the command line runs it: MLflow tracking as the config says, MLflow model folders."""
+def cli_engine(config: Any, args: argparse.Namespace) -> Any:
+    """The engine as the command line runs it: MLflow tracking as the config says (runs named with
+    the ``--set`` overrides), MLflow model folders."""
     from anomaly3d_core.mlops.tracker import engine_for
 
-    return engine_for(config)
+    return engine_for(config, args.overrides)
 
 
 def registration(args: argparse.Namespace, config: Any, default: str | None = None) -> tuple[str, str] | None:

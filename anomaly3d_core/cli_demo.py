@@ -53,7 +53,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"[1/4] using demo data in {data}", flush=True)
     train, tests = inputs(str(data / "train"), config), inputs(str(data / "test"), config)
     print_advice(config, train.items)
-    engine = cli_engine(config)
+    engine = cli_engine(config, args)
     with engine.run("demo", config, config_name(args.config), set_name(data / "train")) as run:
         print("[2/4] fitting on normal subjects ...", flush=True)
         pipe = build_detector(config)
@@ -78,13 +78,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             out / "evaluation",
             data_name=set_name(data / "test"),
             data_source=str(data / "test"),
+            model_uri=str((out / "model").resolve()),
         )
     print("\n" + summary_table(result.metrics))
     print(f"score maps and masks : {out / 'scores'}")
     print(f"plots and metrics    : {out / 'evaluation'}")
+    print(f"reports (open these) : {out / 'evaluation' / 'report.html'}, {out / 'scores' / 'report.html'}")
     print(f"model (MLflow model) : {out / 'model'}")
     if run is not None:
-        print(f"MLflow run           : {run.info.run_id}  ->  {ui_command(config)}")
+        print(f"MLflow run           : {run.info.run_id}  ->  {ui_command(config, run.info.experiment_id)}")
         if register:
             print(f"registered model     : models:/{register[0]}@{register[1]}  ->  make serve")
     print(f"total {time.perf_counter() - t0:.0f} s")

@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         "'champion'), servable as models:/NAME@ALIAS (also: tracking.register_as); default anomaly3d-STUDY",
     )
     _common(p)
+
+    from anomaly3d_core.bids_app import add_parser as add_bids_parser
+
+    add_bids_parser(sub, _common)  # anomaly3d bids BIDS_DIR OUTPUT_DIR participant|group
     return parser
 
 

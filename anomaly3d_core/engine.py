@@ -136,7 +136,7 @@ class Engine:
             if run is not None:
                 self.tracker.log_fit_datasets(detector, train, val, train_name or "", val_name)
                 lineage = self.tracker.log_model(detector, register)
-                self.tracker.log_metrics(fit_metrics(detector))
+                self.tracker.log_fit_metrics(detector)
             folder = None if out is None else self.save(detector, Path(out), lineage)
         return FitResult(detector, folder, lineage)
 
@@ -195,14 +195,17 @@ class Engine:
         data_source: str | Path | None = None,
         model: str | None = None,
         lineage: Mapping[str, str] | None = None,
+        model_uri: str = "",
     ) -> Evaluation:
         """Score ``inputs``, compare with the ground truth in ``masks``, write ``metrics.json``,
         ``summary.txt`` and plots into ``out``, and record them (with the evaluation data set and,
-        for a saved model ``model``, a link to it and its thresholds)."""
+        for a saved model ``model``, a link to it and its thresholds); reports name the model by
+        ``model_uri`` (default ``model``)."""
         masks, out = Path(masks), Path(out)
         with self.run("evaluate", detector.config, label, data_name) as run:
             model_id = self.tracker.link_model(model, lineage or {}) if run is not None and model else None
-            metrics, failures = evaluate_files(detector, list(inputs), masks, out)
+            uri = model_uri or model or ""
+            metrics, failures = evaluate_files(detector, list(inputs), masks, out, model_uri=uri)
             dataset = None
             if run is not None:
                 dataset = self.tracker.log_evaluation_dataset(
@@ -221,13 +224,3 @@ class Engine:
 def model_metrics(detector: Detector) -> dict[str, float]:
     """The fitted detector's calibrated thresholds, named as every run names them."""
     return {"threshold": detector.threshold_, "volume_threshold": detector.volume_threshold_}
-
-
-def fit_metrics(detector: Detector) -> dict[str, float]:
-    """What a fit records: time, thresholds and how many scans it trained and calibrated on."""
-    return {
-        "fit_seconds": detector.fit_seconds_,
-        **model_metrics(detector),
-        "n_train_volumes": detector.n_train_volumes_,
-        "n_val_volumes": detector.n_val_volumes_,
-    }

@@ -27,7 +27,15 @@ import numpy as np
 from anomaly3d_core.detector import Detector, ScoreResult
 from anomaly3d_core.errors import DataError
 from anomaly3d_core.io.data import BatchFailures
-from anomaly3d_core.io.derivatives import bids_uri, derivative_names, write_description, write_sidecar
+from anomaly3d_core.io.derivatives import (
+    bids_uri,
+    derivative_names,
+    model_reference,
+    write_description,
+    write_mask_sidecar,
+    write_scores_tsv,
+    write_sidecar,
+)
 from anomaly3d_core.io.files import (
     atomic_write,
     load_volume,
@@ -186,18 +194,23 @@ def score_files(
     keep_results: bool = False,
     bids_root: Path | None = None,
     model_uri: str = "",
+    reports: bool = True,
     overlap: bool = True,
 ) -> ScoredBatch:
     """Score every input (a file or a subject), write its maps and its ``scores.csv`` row; bad inputs
     go to ``failures``. Subjects of a BIDS dataset (``bids_root``) are written as BIDS-Derivatives
-    (:mod:`anomaly3d_core.io.derivatives`) with a JSON sidecar each.
+    (:mod:`anomaly3d_core.io.derivatives`) with a JSON sidecar each. With ``reports``, each scan gets
+    an HTML report and the folder a group report (:mod:`anomaly3d_core.reports`).
 
     The work runs as a three-stage pipeline that keeps the cores busy: while the network scores one
     scan, a reader thread reads and preprocesses the next and a writer thread writes the previous
-    one's files. Results, their order and the per-file failures are those of scanning one by one
-    (``overlap=False`` does exactly that, in this thread); at most three scans are in memory.
+    one's files (maps, row, sidecars, report). Results, their order and the per-file failures are
+    those of scanning one by one (``overlap=False`` does exactly that, in this thread); at most
+    three scans are in memory.
     """
     batch = ScoredBatch()
+    reporter = _report_writer(pipeline, out_dir, model_uri) if reports else None
+    stem_of: dict[str, str] = {}
     stems = output_stems(inputs, pipeline.registry)  # a name clash refuses the batch before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     with write_lock(out_dir / "scores.csv", "scores.csv", blocking=True):
@@ -215,8 +228,16 @@ def score_files(
                 row |= subject_columns(path)
             if names is not None:
                 sources = [bids_uri(f, bids_root) for f in path.files.values()]
-                write_sidecar(output_path(out_dir, names["sidecar"]), row, model_uri, sources)
+                sidecar = output_path(out_dir, names["sidecar"])
+                write_sidecar(sidecar, row, model_reference(model_uri, out_dir), sources)
+                write_mask_sidecar(output_path(out_dir, names["mask_sidecar"]), row, names["score_map"])
             record_row(out_dir, row)
+            if bids_root is not None:
+                with write_lock(out_dir / "scores.csv", "scores.csv", blocking=True):
+                    write_scores_tsv(out_dir, read_scores(out_dir), CSV_FIELDS)
+        stem_of[row["score_map"]] = stem
+        if reporter is not None:
+            reporter.subject(result, row, stem, bids=names is not None)
         return row
 
     if bids_root is not None:
@@ -243,7 +264,23 @@ def score_files(
                 batch.results.append(result)
         if written is not None:
             batch.rows.append(written.result())
+    if reporter is not None:
+        rows = read_scores(out_dir)  # the group page describes every scan in the folder
+        reporter.group(rows, [stem_of.get(r["score_map"]) or _row_stem(r) for r in rows])
     return batch
+
+
+def _report_writer(pipeline: Detector, out_dir: Path, model_uri: str) -> Any:
+    from anomaly3d_core.reports import ReportWriter
+
+    return ReportWriter(out_dir, pipeline, model_uri, sequences=getattr(pipeline, "channels", []))
+
+
+def _row_stem(row: dict[str, Any]) -> str:
+    """A name for a ``scores.csv`` row written by an earlier run: subject (and session), else the file's stem."""
+    if row.get("subject"):
+        return row["subject"] + (f"_{row['session']}" if row.get("session") else "")
+    return scan_stem(row.get("file") or row["score_map"])
 
 
 def find_mask(scan: Path, masks_dir: Path, registry: Any = None, stem: str | None = None) -> Path:
@@ -284,15 +321,28 @@ def evaluate_files(
     masks_dir: Path,
     out_dir: Path,
     n_overlays: int | None = None,
+    model_uri: str = "",
+    reports: bool = True,
 ) -> tuple[dict[str, Any], BatchFailures]:
-    """Score ``inputs``, compare with masks, write ``metrics.json``, ``summary.txt`` and plots."""
+    """Score ``inputs``, compare with masks, write ``metrics.json``, ``summary.txt``, ``subjects.tsv``,
+    ``lesions.tsv``, plots, overlays and (with ``reports``) an HTML report per scan and
+    ``report.html`` for the group.
+
+    Lesion kinds for the per-kind table come from a ``manifest.csv`` beside ``masks_dir`` with a
+    ``lesion_kind`` column (as ``anomaly3d demo-data`` writes), when there is one."""
     # matplotlib and scikit-learn: imported for evaluation only, so plain scoring does not load them
     from anomaly3d_core.evaluation import plotting
     from anomaly3d_core.evaluation.metrics import comprehensive_evaluation
     from anomaly3d_core.postprocess.thresholding import multi_threshold_analysis
+    from anomaly3d_core.reports.evaluation import lesion_kinds, subject_evaluation, write_tables
+    from anomaly3d_core.reports.subject import decision_text
 
     failures = BatchFailures()
-    results, truths, foregrounds, names = [], [], [], []
+    results, truths, foregrounds, names, rows = [], [], [], [], []
+    subjects: list[dict[str, Any]] = []
+    lesions: list[dict[str, Any]] = []
+    kinds = lesion_kinds(masks_dir, pipeline.registry)
+    writer = _report_writer(pipeline, out_dir, model_uri) if reports else None
     stems = output_stems(inputs, pipeline.registry)  # a name clash refuses the batch before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, stem in progress(list(zip(inputs, stems, strict=True)), desc="evaluating", total=len(inputs)):
@@ -307,11 +357,25 @@ def evaluate_files(
         except Exception as exc:  # one bad file never stops the batch, whatever it raises
             failures.record(path, exc)
             continue
+        row = {
+            "file": result.volume.path,
+            "volume_score": result.volume_score,
+            "is_anomalous": result.is_anomalous,
+            "threshold": result.threshold,
+            **registration_quality(result.prepared),
+            **(subject_columns(path) if isinstance(path, Subject) else {}),
+        }
         result.prepared = result.prepared_scores = None  # keep only what the metrics need
+        found, found_lesions = subject_evaluation(result, truth, stem, kinds.get(stem, ""))
+        subjects.append(found)
+        lesions += found_lesions
+        if writer is not None:
+            writer.subject(result, row, stem, truth=truth)
         results.append(result)
         truths.append(truth)
         foregrounds.append(result.foreground)
         names.append(stem)
+        rows.append(row)
     if not results:
         raise DataError(None, "no volume could be evaluated:\n" + failures.report())
     metrics = comprehensive_evaluation(
@@ -337,32 +401,79 @@ def evaluate_files(
         out_dir / "metrics.json",
         lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2, default=float)),
     )
-    atomic_write(out_dir / "summary.txt", lambda tmp: Path(tmp).write_text(summary_table(metrics)))
+    atomic_write(
+        out_dir / "summary.txt",
+        lambda tmp: Path(tmp).write_text(summary_table(metrics) + "\n" + metric_legend(metrics)),
+    )
     gt_in = [t[f] for t, f in zip(truths, foregrounds, strict=True)]
     sc_in = [r.score_map[f] for r, f in zip(results, foregrounds, strict=True)]
+    write_tables(out_dir, subjects, lesions)
+    plots = []
     if any(g.any() for g in gt_in):
-        plotting.plot_roc_curves([("model", gt_in, sc_in)], out_dir / "roc.png")
-        plotting.plot_precision_recall_curves([("model", gt_in, sc_in)], out_dir / "pr.png")
+        curve = [("model", gt_in, sc_in)]
+        plotting.plot_roc_curves(curve, out_dir / "roc.png", reported=[metrics.get("pixel_auc")])
+        plotting.plot_precision_recall_curves(curve, out_dir / "pr.png", reported=[metrics.get("pixel_ap")])
         g, s = np.concatenate(gt_in), np.concatenate(sc_in)
         plotting.plot_score_distributions(
             s[~g], s[g], pipeline.threshold_, out_dir / "score_distribution.png"
         )
-        analysis = multi_threshold_analysis(s, (0.0, float(np.percentile(s, 99.99))), 60, ground_truth=g)
-        plotting.visualize_threshold_analysis(analysis, out_dir / "threshold_analysis.png")
+        top = max(float(np.percentile(s, 99.99)), 1.1 * float(pipeline.threshold_))
+        analysis = multi_threshold_analysis(s, (0.0, top), 60, ground_truth=g)
+        plotting.visualize_threshold_analysis(
+            analysis, out_dir / "threshold_analysis.png", threshold=pipeline.threshold_
+        )
+        plots = ["roc.png", "pr.png", "score_distribution.png", "threshold_analysis.png"]
+    plotting.plot_volume_scores(
+        names,
+        [r.volume_score for r in results],
+        pipeline.volume_threshold_,
+        [bool(t.any()) for t in truths],
+        out_dir / "volume_scores.png",
+    )
     order = np.argsort([-r.volume_score for r in results])[:n_overlays]  # None: every volume
+    sequences = pipeline.channels
     for i in order:
         r = results[i]
         png = output_path(out_dir / "overlays", f"{names[i]}.png")
         png.parent.mkdir(parents=True, exist_ok=True)
         plotting.plot_overlay(
-            r.volume.channel(0),
+            r.volume.array,
             r.score_map,
             r.mask,
             truths[i],
             png,
             title=names[i],
+            affine=r.volume.affine,
+            sequences=sequences,
+            threshold=r.threshold,
+            decision=decision_text({**rows[i], "volume_threshold": pipeline.volume_threshold_}),
+        )
+    if writer is not None:
+        from anomaly3d_core.reports.html import file_data_uri
+
+        figures = [(file_data_uri(out_dir / p), PLOT_CAPTIONS[p]) for p in plots]
+        writer.group(
+            rows,
+            names,
+            evaluation={"metrics": metrics, "subjects": subjects, "lesions": lesions},
+            figures=figures,
         )
     return metrics, failures
+
+
+PLOT_CAPTIONS = {
+    "roc.png": "voxel ROC curve (pooled over scans, inside the brain)",
+    "pr.png": "voxel precision-recall curve; its AP is the summary's pixel_ap",
+    "score_distribution.png": "voxel scores of normal and lesion voxels, with the model's voxel threshold",
+    "threshold_analysis.png": "what each voxel threshold would give (dashed: the model's own threshold)",
+}
+
+
+def metric_legend(metrics: dict[str, Any]) -> str:
+    """What each reported metric means (the lines of summary.txt below the table)."""
+    from anomaly3d_core.reports.group import METRIC_HELP
+
+    return "".join(f"{k}: {v}\n" for k, v in METRIC_HELP.items() if k in metrics)
 
 
 def summary_table(metrics: dict[str, Any]) -> str:

@@ -69,6 +69,10 @@ class Tracker(Protocol):
         """Record the fitted detector with the active run (registered as ``(name, alias)`` when
         given); returns what a saved model folder keeps of that (its lineage), or ``{}``."""
 
+    def log_fit_metrics(self, detector: Any) -> None:
+        """A fit's final figures (time, sizes, thresholds), linked where the store can to the model
+        and the data sets just recorded."""
+
     def model_source(self, lineage: Mapping[str, str], config: Any) -> dict[str, str]:
         """``lineage`` of a model folder completed from the store that recorded it."""
 
@@ -125,6 +129,9 @@ class NullTracker:
 
     def log_model(self, detector: Any, register: tuple[str, str] | None = None) -> dict[str, str]:
         return {}
+
+    def log_fit_metrics(self, detector: Any) -> None:
+        return None
 
     def model_source(self, lineage: Mapping[str, str], config: Any) -> dict[str, str]:
         return dict(lineage)

@@ -155,11 +155,11 @@ def warm_seconds(test: Path, model: Path, work: Path, cores: int, repeats: int) 
 
     torch.set_num_threads(cores)
     detector, inputs = load_detector(model), list_inputs(test)
-    score_files(detector, inputs[:2], work / "warm-local")
+    score_files(detector, inputs[:2], work / "warm-local", reports=False)
     local = []
     for i in range(repeats):
         t0 = time.perf_counter()
-        score_files(detector, inputs, work / f"local-{i}")
+        score_files(detector, inputs, work / f"local-{i}", reports=False)
         local.append(time.perf_counter() - t0)
     spark = spark_session(f"local[{cores}]", "anomaly3d-bench")
     score_with_spark(str(model), str(test), work / "warm-spark", spark=spark)  # workers up, model loaded

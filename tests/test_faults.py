@@ -383,8 +383,9 @@ def test_scores_csv_always_describes_the_maps_on_disk(fitted, demo_dir, tmp_path
         score_files(_Interrupted(fitted, KeyboardInterrupt()), scans[:3], out)
     rows = _rows(out)
     assert [Path(r["file"]).name for r in rows] == [scans[0].name]  # the maps written so far, and only those
+    report = rows[0]["score_map"].replace("_score.nii.gz", "_report.html")
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [rows[0]["score_map"], rows[0]["mask"], "scores.csv"]
+        [rows[0]["score_map"], rows[0]["mask"], report, "scores.csv"]
     )
     # a second run into the same folder adds its rows instead of replacing the first run's
     score_files(fitted, scans[2:], out)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -223,15 +225,17 @@ def test_cli_on_a_bids_dataset(
     assert code == 1 and "sub-52: no FLAIR file" in err
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "anomaly3d"
-    assert str(model.resolve()) in desc["GeneratedBy"][0]["Description"]
+    relative = Path(os.path.relpath(model.resolve(), out.resolve())).as_posix()  # moves with the folder
+    assert desc["GeneratedBy"][0]["Description"].endswith(f"model {relative}")
+    assert desc["SourceDatasets"] == [{"URL": "bids:raw:"}] and "://" not in json.dumps(desc)
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert [r["subject"] for r in rows] == ["sub-50", "sub-51"]
-    score_map = out / "sub-50/anat/sub-50_space-T1w_stat-anomaly_statmap.nii.gz"
-    assert rows[0]["score_map"] == "sub-50/anat/sub-50_space-T1w_stat-anomaly_statmap.nii.gz"
+    score_map = out / "sub-50/anat/sub-50_space-T1w_desc-anomaly_statmap.nii.gz"
+    assert rows[0]["score_map"] == "sub-50/anat/sub-50_space-T1w_desc-anomaly_statmap.nii.gz"
     t1 = nib.load(bids_data / "test/sub-50/anat/sub-50_T1w.nii.gz")
     img = nib.load(score_map)
     assert img.shape == t1.shape and np.allclose(img.affine, t1.affine)  # on the reference sequence's grid
-    sidecar = json.loads((out / "sub-50/anat/sub-50_space-T1w_stat-anomaly_statmap.json").read_text())
+    sidecar = json.loads((out / "sub-50/anat/sub-50_space-T1w_desc-anomaly_statmap.json").read_text())
     assert sidecar["Sources"] == [
         "bids:raw:sub-50/anat/sub-50_T1w.nii.gz",
         "bids:raw:sub-50/anat/sub-50_FLAIR.nii.gz",
@@ -255,6 +259,38 @@ def test_cli_on_a_bids_dataset(
     assert code == 0
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["n_volumes"] == 3 and metrics["pixel_auc"] > 0.8  # the FLAIR-only lesions are found
+
+
+def test_bids_app_outputs_are_indexed_by_pybids(bids_data: Path, cli_model: Path, tmp_path: Path) -> None:
+    """participant level for chosen labels, then the group report; pybids' BIDSLayout indexes the
+    derivatives: every image with its sidecar, scores.tsv with its column descriptions."""
+    bids = pytest.importorskip("bids", reason="pybids is a dev extra (pip install -e '.[dev]')")
+    from anomaly3d_core.cli import main
+
+    raw = tmp_path / "raw"
+    shutil.copytree(bids_data / "test", raw)
+    out = raw / "derivatives" / "anomaly3d"
+    common = ["--model", str(cli_model)]
+    assert main(["bids", str(raw), str(out), "participant", "--participant-label", "50", *common]) == 0
+    assert main(["bids", str(raw), str(out), "participant", "--participant_label", "sub-51", *common]) == 0
+    assert main(["bids", str(raw), str(out), "group", *common]) == 0
+    layout = bids.BIDSLayout(raw, derivatives=str(out), validate=False)
+    maps = layout.get(scope="derivatives", suffix="statmap", desc="anomaly", extension=".nii.gz")
+    masks = layout.get(scope="derivatives", suffix="mask", desc="anomaly", extension=".nii.gz")
+    assert sorted(m.entities["subject"] for m in maps) == ["50", "51"] and len(masks) == 2
+    assert all(m.entities["space"] == "T1w" and m.entities["datatype"] == "anat" for m in maps)
+    meta = maps[0].get_metadata()
+    assert meta["Sources"][0].startswith("bids:raw:sub-5") and not meta["Model"].startswith("/")
+    assert masks[0].get_metadata()["Sources"][0].startswith("bids::sub-5")
+    table = (out / "scores.tsv").read_text(encoding="utf-8").splitlines()
+    columns = table[0].split("\t")
+    assert columns[:2] == ["participant_id", "session_id"] and len(table) == 3
+    assert set(columns) == set(json.loads((out / "scores.json").read_text()))
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetLinks"] == {"raw": "../.."} and "://" not in json.dumps(description)
+    group = (out / "report.html").read_text(encoding="utf-8")
+    assert 'href="sub-50.html"' in group and 'href="sub-51.html"' in group
+    assert main(["bids", str(raw), str(out), "participant", "--participant-label", "99", *common]) == 1
 
 
 def test_python_api_with_subject_mappings(bids_data: Path) -> None:

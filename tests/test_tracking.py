@@ -100,11 +100,38 @@ def record(demo_dir, tmp_path_factory):
             os.environ["MLFLOW_TRACKING_URI"] = old
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
-    runs = {
-        r.info.run_name: client.get_run(r.info.run_id)  # get_run: search_runs leaves model inputs out
+    runs = {  # keyed by the name before its --set overrides (", num_epochs=2, ... +3 more")
+        r.info.run_name.split(", ")[0]: client.get_run(r.info.run_id)  # get_run: has the model inputs
         for r in mlflow.search_runs(experiment_names=["anomaly3d"], output_format="list")
     }
     return work, uri, runs
+
+
+def test_the_ui_opens_on_runs_whose_models_carry_final_figures(record):
+    """The experiment is a model-training one (MLflow's UI opens it on its runs); each logged model has
+    its own name, the last epoch's loss and its training (and evaluation) data sets; --set overrides
+    show in the run name and in full as a tag."""
+    _, _, runs = record
+    experiment = mlflow.get_experiment_by_name("anomaly3d")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    models = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+    assert len({m.name for m in models}) == len(models) == 3
+    client = mlflow.MlflowClient()
+    for name in ("demo defaults on demo/train", "fit defaults on demo/train"):
+        run = runs[name]
+        assert run.info.run_name == f"{name}, num_epochs=2, max_patches=300 +3 more"
+        assert run.data.tags["anomaly3d.overrides"].startswith(
+            "training.num_epochs=2 patches.max_patches=300"
+        )
+        [model] = [m for m in models if m.source_run_id == run.info.run_id]
+        losses = client.get_metric_history(run.info.run_id, "train_loss")
+        on_model = [m for m in mlflow.get_logged_model(model.model_id).metrics if m.key == "train_loss"]
+        assert len(losses) == 2 and [m.value for m in on_model] == [losses[-1].value]
+        sets = {m.dataset_name for m in mlflow.get_logged_model(model.model_id).metrics if m.dataset_name}
+        assert "demo/train" in sets
+    demo_model = next(m for m in models if m.source_run_id == runs["demo defaults on demo/train"].info.run_id)
+    sets = {m.dataset_name for m in mlflow.get_logged_model(demo_model.model_id).metrics if m.dataset_name}
+    assert sets == {"demo/train", "demo/test"}  # trained on, and evaluated on
 
 
 def test_four_readable_runs_with_models_datasets_and_tags(record):
@@ -278,3 +305,14 @@ def test_subjects_with_several_sequences_are_one_scan_each(tmp_path):
     )
     assert set(subjects["validation"]).isdisjoint(subjects["training"])
     assert {f["sequence"] for f in files["training"]} == {"T1w", "FLAIR"}
+
+
+def test_the_printed_ui_command_names_the_runs_page():
+    from anomaly3d_core.mlops.tracking import run_name, ui_command
+
+    text = ui_command(None, "7")
+    assert text.startswith("mlflow ui --backend-store-uri ")
+    assert text.endswith("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
+    assert run_name("fit", "brain.yaml", "demo/train", ["training.num_epochs=5"]) == (
+        "fit brain on demo/train, num_epochs=5"
+    )

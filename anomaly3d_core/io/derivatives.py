@@ -2,21 +2,30 @@
 
 Layout of ``OUT`` (the derivatives dataset's root, e.g. ``bids/derivatives/anomaly3d``)::
 
-    dataset_description.json           DatasetType "derivative", GeneratedBy anomaly3d and the model
-    scores.csv                         one row per subject (and session), as for any input
+    dataset_description.json           DatasetType "derivative", GeneratedBy anomaly3d and the model,
+                                       SourceDatasets / DatasetLinks as relative and bids: URIs
+    scores.tsv + scores.json           one row per subject (and session), its columns described
+    scores.csv                         the same rows, as for any input (the batch's own record)
+    report.html, sub-01[_ses-1].html   group and subject reports
     sub-01/[ses-1/]anat/
-      sub-01[_ses-1]_space-<ref>_stat-anomaly_statmap.nii.gz   voxel scores
-      sub-01[_ses-1]_space-<ref>_stat-anomaly_statmap.json     volume score, decision, threshold,
-                                                                model, sources
-      sub-01[_ses-1]_space-<ref>_desc-anomaly_mask.nii.gz      voxels flagged anomalous
+      sub-01[_ses-1]_space-<ref>_desc-anomaly_statmap.nii.gz + .json   voxel scores; sidecar: volume
+                                                                       score, decision, threshold, model, sources
+      sub-01[_ses-1]_space-<ref>_desc-anomaly_mask.nii.gz + .json      voxels flagged anomalous
 
 ``space-<ref>`` is the reference sequence (``space-T1w``: on the subject's own T1w grid, as
-fMRIPrep names it).
+fMRIPrep names it). ``desc-anomaly`` with the ``statmap`` suffix (BIDS statistical-model
+derivatives, BEP041) replaces the earlier ``stat-`` entity, which BIDS does not define. Paths in
+JSON files are relative to ``OUT`` or ``bids:raw:`` URIs into the source dataset, so the folder
+can move with its data.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +33,42 @@ from anomaly3d_core.io.files import atomic_write
 from anomaly3d_core.io.subjects import Subject
 
 BIDS_VERSION = "1.9.0"
+SCORES_TSV = "scores.tsv"
+# The columns of scores.tsv as its JSON sidecar describes them (BIDS tabular-file convention).
+COLUMN_DESCRIPTIONS: dict[str, dict[str, Any]] = {
+    "participant_id": {"Description": "BIDS subject label (sub-<label>)"},
+    "session_id": {"Description": "BIDS session label (ses-<label>); n/a without sessions"},
+    "volume_score": {"Description": "scan-level anomaly score (higher is more abnormal)"},
+    "is_anomalous": {
+        "Description": "the model's decision: volume_score above the model's scan threshold",
+        "Levels": {"True": "flagged anomalous", "False": "normal"},
+    },
+    "threshold": {"Description": "the model's voxel threshold; the mask holds voxels scoring above it"},
+    "score_map": {"Description": "voxel score map, relative to this dataset's root"},
+    "mask": {"Description": "mask of flagged voxels, relative to this dataset's root"},
+    "registration_dice": {
+        "Description": "Dice of the registered scan's foreground with the template brain mask "
+        "(below 0.8: poor registration); n/a when not registered"
+    },
+    "registration_metric": {
+        "Description": "final Mattes mutual information of the registration (above -0.5: poor); "
+        "n/a when not registered"
+    },
+    "p_value": {"Description": "conformal p-value of the scan score against normal calibration scans"},
+    "volume_threshold": {"Description": "the scan-score threshold the decision used"},
+    "alpha": {"Description": "significance level of the decision"},
+}
 
 
 def derivative_names(subject: Subject, reference: str) -> dict[str, str]:
-    """Paths (relative to the derivatives root) of a subject's score map, mask and sidecar."""
+    """Paths (relative to the derivatives root) of a subject's score map, mask and their sidecars."""
     folder = f"sub-{subject.subject}/" + (f"ses-{subject.session}/" if subject.session else "") + "anat/"
-    base = f"{folder}{subject.stem}_space-{reference}"
+    base = f"{folder}{subject.stem}_space-{reference}_desc-anomaly"
     return {
-        "score_map": f"{base}_stat-anomaly_statmap.nii.gz",
-        "mask": f"{base}_desc-anomaly_mask.nii.gz",
-        "sidecar": f"{base}_stat-anomaly_statmap.json",
+        "score_map": f"{base}_statmap.nii.gz",
+        "mask": f"{base}_mask.nii.gz",
+        "sidecar": f"{base}_statmap.json",
+        "mask_sidecar": f"{base}_mask.json",
     }
 
 
@@ -47,10 +82,22 @@ def bids_uri(path: str | Path, root: Path | None) -> str:
     return str(path)
 
 
+def model_reference(model_uri: str, out: Path) -> str:
+    """A model as the derivatives name it: an MLflow URI as it is, a folder relative to ``out``."""
+    if not model_uri or "://" in model_uri or model_uri.startswith(("models:/", "runs:/")):
+        return model_uri
+    return Path(os.path.relpath(Path(model_uri).resolve(), out.resolve())).as_posix()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+
+
 def write_description(out: Path, model_uri: str, source_root: Path | None) -> None:
     """``dataset_description.json`` of the derivatives dataset (rewritten with each run)."""
     from anomaly3d_core import __version__
 
+    model = model_reference(model_uri, out)
     description: dict[str, Any] = {
         "Name": "anomaly3d voxel-wise anomaly scores",
         "BIDSVersion": BIDS_VERSION,
@@ -59,20 +106,20 @@ def write_description(out: Path, model_uri: str, source_root: Path | None) -> No
             {
                 "Name": "anomaly3d",
                 "Version": __version__,
-                "Description": f"unsupervised anomaly detection; model {model_uri}",
+                "Description": f"unsupervised anomaly detection; model {model}",
             }
         ],
     }
     if source_root is not None:
-        description["DatasetLinks"] = {"raw": source_root.resolve().as_uri()}
-        description["SourceDatasets"] = [{"URL": source_root.resolve().as_uri()}]
-    atomic_write(
-        out / "dataset_description.json", lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2))
-    )
+        relative = Path(os.path.relpath(source_root.resolve(), out.resolve())).as_posix()
+        description["DatasetLinks"] = {"raw": relative}
+        description["SourceDatasets"] = [{"URL": "bids:raw:"}]
+    _write_json(out / "dataset_description.json", description)
 
 
-def write_sidecar(path: Path, row: dict[str, Any], model_uri: str, sources: list[str]) -> None:
-    """The JSON sidecar of a score map: the subject's decision and where it came from."""
+def write_sidecar(path: Path, row: Mapping[str, Any], model_uri: str, sources: list[str]) -> None:
+    """The JSON sidecar of a score map: the subject's decision and where it came from
+    (``model_uri`` as :func:`model_reference` gives it)."""
     sidecar = {
         "Description": "voxel-wise anomaly score (higher is more abnormal); mask: score above Threshold",
         "VolumeScore": row["volume_score"],
@@ -81,4 +128,37 @@ def write_sidecar(path: Path, row: dict[str, Any], model_uri: str, sources: list
         "Model": model_uri,
         "Sources": sources,
     }
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2)))
+    for key, name in (("p_value", "PValue"), ("volume_threshold", "VolumeThreshold"), ("alpha", "Alpha")):
+        if row.get(key) not in (None, ""):
+            sidecar[name] = row[key]
+    _write_json(path, sidecar)
+
+
+def write_mask_sidecar(path: Path, row: Mapping[str, Any], score_map: str) -> None:
+    """The JSON sidecar of a mask: what its voxels mean and the map it was cut from."""
+    _write_json(
+        path,
+        {
+            "Description": "voxels flagged anomalous: score above the model's voxel threshold, after "
+            "the model's post-processing",
+            "Type": "Lesion",
+            "Threshold": row["threshold"],
+            "Sources": [f"bids::{score_map}"],
+        },
+    )
+
+
+def write_scores_tsv(out: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """``scores.tsv`` (BIDS tabular file: ``n/a`` for blanks) and ``scores.json`` describing its columns."""
+    names = ["participant_id", "session_id", *[c for c in columns if c not in ("file", "subject", "session")]]
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    writer.writerow(names)
+    for row in rows:
+        values = {**row, "participant_id": row.get("subject"), "session_id": row.get("session")}
+        writer.writerow(["n/a" if values.get(c) in (None, "") else values[c] for c in names])
+    atomic_write(out / SCORES_TSV, lambda tmp: Path(tmp).write_text(buf.getvalue(), encoding="utf-8"))
+    _write_json(
+        out / SCORES_TSV.replace(".tsv", ".json"),
+        {c: COLUMN_DESCRIPTIONS.get(c, {"Description": c}) for c in names},
+    )

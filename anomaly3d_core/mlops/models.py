@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from anomaly3d_core.mlops.tracking import TAG, check_store, plugin_packages, plugin_versions, tracking_uri
+from anomaly3d_core.mlops.tracking import (
+    TAG,
+    check_store,
+    log_metrics,
+    plugin_packages,
+    plugin_versions,
+    tracking_uri,
+)
 
 DEFAULT_ALIAS = "champion"
 
@@ -49,12 +56,18 @@ def log_model(detector: Any, register: tuple[str, str] | None = None, tags: Mapp
     tags = {**own, **dict(tags), f"{TAG}plugins": plugin_packages(detector)}
     mlflow.set_tag(f"{TAG}plugins", tags[f"{TAG}plugins"])
     label = Path(tags.get(f"{TAG}config", "model")).stem
+    if tags.get(f"{TAG}dataset"):
+        label += f"-{tags[f'{TAG}dataset']}"
+    # one name per logged model: the config, the training data and the run that made it
+    name = (re.sub(r"[^\w.-]+", "-", label).strip("-.") or "model") + f"-{run.info.run_id[:6]}"
+    history = getattr(detector, "history_", None) or {}
     info = log_pyfunc(
         detector,
-        name=re.sub(r"[^\w.-]+", "-", label).strip("-.") or "model",
+        name=name,
         registered_model_name=register[0] if register else None,
         tags=tags,
         model_type=f"anomaly3d-{tags.get(f'{TAG}detector', 'pipeline')}",
+        step=max(len(history.get("train_loss") or []) - 1, 0),  # links the last epoch's metrics
     )
     if register and info.registered_model_version is not None:
         client = mlflow.MlflowClient()
@@ -65,6 +78,30 @@ def log_model(detector: Any, register: tuple[str, str] | None = None, tags: Mapp
             client.set_model_version_tag(name, version, key, value)
         mlflow.set_tag(f"{TAG}registered_model", f"{name}@{alias} (version {version})")
     return info
+
+
+def log_fit_metrics(
+    detector: Any, sets: Sequence[tuple[Any, ...]] | None, model_id: str | None = None
+) -> None:
+    """A fit's final figures, linked to the logged model and to the data they describe: training
+    time and size to the training set, the calibrated thresholds to the scans calibrated on."""
+    sets = list(sets or [])
+    training = next((s[0] for s in sets if s[1] == "training"), None)
+    calibration = next((s[0] for s in sets if s[1] == "validation"), training)
+    log_metrics(
+        {"fit_seconds": detector.fit_seconds_, "n_train_volumes": detector.n_train_volumes_},
+        model_id=model_id,
+        dataset=training,
+    )
+    log_metrics(
+        {
+            "threshold": detector.threshold_,
+            "volume_threshold": detector.volume_threshold_,
+            "n_val_volumes": detector.n_val_volumes_,
+        },
+        model_id=model_id,
+        dataset=calibration,
+    )
 
 
 def lineage(model_info: Any) -> dict[str, str]:

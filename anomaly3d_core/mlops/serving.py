@@ -236,9 +236,11 @@ def log_pyfunc(
     name: str = "model",
     tags: dict[str, str] | None = None,
     model_type: str | None = None,
+    step: int = 0,
 ) -> Any:
     """Log ``pipeline`` to the active MLflow run (and optionally register it); ``tags`` and
-    ``model_type`` go on the logged model, so ``search_logged_models`` can filter on them."""
+    ``model_type`` go on the logged model, so ``search_logged_models`` can filter on them; the run's
+    metrics at ``step`` (the last epoch) are linked to it."""
     with tempfile.TemporaryDirectory() as tmp:
         files = pipeline.save_files(Path(tmp) / "pipeline")
         write_plugin_list(pipeline, files)
@@ -252,4 +254,5 @@ def log_pyfunc(
             registered_model_name=registered_model_name,
             tags=tags,
             model_type=model_type,
+            step=step,
         )

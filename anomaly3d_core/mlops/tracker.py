@@ -20,7 +20,13 @@ from anomaly3d_core.tracking import NullTracker, Tracker
 
 
 class MLflowTracker:
-    """Records runs in the tracking store that the run's config names (``tracking.*``)."""
+    """Records runs in the tracking store that the run's config names (``tracking.*``); a run's
+    ``--set`` ``overrides`` go into its name, a tag and its description."""
+
+    def __init__(self, overrides: Sequence[str] = ()) -> None:
+        self.overrides = list(overrides)
+        self._sets: list[tuple[Any, ...]] = []  # the fit's data sets and model, for its metrics
+        self._model_id: str | None = None
 
     @contextlib.contextmanager
     def run(
@@ -31,7 +37,7 @@ class MLflowTracker:
         dataset: str | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> Iterator[Any]:
-        with tracking.command_run(config, command, label, dataset, tags) as run:
+        with tracking.command_run(config, command, label, dataset, tags, overrides=self.overrides) as run:
             yield run
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -63,7 +69,8 @@ class MLflowTracker:
         name: str,
         val_name: str | None = None,
     ) -> None:
-        tracking.log_datasets(tracking.fit_datasets(detector, train, val, name, val_name))
+        self._sets = tracking.fit_datasets(detector, train, val, name, val_name)
+        tracking.log_datasets(self._sets)
 
     def log_evaluation_dataset(
         self, items: Sequence[Any], failed: Sequence[Any], masks: Path, name: str, source: Path
@@ -80,7 +87,11 @@ class MLflowTracker:
 
     def log_model(self, detector: Any, register: tuple[str, str] | None = None) -> dict[str, str]:
         info = models.log_model(detector, register)
+        self._model_id = info.model_id if info is not None else None
         return models.lineage(info) if info is not None else {}
+
+    def log_fit_metrics(self, detector: Any) -> None:
+        models.log_fit_metrics(detector, self._sets, self._model_id)
 
     def model_source(self, lineage: Mapping[str, str], config: Any) -> dict[str, str]:
         return models.source_run(dict(lineage), config)
@@ -96,11 +107,12 @@ def mlflow_model_writer(detector: Any, folder: Path, metadata: dict[str, Any] | 
     return save_pyfunc(detector, folder, metadata)
 
 
-def engine_for(config: Any) -> Engine:
-    """The engine as the command line runs it: tracking as ``config`` says, MLflow model folders."""
-    return Engine(tracker_for(config), mlflow_model_writer)
+def engine_for(config: Any, overrides: Sequence[str] = ()) -> Engine:
+    """The engine as the command line runs it: tracking as ``config`` says (runs named with their
+    ``--set`` ``overrides``), MLflow model folders."""
+    return Engine(tracker_for(config, overrides), mlflow_model_writer)
 
 
-def tracker_for(config: Any) -> Tracker:
+def tracker_for(config: Any, overrides: Sequence[str] = ()) -> Tracker:
     """An :class:`MLflowTracker` when the config's ``tracking.enabled``, else a ``NullTracker``."""
-    return MLflowTracker() if config.tracking.enabled else NullTracker()
+    return MLflowTracker(overrides) if config.tracking.enabled else NullTracker()

@@ -59,17 +59,27 @@ def tracking_uri(config: PipelineConfig | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+# The experiment kind MLflow 3's UI reads to open an experiment on its runs (model training)
+# rather than on the GenAI overview of traces; a kind someone set by hand is kept.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def _experiment(name: str, uri: str) -> str:
     import mlflow
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:///"):  # keep artifacts next to the local database, not in the cwd's default
         db = Path(uri.removeprefix("sqlite:///"))
         location = (db.resolve().parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 def plugin_versions(config: Any, registry: Any = None) -> dict[str, str]:
@@ -172,12 +182,17 @@ def log_metrics(
     dataset: Any = None,
 ) -> None:
     """Log the finite numeric entries of ``metrics`` to the active run, if any; ``model_id`` and
-    ``dataset`` link them to a logged model and the data they were measured on (the run's own
-    model, when it logged one, is linked by MLflow itself)."""
+    ``dataset`` link them to a logged model and the data they were measured on. Final figures
+    (no ``step``) logged after the run logged its model are linked to that model."""
     import mlflow
 
-    if mlflow.active_run() is None:
+    run = mlflow.active_run()
+    if run is None:
         return
+    if model_id is None and step is None:
+        outputs = getattr(run, "outputs", None)
+        models = getattr(outputs, "model_outputs", None) or []
+        model_id = models[-1].model_id if models else None
     clean = {
         f"{prefix}{k}": float(v)
         for k, v in metrics.items()
@@ -206,8 +221,17 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
             mlflow.log_artifact(str(path), artifact_path)
 
 
-def ui_command(config: PipelineConfig | None = None) -> str:
-    return f"mlflow ui --backend-store-uri {tracking_uri(config)}"
+def ui_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The UI page listing an experiment's runs. MLflow 3.5+ opens experiments in its GenAI view
+    unless told ``workflowType=machine_learning`` (a switch it remembers in the browser); older 3.x
+    releases read the experiment's ``mlflow.experimentKind`` tag instead."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_command(config: PipelineConfig | None = None, experiment_id: str | None = None) -> str:
+    """How to look at the runs: the ``mlflow ui`` command line, and the page to open when known."""
+    command = f"mlflow ui --backend-store-uri {tracking_uri(config)}"
+    return f"{command}  then open {ui_url(experiment_id)}" if experiment_id else command
 
 
 def project_version() -> str:
@@ -290,10 +314,17 @@ def run_tags(config: Any, command: str, config_name: str, dataset: str | None = 
     return tags
 
 
-def run_name(command: str, config_name: str, dataset: str | None = None) -> str:
-    """``fit brain_mri on demo/train``: the command, the config's name and the data set's."""
+def run_name(
+    command: str, config_name: str, dataset: str | None = None, overrides: Sequence[str] = ()
+) -> str:
+    """``fit brain_mri on demo/train``: the command, the config's name and the data set's; ``--set``
+    overrides follow by their last key (``, num_epochs=5``; after two, ``+N more``)."""
     name = f"{command} {config_name.removesuffix('.yaml').removesuffix('.yml')}"
-    return f"{name} on {dataset}" if dataset else name
+    name = f"{name} on {dataset}" if dataset else name
+    short = [o.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + o.partition("=")[2] for o in overrides]
+    if short:
+        name += ", " + ", ".join(short[:2]) + (f" +{len(short) - 2} more" if len(short) > 2 else "")
+    return name
 
 
 @contextlib.contextmanager
@@ -303,14 +334,19 @@ def command_run(
     config_name: str,
     dataset: str | None = None,
     tags: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
 ) -> Iterator[Any]:
-    """The run of one CLI command, named ``<command> <config> on <data set>`` and tagged by
-    :func:`run_tags` (``None`` with tracking disabled)."""
+    """The run of one CLI command, named ``<command> <config> on <data set>[, overrides]`` and tagged
+    by :func:`run_tags`, the ``--set`` overrides in full as tag ``anomaly3d.overrides`` and as the run's
+    description (``None`` with tracking disabled)."""
     if not config.tracking.enabled:
         yield None
         return
     all_tags = {**run_tags(config, command, config_name, dataset), **dict(tags or {})}
-    with mlflow_run(config, run_name(command, config_name, dataset), tags=all_tags) as run:
+    if overrides:
+        all_tags[f"{TAG}overrides"] = " ".join(overrides)
+        all_tags["mlflow.note.content"] = "--set " + " --set ".join(overrides)
+    with mlflow_run(config, run_name(command, config_name, dataset, overrides), tags=all_tags) as run:
         yield run
 
 
