@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from anomaly3d_core.cli_parser import EXIT_INPUTS_FAILED, EXIT_OK
+# the exit codes of every command (see anomaly3d_core.cli)
+EXIT_OK, EXIT_INPUTS_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 def read_config(args: argparse.Namespace) -> Any:

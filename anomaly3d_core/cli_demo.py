@@ -7,6 +7,7 @@ import argparse
 import time
 
 from anomaly3d_core.cli_common import (
+    EXIT_OK,
     check_out,
     cli_engine,
     config_name,
@@ -16,7 +17,6 @@ from anomaly3d_core.cli_common import (
     registration,
     report,
 )
-from anomaly3d_core.cli_parser import EXIT_OK
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:

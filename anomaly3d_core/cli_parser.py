@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 
-EXIT_OK, EXIT_INPUTS_FAILED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+from anomaly3d_core.cli_common import EXIT_INPUTS_FAILED, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE  # noqa: F401
 
 
 class Parser(argparse.ArgumentParser):

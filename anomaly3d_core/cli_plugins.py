@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from anomaly3d_core.cli_parser import EXIT_OK
+from anomaly3d_core.cli_common import EXIT_OK
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
