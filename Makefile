@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python experiments/benchmark.py --data bench_output/data --out experiments/results
 	$(BIN)/python experiments/benchmark_native.py --data bench_output/data/native --out experiments/results
+	$(BIN)/python experiments/bench_calibration.py --data bench_output/data/calibration --out experiments/results
 	$(BIN)/python experiments/joint_training_check.py --data bench_output/data --out experiments/results
 	$(BIN)/python experiments/bench_speed.py --out experiments/results
 	$(BIN)/python experiments/bench_limits.py --out experiments/results

@@ -56,6 +56,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     Engine.check_fit_target(args.out)  # before any work
     found = inputs(args.train, config)
     val = inputs(args.val, config).items if args.val else None
+    calibration = inputs(args.calibration, config).items if args.calibration else None
     fitted = cli_engine(config, args).fit(
         build_detector(config),
         found.items,
@@ -65,6 +66,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         train_name=data_name(args.train),
         val_name=data_name(args.val) if val else None,
         register=register,
+        calibration=calibration,
         before=lambda: print_advice(config, found.items),
     )
     if fitted.folder is None:  # another torchrun rank: rank 0 writes and reports
@@ -72,7 +74,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     pipe = fitted.detector
     print(
         f"model written to {fitted.folder} ({pipe.n_train_volumes_} training, {pipe.n_val_volumes_} validation volumes, "
-        f"{len(pipe.history_['train_loss'])} epochs, {pipe.fit_seconds_:.1f} s); threshold {pipe.threshold_:.4g}"
+        f"{len(pipe.history_['train_loss'])} epochs, {pipe.fit_seconds_:.1f} s); voxel threshold {pipe.threshold_:.4g}"
+    )
+    post = pipe.postprocessor_
+    print(
+        f"calibrated on {post.n_calibration} normal scan(s): a scan is flagged when its p-value <= alpha "
+        f"{post.config.alpha:g} ({post.config.scan_statistic} > {post.scan_threshold:.4g}); mask: {post.config.mask_rule}"
     )
     print_registered(register)
     return report(fitted.failures, "fit", found.errors)

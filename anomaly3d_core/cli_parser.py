@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="pipeline YAML (default: built-in defaults)")
     p.add_argument("--train", required=True, help="folder, file or glob of normal training scans")
     p.add_argument("--val", help="optional held-out normal scans for early stopping and calibration")
+    p.add_argument(
+        "--calibration",
+        help="held-out normal scans used only to calibrate the p-values (never to train or pick the epoch); "
+        "at least ceil(1/alpha)-1 of them (19 for alpha 0.05)",
+    )
     p.add_argument("--out", required=True, help="model folder to write (an MLflow model)")
     p.add_argument(
         "--register",

@@ -227,6 +227,13 @@ class TrainingConfig(Section):
     grad_clip: float | None = 1.0
     early_stopping_patience: int = Field(8, ge=1)
     val_fraction: float = Field(0.2, ge=0, lt=1)
+    calibration_folds: int = Field(
+        0,
+        ge=0,
+        description="cross-fitting: K >= 2 fits K extra models, each without one fold of the training "
+        "normals, and calibrates the p-values on every training normal scored by the model that never saw "
+        "it (used when fit gets no val_volumes); 0 = calibrate on the validation split only",
+    )
     use_amp: bool = False
     seed: int = 0
     device: str = "auto"
@@ -272,6 +279,30 @@ class ThresholdConfig(ComponentSpec):
     )
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     volume: VolumeDecisionConfig = Field(default_factory=VolumeDecisionConfig)
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="scan decision: anomalous when the scan's conformal p-value against the calibration "
+        "normals is <= alpha (a normal scan is flagged with probability <= alpha); also the family-wise "
+        "level of the cluster mask",
+    )
+    fdr_q: float = Field(
+        0.1, gt=0, lt=1, description="mask_rule fdr: Benjamini-Hochberg level over the brain's voxel p-values"
+    )
+    cluster_forming_p: float = Field(
+        0.001, gt=0, lt=1, description="mask_rule cluster: voxels with p <= this form the clusters"
+    )
+    mask_rule: Literal["cluster", "fdr", "threshold"] = Field(
+        "cluster",
+        description="the decision mask: clusters significant at alpha (family-wise), voxels kept by "
+        "Benjamini-Hochberg at fdr_q, or scores above the calibrated voxel threshold (no stated error rate)",
+    )
+    scan_statistic: Literal["max_cluster_mass", "top_k_mean"] = Field(
+        "max_cluster_mass",
+        description="the volume score whose p-value decides the scan: the largest cluster mass, or the "
+        "mean of the top volume.top_k_fraction of voxel scores",
+    )
 
 
 class TrackingConfig(Section):

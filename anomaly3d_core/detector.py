@@ -15,10 +15,11 @@ shared here, so they are written once.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,11 @@ from anomaly3d_core.io.data import VolumeLike, as_volume
 from anomaly3d_core.io.files import load_volume
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.model.training import EpochCallback
+from anomaly3d_core.postprocess.lesions import lesion_table
 from anomaly3d_core.postprocess.native import mask_to_native, to_native
 from anomaly3d_core.postprocess.postprocessor import PostProcessor
-from anomaly3d_core.preprocess.preprocessing import Prepared
+from anomaly3d_core.postprocess.verdict import Verdict
+from anomaly3d_core.preprocess.preprocessing import Prepared, Preprocessor
 
 
 @dataclass
@@ -50,7 +53,15 @@ class NativeScores:
 
 @dataclass
 class ScoreResult:
-    """One scored scan; ``score_map`` and ``mask`` lie on the input's own grid."""
+    """One scored scan; ``score_map``, ``mask`` and ``p_map`` lie on the input's own grid.
+
+    ``threshold`` is the calibrated *voxel* score threshold (also ``voxel_threshold``); the scan's
+    decision is ``is_anomalous = p_value <= alpha``, the same as ``volume_score > volume_threshold``,
+    where ``volume_score`` is the statistic named by ``scan_statistic``. ``mask`` is made by
+    ``mask_rule`` (``cluster``, ``fdr`` or ``threshold``); ``lesions`` has one row per flagged cluster
+    (:mod:`anomaly3d_core.postprocess.lesions`). A model saved before calibration nulls gives
+    ``p_value`` NaN and decides on its legacy volume threshold.
+    """
 
     volume: Volume
     score_map: np.ndarray
@@ -62,6 +73,18 @@ class ScoreResult:
     prepared_scores: np.ndarray | None = None
     seconds: float = 0.0
     foreground: np.ndarray | None = None
+    volume_threshold: float = math.nan
+    p_value: float = math.nan
+    alpha: float = math.nan
+    scan_statistic: str = "top_k_mean"
+    mask_rule: str = "threshold"
+    n_calibration: int = 0
+    p_map: np.ndarray | None = None
+    lesions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def voxel_threshold(self) -> float:
+        return self.threshold
 
 
 def model_files_dir(path: str | Path) -> Path:
@@ -167,15 +190,23 @@ class Detector(ABC):
         return NativeScores(prep, scores, native, fg)
 
     def calibrate(self, normal: Sequence[Prepared | VolumeLike]) -> Detector:
-        """Fit voxel and volume thresholds and score statistics on held-out normal scans."""
+        """Fit voxel and volume thresholds, score statistics and the calibration nulls (p-values,
+        cluster masses) on held-out normal scans that the model never trained on."""
         self._check_fitted("calibrate")
         prepared = [n if isinstance(n, Prepared) else self.prepare(n) for n in normal]
-        self.postprocessor_.calibrate([self.score_prepared(p) for p in prepared], [p.mask for p in prepared])
+        self.postprocessor_.calibrate(
+            [self.score_prepared(p) for p in prepared],
+            [p.mask for p in prepared],
+            [p.spacing for p in prepared],
+        )
         return self
 
     def score(self, item: VolumeLike | Prepared) -> ScoreResult:
-        """Score one scan (or one :meth:`prepare` gave): score map, binary mask, volume score and
-        decision, on the input's grid."""
+        """Score one scan (or one :meth:`prepare` gave): score map, p-map, mask, lesion table, volume
+        score, p-value and decision, on the input's grid.
+
+        A NaN or infinite score raises :class:`~anomaly3d_core.errors.DataError`: it is never a decision.
+        """
         self._check_fitted("score")
         t0 = time.perf_counter()
         r = self.score_native(item)
@@ -185,26 +216,61 @@ class Detector(ABC):
             raise DataError(
                 prep.source.path, f"scoring gave {bad} NaN or infinite voxel scores; no decision made"
             )
-        threshold, mask, vscore, anomalous = self.postprocessor_.decide(
-            r.prepared_scores, prep.mask, prep.spacing
-        )
-        if not np.isfinite(vscore):
-            raise DataError(prep.source.path, f"the volume score is {vscore}; no decision made")
-        native_mask = mask_to_native(mask, prep)
-        if self.postprocessor_.config.postprocess.restrict_to_foreground:
+        v = self.postprocessor_.verdict(r.prepared_scores, prep.mask, prep.spacing, prep.source.path)
+        if not np.isfinite(v.volume_score):
+            raise DataError(prep.source.path, f"the volume score is {v.volume_score}; no decision made")
+        native_mask = mask_to_native(v.mask, prep)
+        if self.postprocessor_.config.postprocess.restrict_to_foreground or v.mask_rule != "threshold":
             native_mask &= r.foreground
+        p_map, lesions = self._native_maps(v, r)
         return ScoreResult(
             prep.source,
             r.score_map,
             native_mask,
-            vscore,
-            anomalous,
-            threshold,
+            v.volume_score,
+            v.is_anomalous,
+            v.voxel_threshold,
             prep,
             r.prepared_scores,
             time.perf_counter() - t0,
             r.foreground,
+            v.volume_threshold,
+            v.p_value,
+            v.alpha,
+            v.scan_statistic,
+            v.mask_rule,
+            v.n_calibration,
+            p_map,
+            lesions,
         )
+
+    @staticmethod
+    def _native_maps(v: Verdict, r: NativeScores) -> tuple[np.ndarray | None, list[dict[str, Any]]]:
+        """The p-map (1 outside the foreground) and the lesion table on the input's grid."""
+        prep = r.prepared
+        if v.p_map is None or v.labels is None:
+            return None, []
+        # mapped back as -log10(p), so that voxels no working-grid voxel covers get p = 1, not 0
+        p_map = np.power(10.0, -Preprocessor.invert(-np.log10(v.p_map), prep.record, order=0)).astype(
+            np.float32
+        )
+        p_map[~r.foreground] = 1.0
+        labels = np.rint(Preprocessor.invert(v.labels.astype(np.float32), prep.record, order=0)).astype(
+            np.int32
+        )
+        labels[~r.foreground] = 0
+        registered = prep.record.registration is not None
+        lesions = lesion_table(
+            labels,
+            r.score_map,
+            p_map,
+            np.asarray(prep.source.affine),
+            v.cluster_p,
+            v.labels,
+            r.prepared_scores,
+            np.asarray(prep.affine) if registered else None,
+        )
+        return p_map, lesions
 
     # fitted decision state, read through the post-processor
     @property
@@ -214,8 +280,9 @@ class Detector(ABC):
 
     @property
     def volume_threshold_(self) -> float:
+        """The volume score above which a scan is flagged (the conformal one at ``alpha`` when calibrated)."""
         self._check_fitted("volume_threshold_")
-        return self.postprocessor_.volume_threshold_
+        return self.postprocessor_.scan_threshold
 
     @property
     def score_stats_(self) -> dict[str, float]:
@@ -236,7 +303,10 @@ class Detector(ABC):
         meta = {
             "volume_score": r.volume_score,
             "is_anomalous": r.is_anomalous,
-            "threshold": r.threshold,
+            "voxel_threshold": r.threshold,
+            "volume_threshold": r.volume_threshold,
+            "p_value": r.p_value,
+            "alpha": r.alpha,
             "affine": r.volume.affine,
             "seconds": r.seconds,
             "preprocessed_shape": r.prepared.array.shape if r.prepared is not None else None,
@@ -261,13 +331,19 @@ class Detector(ABC):
         masks = [
             np.asarray(g) > 0 if isinstance(g, np.ndarray) else self._mask_array(g) for g in ground_truth
         ]
-        return comprehensive_evaluation(
+        from anomaly3d_core.evaluation.guarantees import result_guarantees
+        from anomaly3d_core.postprocess.calibration import top_k_mean
+
+        metrics = comprehensive_evaluation(
             masks,
             [r.score_map for r in results],
             self.threshold_,
+            predicted_masks=[r.mask for r in results],
             volume_scores=[r.volume_score for r in results],
             volume_threshold=self.volume_threshold_,
         )
+        top_k = [top_k_mean(r.prepared_scores, r.prepared.mask, 0.01) for r in results]  # type: ignore[union-attr]
+        return metrics | result_guarantees(results, masks, top_k)
 
     def _mask_array(self, item: VolumeLike) -> np.ndarray:
         if isinstance(item, Volume):

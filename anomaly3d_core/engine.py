@@ -111,6 +111,7 @@ class Engine:
         before: Callable[[], None] | None = None,
         show_progress: bool | None = None,
         callbacks: Sequence[EpochCallback] = (),
+        calibration: Sequence[Item] | None = None,
     ) -> FitResult:
         """Train on normal scans and calibrate, record the run (data sets, model, fit metrics,
         training curves) and write the model folder ``out`` (none when ``out`` is ``None``).
@@ -118,7 +119,8 @@ class Engine:
         The folder is locked from the start, so a second fit into it stops at once. Under
         ``torchrun`` the other ranks train alongside; rank 0 records and writes. ``before`` runs on
         rank 0 once the folder is locked, before training (the command line prints its advice);
-        ``callbacks`` get each epoch's losses, as the tracker's own does (tuning prunes with them).
+        ``callbacks`` get each epoch's losses, as the tracker's own does (tuning prunes with them);
+        ``calibration``: held-out normal scans that calibrate the p-values after training.
         """
         from anomaly3d_core.model import distributed
 
@@ -132,6 +134,8 @@ class Engine:
             callback = self.tracker.epoch_callback() if run is not None else None
             every = [*callbacks, callback] if callback else list(callbacks)
             detector.fit(train, val, callbacks=every, show_progress=show_progress)
+            if calibration:
+                detector.calibrate(calibration)
             lineage: dict[str, str] = {}
             if run is not None:
                 self.tracker.log_fit_datasets(detector, train, val, train_name or "", val_name)

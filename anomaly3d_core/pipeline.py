@@ -234,6 +234,13 @@ class AnomalyDetectionPipeline(Detector):
             )
         self.postprocessor_ = PostProcessor(cfg.threshold, self._registry())
         self.postprocessor_.check_shared_grid([p.shape for p in train + val])
+        normals = list(train)  # every training normal, before the validation split (for cross-fitting)
+        folds = cfg.training.calibration_folds
+        if folds and not val_volumes and not 2 <= folds <= len(normals):
+            raise ConfigError(
+                f"training.calibration_folds: {folds}, but cross-fitting needs 2 to {len(normals)} folds "
+                f"(one per training normal at most); use 0 to calibrate on the validation split"
+            )
         if not val:
             train, val = self._split(train, gen)
         if cfg.data.augmentation.enabled:
@@ -290,10 +297,40 @@ class AnomalyDetectionPipeline(Detector):
                 else [self._scan_scores(p) for p in train]
             )
         self.calibrate(val)
+        if folds and not val_volumes:
+            self._crossfit_calibrate(normals, folds, gen)
         self.n_train_volumes_, self.n_val_volumes_ = len(train), len(val)
         self.val_volumes_ = [p.source for p in val]
         self.fit_seconds_ = time.perf_counter() - t0
         return self
+
+    def _crossfit_calibrate(self, normals: list[Prepared], folds: int, gen: torch.Generator) -> None:
+        """Calibrate on every training normal, each scored by a model fitted without its fold.
+
+        The fold models differ from the final one (trained on all normals), so the p-values are
+        approximately, not exactly, conformal (cross-conformal prediction, Vovk 2015).
+        """
+        order = torch.randperm(len(normals), generator=gen).tolist()
+        parts = [order[k::folds] for k in range(folds)]
+        tree = self.config.model_dump(mode="json")
+        tree["training"]["calibration_folds"] = 0
+        maps, masks, spacings = [], [], []
+        self.crossfit_: list[dict[str, list[str]]] = []
+        for part in parts:
+            held = set(part)
+            fold_model = AnomalyDetectionPipeline(tree, device=str(self.device), registry=self.registry)
+            fold_model.fit([normals[i].source for i in order if i not in held], show_progress=False)
+            for i in part:
+                maps.append(fold_model.score_prepared(normals[i]))
+                masks.append(normals[i].mask)
+                spacings.append(normals[i].spacing)
+            self.crossfit_.append(
+                {
+                    "scored": [str(normals[i].source.path) for i in part],
+                    "trained_on": [str(normals[i].source.path) for i in order if i not in held],
+                }
+            )
+        self.postprocessor_.calibrate(maps, masks, spacings)
 
     def _prepare_all(self, items: Sequence[VolumeLike] | None) -> list[Prepared]:
         out = []

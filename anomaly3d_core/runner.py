@@ -33,6 +33,7 @@ from anomaly3d_core.io.derivatives import (
     model_reference,
     write_description,
     write_mask_sidecar,
+    write_pmap_sidecar,
     write_scores_tsv,
     write_sidecar,
 )
@@ -46,6 +47,7 @@ from anomaly3d_core.io.files import (
     write_lock,
 )
 from anomaly3d_core.io.subjects import Subject
+from anomaly3d_core.postprocess.lesions import write_lesion_table
 from anomaly3d_core.preprocess.registration import registration_quality
 from anomaly3d_core.progress import progress
 from anomaly3d_core.scores import SCORES_COLUMNS
@@ -66,6 +68,17 @@ SUMMARY_KEYS = (
 )
 
 
+GUARANTEE_KEYS = (
+    "normal_flagged_fraction",
+    "lesioned_flagged_fraction",
+    "voxel_fdr_lesioned",
+    "fp_clusters_per_normal_scan",
+    "fp_clusters_per_lesioned_scan",
+    "scan_auroc_p_value",
+    "scan_auroc_top_k_mean",
+)
+
+
 CSV_FIELDS = SCORES_COLUMNS  # the columns of scores.csv, shared with the served model
 
 
@@ -79,25 +92,65 @@ class ScoredBatch:
 def write_result(
     result: ScoreResult, out_dir: Path, stem: str | None = None, names: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """Write the score map and mask on the input's grid; returns the CSV row.
+    """Write the score map, p-map, mask and lesion table on the input's grid; returns the CSV row.
 
-    Named ``<stem>_score.nii.gz`` and ``<stem>_mask.nii.gz``, or as ``names`` says (BIDS-Derivatives).
+    Named ``<stem>_score.nii.gz``, ``<stem>_pvalue.nii.gz``, ``<stem>_mask.nii.gz`` and
+    ``<stem>_lesions.tsv``, or as ``names`` says (BIDS-Derivatives). A model without calibration
+    nulls writes no p-map and no lesion table (their cells stay empty).
     """
     stem = stem or scan_stem(result.volume.path or "volume")
-    score, mask = (
-        (names["score_map"], names["mask"]) if names else (f"{stem}_score.nii.gz", f"{stem}_mask.nii.gz")
+    names = names or {
+        "score_map": f"{stem}_score.nii.gz",
+        "p_map": f"{stem}_pvalue.nii.gz",
+        "mask": f"{stem}_mask.nii.gz",
+        "lesion_table": f"{stem}_lesions.tsv",
+    }
+    save_nifti(
+        result.score_map.astype(np.float32), result.volume.affine, output_path(out_dir, names["score_map"])
     )
-    score_path, mask_path = output_path(out_dir, score), output_path(out_dir, mask)
-    save_nifti(result.score_map.astype(np.float32), result.volume.affine, score_path)
-    save_nifti(result.mask.astype(np.uint8), result.volume.affine, mask_path)
+    save_nifti(result.mask.astype(np.uint8), result.volume.affine, output_path(out_dir, names["mask"]))
+    calibrated = result.p_map is not None
+    if calibrated:
+        save_nifti(
+            result.p_map.astype(np.float32), result.volume.affine, output_path(out_dir, names["p_map"])
+        )
+        write_lesion_table(result.lesions, output_path(out_dir, names["lesion_table"]))
     return {
         "file": result.volume.path,
-        "volume_score": round(result.volume_score, 6),
-        "is_anomalous": result.is_anomalous,
-        "threshold": round(result.threshold, 6),
-        "score_map": score,
-        "mask": mask,
+        **decision_columns(result),
+        "score_map": names["score_map"],
+        "p_map": names["p_map"] if calibrated else "",
+        "mask": names["mask"],
+        "lesion_table": names["lesion_table"] if calibrated else "",
         **{k: round(v, 4) for k, v in registration_quality(result.prepared).items()},
+    }
+
+
+def decision_columns(result: ScoreResult) -> dict[str, Any]:
+    """The scan's numbers and decision as ``scores.csv``, the sidecar and the served response name them.
+
+    A NaN or infinite volume score is an error (never a decision); an undefined p-value (a model
+    without calibration nulls) is an empty cell.
+    """
+    if not np.isfinite(result.volume_score):
+        raise DataError(
+            result.volume.path, f"volume score {result.volume_score}: not a finite number, no decision"
+        )
+
+    def num(value: float) -> float | str:
+        return round(float(value), 6) if np.isfinite(value) or np.isinf(value) else ""
+
+    return {
+        "volume_score": round(float(result.volume_score), 6),
+        "volume_threshold": num(result.volume_threshold),
+        "p_value": num(result.p_value),
+        "alpha": num(result.alpha),
+        "is_anomalous": bool(result.is_anomalous),
+        "scan_statistic": result.scan_statistic,
+        "n_calibration": int(result.n_calibration),
+        "mask_rule": result.mask_rule,
+        "voxel_threshold": round(float(result.threshold), 6),
+        "n_lesions": len(result.lesions),
     }
 
 
@@ -114,7 +167,7 @@ def write_csv(
 
 
 def read_scores(out_dir: Path) -> list[dict[str, Any]]:
-    """The rows of ``out_dir/scores.csv`` whose score map and mask are on disk (others are dropped)."""
+    """The rows of ``out_dir/scores.csv`` whose files (maps, mask, lesion table) are on disk (others are dropped)."""
     path = out_dir / "scores.csv"
     if not path.is_file():
         return []
@@ -124,11 +177,10 @@ def read_scores(out_dir: Path) -> list[dict[str, Any]]:
             if not row.get("score_map") and row.get("file"):  # a CSV from before these columns
                 stem = scan_stem(row["file"])
                 row["score_map"], row["mask"] = f"{stem}_score.nii.gz", f"{stem}_mask.nii.gz"
-            if (
-                row.get("score_map")
-                and (out_dir / row["score_map"]).is_file()
-                and (out_dir / row["mask"]).is_file()
-            ):
+            if row.get("threshold") and not row.get("voxel_threshold"):  # a CSV from before p-values
+                row["voxel_threshold"] = row.pop("threshold")
+            files = [row.get(c) for c in ("score_map", "mask", "p_map", "lesion_table") if row.get(c)]
+            if row.get("score_map") and row.get("mask") and all((out_dir / f).is_file() for f in files):
                 rows.append(row)
     return rows
 
@@ -231,6 +283,8 @@ def score_files(
                 sidecar = output_path(out_dir, names["sidecar"])
                 write_sidecar(sidecar, row, model_reference(model_uri, out_dir), sources)
                 write_mask_sidecar(output_path(out_dir, names["mask_sidecar"]), row, names["score_map"])
+                if row["p_map"]:
+                    write_pmap_sidecar(output_path(out_dir, names["p_map_sidecar"]), row, names["score_map"])
             record_row(out_dir, row)
             if bids_root is not None:
                 with write_lock(out_dir / "scores.csv", "scores.csv", blocking=True):
@@ -332,13 +386,15 @@ def evaluate_files(
     ``lesion_kind`` column (as ``anomaly3d demo-data`` writes), when there is one."""
     # matplotlib and scikit-learn: imported for evaluation only, so plain scoring does not load them
     from anomaly3d_core.evaluation import plotting
+    from anomaly3d_core.evaluation.guarantees import result_guarantees
     from anomaly3d_core.evaluation.metrics import comprehensive_evaluation
+    from anomaly3d_core.postprocess.calibration import top_k_mean
     from anomaly3d_core.postprocess.thresholding import multi_threshold_analysis
     from anomaly3d_core.reports.evaluation import lesion_kinds, subject_evaluation, write_tables
     from anomaly3d_core.reports.subject import decision_text
 
     failures = BatchFailures()
-    results, truths, foregrounds, names, rows = [], [], [], [], []
+    results, truths, foregrounds, names, rows, top_ks = [], [], [], [], [], []
     subjects: list[dict[str, Any]] = []
     lesions: list[dict[str, Any]] = []
     kinds = lesion_kinds(masks_dir, pipeline.registry)
@@ -359,18 +415,17 @@ def evaluate_files(
             continue
         row = {
             "file": result.volume.path,
-            "volume_score": result.volume_score,
-            "is_anomalous": result.is_anomalous,
-            "threshold": result.threshold,
+            **decision_columns(result),
             **registration_quality(result.prepared),
             **(subject_columns(path) if isinstance(path, Subject) else {}),
         }
-        result.prepared = result.prepared_scores = None  # keep only what the metrics need
+        top_ks.append(top_k_mean(result.prepared_scores, result.prepared.mask, 0.01))
         found, found_lesions = subject_evaluation(result, truth, stem, kinds.get(stem, ""))
         subjects.append(found)
         lesions += found_lesions
         if writer is not None:
             writer.subject(result, row, stem, truth=truth)
+        result.prepared = result.prepared_scores = result.p_map = None  # keep only what the metrics need
         results.append(result)
         truths.append(truth)
         foregrounds.append(result.foreground)
@@ -387,11 +442,13 @@ def evaluate_files(
         volume_scores=[r.volume_score for r in results],
         volume_threshold=pipeline.volume_threshold_,
     )
+    metrics |= result_guarantees(results, truths, top_ks)
     metrics["seconds_per_volume"] = float(np.mean([r.seconds for r in results]))
     metrics["files"] = [
         {
             "file": r.volume.path,
             "volume_score": r.volume_score,
+            "p_value": r.p_value,
             "is_anomalous": r.is_anomalous,
             "has_lesion": bool(t.any()),
         }
@@ -483,5 +540,10 @@ def summary_table(metrics: dict[str, Any]) -> str:
             ci = metrics.get(f"{key}_ci")
             ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
             lines.append(f"{key:<24}{metrics[key]:>10.4f}  {ci_text}")
+    for key in GUARANTEE_KEYS:
+        if f"guarantee_{key}" in metrics:
+            ci = metrics.get(f"guarantee_{key}_ci")
+            ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+            lines.append(f"{key:<32}{metrics[f'guarantee_{key}']:>10.4f}  {ci_text}")
     lines.append(f"{'volumes':<24}{metrics['n_volumes']:>10d}")
     return "\n".join(lines) + "\n"

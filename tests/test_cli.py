@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
+import json
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 import anomaly3d_core
 from anomaly3d_core.cli import main
+from anomaly3d_core.mlops.schema import SCORES_COLUMNS
 
 FAST_SET = [
     "--set",
@@ -83,12 +85,15 @@ def test_empty_folder_is_an_input_error(tmp_path, capsys):
 
 def test_fit_score_evaluate_with_a_bad_file(demo_dir, tmp_path, capsys):
     model = tmp_path / "model"
-    assert main(["fit", "--train", str(demo_dir / "train"), "--out", str(model), *FAST_SET]) == 0
-    assert (model / "MLmodel").is_file()
+    # --calibration: normals used for the p-values only (the training scans here, to keep it fast)
+    calibration = ["--calibration", str(demo_dir / "train")]
     assert (
-        "data: 4 scan(s) on 1 grid(s), voxel size 4x4x4 mm, axis order RAS: all in MNI152"
-        in capsys.readouterr().out
+        main(["fit", "--train", str(demo_dir / "train"), *calibration, "--out", str(model), *FAST_SET]) == 0
     )
+    assert (model / "MLmodel").is_file()
+    printed = capsys.readouterr().out
+    assert "data: 4 scan(s) on 1 grid(s), voxel size 4x4x4 mm, axis order RAS: all in MNI152" in printed
+    assert "calibrated on 4 normal scan(s): a scan is flagged when its p-value <= alpha 0.05" in printed
     inputs = tmp_path / "inputs"
     shutil.copytree(demo_dir / "test", inputs)
     (inputs / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
@@ -97,18 +102,10 @@ def test_fit_score_evaluate_with_a_bad_file(demo_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "1 input(s) failed" in err and "broken.nii.gz" in err
     rows = list(csv.DictReader(open(out / "scores.csv")))
-    assert len(rows) == 4 and set(rows[0]) == {
-        "file",
-        "subject",
-        "session",
-        "volume_score",
-        "is_anomalous",
-        "threshold",
-        "score_map",
-        "mask",
-        "registration_dice",
-        "registration_metric",
-    }
+    assert len(rows) == 4 and tuple(rows[0]) == SCORES_COLUMNS
+    assert {"volume_score", "volume_threshold", "p_value", "alpha", "is_anomalous", "voxel_threshold"} <= set(
+        rows[0]
+    )
     assert rows[0]["registration_dice"] == ""  # the demo scans are in template space: not registered
     for scan in sorted((demo_dir / "test").iterdir()):
         stem = scan.name.split(".")[0]
@@ -138,6 +135,10 @@ def test_fit_score_evaluate_with_a_bad_file(demo_dir, tmp_path, capsys):
         and list((ev / "overlays").glob("*.png"))
     )
     assert "pixel_auc" in (ev / "summary.txt").read_text()
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["guarantee_n_normal_scans"] == 1 and metrics["guarantee_n_lesioned_scans"] == 3
+    assert metrics["guarantee_normal_flagged_fraction"] == 0.0  # 4 calibration scans: p >= 0.2 > alpha
+    assert "normal_flagged_fraction" in (ev / "summary.txt").read_text()
 
 
 def test_mask_grid_mismatch_reported(demo_dir, saved_model, tmp_path, capsys):

@@ -15,6 +15,7 @@ import pytest
 from servers import mlflow_server, post
 from writers import WRITERS
 
+from anomaly3d_core.mlops.schema import INLINE_COLUMNS
 from anomaly3d_core.mlops.serving import decode_nifti
 
 
@@ -26,7 +27,8 @@ def test_pyfunc_predict_in_process(saved_model, demo_dir):
     model = mlflow.pyfunc.load_model(str(saved_model))
     scan = sorted((demo_dir / "test").iterdir())[-1]
     out = model.predict(pd.DataFrame({"volume": [_b64(scan)]}))
-    assert list(out.columns) == ["volume_score", "is_anomalous", "threshold", "score_map"]
+    assert tuple(out.columns) == INLINE_COLUMNS
+    assert {"volume_threshold", "p_value", "alpha", "voxel_threshold"} <= set(INLINE_COLUMNS)
     img = decode_nifti(out.loc[0, "score_map"])
     src = nib.load(scan)
     assert img.shape == src.shape and np.allclose(img.affine, src.affine)
@@ -49,7 +51,7 @@ def test_mlflow_models_serve_answers(saved_model, demo_dir, tmp_path):
         status, body = post(port, {"dataframe_records": [{"volume": _b64(scan)}]})
         assert status == 200, body
         row = body["predictions"][0]
-        assert set(row) == {"volume_score", "is_anomalous", "threshold", "score_map"}
+        assert set(row) == set(INLINE_COLUMNS)
         assert decode_nifti(row["score_map"]).shape == nib.load(scan).shape
         # any format a loader plugin reads, named in the request; the score map is NIfTI on its grid
         img = nib.load(scan)

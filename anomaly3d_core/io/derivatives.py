@@ -8,9 +8,12 @@ Layout of ``OUT`` (the derivatives dataset's root, e.g. ``bids/derivatives/anoma
     scores.csv                         the same rows, as for any input (the batch's own record)
     report.html, sub-01[_ses-1].html   group and subject reports
     sub-01/[ses-1/]anat/
-      sub-01[_ses-1]_space-<ref>_desc-anomaly_statmap.nii.gz + .json   voxel scores; sidecar: volume
-                                                                       score, decision, threshold, model, sources
+      sub-01[_ses-1]_space-<ref>_desc-anomaly_statmap.nii.gz + .json   voxel scores; sidecar: volume score and
+                                                                       threshold, p-value, alpha, decision, mask rule,
+                                                                       model, sources
+      sub-01[_ses-1]_space-<ref>_desc-pvalue_statmap.nii.gz + .json    voxel p-values against the calibration normals
       sub-01[_ses-1]_space-<ref>_desc-anomaly_mask.nii.gz + .json      voxels flagged anomalous
+      sub-01[_ses-1]_space-<ref>_desc-anomaly_lesions.tsv              one row per flagged cluster
 
 ``space-<ref>`` is the reference sequence (``space-T1w``: on the subject's own T1w grid, as
 fMRIPrep names it). ``desc-anomaly`` with the ``statmap`` suffix (BIDS statistical-model
@@ -38,12 +41,30 @@ SCORES_TSV = "scores.tsv"
 COLUMN_DESCRIPTIONS: dict[str, dict[str, Any]] = {
     "participant_id": {"Description": "BIDS subject label (sub-<label>)"},
     "session_id": {"Description": "BIDS session label (ses-<label>); n/a without sessions"},
-    "volume_score": {"Description": "scan-level anomaly score (higher is more abnormal)"},
+    "volume_score": {"Description": "scan-level anomaly score, the statistic named in scan_statistic"},
+    "volume_threshold": {
+        "Description": "the scan-score threshold at alpha: volume_score above it <=> p_value <= alpha"
+    },
+    "p_value": {
+        "Description": "conformal p-value of the scan score against the calibration normals; n/a without them"
+    },
+    "alpha": {"Description": "significance level of the decision (threshold.alpha)"},
     "is_anomalous": {
-        "Description": "the model's decision: volume_score above the model's scan threshold",
+        "Description": "the model's decision: p_value <= alpha (a model without calibration nulls: volume_score "
+        "above its volume threshold)",
         "Levels": {"True": "flagged anomalous", "False": "normal"},
     },
-    "threshold": {"Description": "the model's voxel threshold; the mask holds voxels scoring above it"},
+    "scan_statistic": {"Description": "what volume_score is: largest_cluster_mass or top_k_mean"},
+    "n_calibration": {"Description": "number of normal scans the p-values were calibrated on"},
+    "mask_rule": {
+        "Description": "how the mask was made: cluster (family-wise at alpha), fdr (Benjamini-Hochberg) or threshold"
+    },
+    "voxel_threshold": {
+        "Description": "the calibrated voxel score threshold (the mask of mask_rule threshold)"
+    },
+    "n_lesions": {"Description": "number of flagged clusters (rows of lesion_table)"},
+    "p_map": {"Description": "voxel p-value map, relative to this dataset's root"},
+    "lesion_table": {"Description": "table of flagged clusters, relative to this dataset's root"},
     "score_map": {"Description": "voxel score map, relative to this dataset's root"},
     "mask": {"Description": "mask of flagged voxels, relative to this dataset's root"},
     "registration_dice": {
@@ -54,21 +75,21 @@ COLUMN_DESCRIPTIONS: dict[str, dict[str, Any]] = {
         "Description": "final Mattes mutual information of the registration (above -0.5: poor); "
         "n/a when not registered"
     },
-    "p_value": {"Description": "conformal p-value of the scan score against normal calibration scans"},
-    "volume_threshold": {"Description": "the scan-score threshold the decision used"},
-    "alpha": {"Description": "significance level of the decision"},
 }
 
 
 def derivative_names(subject: Subject, reference: str) -> dict[str, str]:
-    """Paths (relative to the derivatives root) of a subject's score map, mask and their sidecars."""
+    """Paths (relative to the derivatives root) of a subject's score map, p-map, mask, lesion table and sidecars."""
     folder = f"sub-{subject.subject}/" + (f"ses-{subject.session}/" if subject.session else "") + "anat/"
-    base = f"{folder}{subject.stem}_space-{reference}_desc-anomaly"
+    base = f"{folder}{subject.stem}_space-{reference}"
     return {
-        "score_map": f"{base}_statmap.nii.gz",
-        "mask": f"{base}_mask.nii.gz",
-        "sidecar": f"{base}_statmap.json",
-        "mask_sidecar": f"{base}_mask.json",
+        "score_map": f"{base}_desc-anomaly_statmap.nii.gz",
+        "sidecar": f"{base}_desc-anomaly_statmap.json",
+        "p_map": f"{base}_desc-pvalue_statmap.nii.gz",
+        "p_map_sidecar": f"{base}_desc-pvalue_statmap.json",
+        "mask": f"{base}_desc-anomaly_mask.nii.gz",
+        "mask_sidecar": f"{base}_desc-anomaly_mask.json",
+        "lesion_table": f"{base}_desc-anomaly_lesions.tsv",
     }
 
 
@@ -121,16 +142,20 @@ def write_sidecar(path: Path, row: Mapping[str, Any], model_uri: str, sources: l
     """The JSON sidecar of a score map: the subject's decision and where it came from
     (``model_uri`` as :func:`model_reference` gives it)."""
     sidecar = {
-        "Description": "voxel-wise anomaly score (higher is more abnormal); mask: score above Threshold",
+        "Description": "voxel-wise anomaly score (higher is more abnormal); the mask is made by MaskRule",
         "VolumeScore": row["volume_score"],
+        "ScanStatistic": row["scan_statistic"],
+        "VolumeThreshold": _json_number(row["volume_threshold"]),
+        "PValue": _json_number(row["p_value"]),
+        "Alpha": _json_number(row["alpha"]),
         "IsAnomalous": bool(row["is_anomalous"]),
-        "Threshold": row["threshold"],
+        "NCalibrationScans": row["n_calibration"],
+        "MaskRule": row["mask_rule"],
+        "VoxelThreshold": row["voxel_threshold"],
+        "NLesions": row["n_lesions"],
         "Model": model_uri,
         "Sources": sources,
     }
-    for key, name in (("p_value", "PValue"), ("volume_threshold", "VolumeThreshold"), ("alpha", "Alpha")):
-        if row.get(key) not in (None, ""):
-            sidecar[name] = row[key]
     _write_json(path, sidecar)
 
 
@@ -139,10 +164,11 @@ def write_mask_sidecar(path: Path, row: Mapping[str, Any], score_map: str) -> No
     _write_json(
         path,
         {
-            "Description": "voxels flagged anomalous: score above the model's voxel threshold, after "
-            "the model's post-processing",
+            "Description": f"voxels flagged anomalous by the model's mask rule ({row['mask_rule']}; see "
+            "README, Decisions with stated error rates)",
             "Type": "Lesion",
-            "Threshold": row["threshold"],
+            "MaskRule": row["mask_rule"],
+            "VoxelThreshold": row["voxel_threshold"],
             "Sources": [f"bids::{score_map}"],
         },
     )
@@ -162,3 +188,25 @@ def write_scores_tsv(out: Path, rows: Sequence[Mapping[str, Any]], columns: Sequ
         out / SCORES_TSV.replace(".tsv", ".json"),
         {c: COLUMN_DESCRIPTIONS.get(c, {"Description": c}) for c in names},
     )
+
+
+def write_pmap_sidecar(path: Path, row: Mapping[str, Any], score_map: str) -> None:
+    """The JSON sidecar of a voxel p-value map: what its values are and how many normals made them."""
+    _write_json(
+        path,
+        {
+            "Description": "conformal voxel p-values of the anomaly score against the calibration normals' "
+            "voxels at the same depth from the brain's edge (or the same place on a shared grid); 1 outside "
+            "the brain",
+            "NCalibrationScans": row["n_calibration"],
+            "Sources": [f"bids::{score_map}"],
+        },
+    )
+
+
+def _json_number(value: Any) -> float | str | None:
+    """A CSV cell as JSON: numbers stay numbers, infinity as the string "inf", empty as null."""
+    if value == "" or value is None:
+        return None
+    value = float(value)
+    return value if abs(value) != float("inf") else str(value)

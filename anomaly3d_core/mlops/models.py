@@ -98,6 +98,7 @@ def log_fit_metrics(
             "threshold": detector.threshold_,
             "volume_threshold": detector.volume_threshold_,
             "n_val_volumes": detector.n_val_volumes_,
+            "n_calibration": detector.postprocessor_.n_calibration,
         },
         model_id=model_id,
         dataset=calibration,

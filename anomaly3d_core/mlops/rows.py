@@ -27,8 +27,9 @@ from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.mlops.schema import RESPONSE_COLUMNS, STRING_COLUMNS, path_column
 from anomaly3d_core.mlops.serving import decode_bytes, encode_nifti, loader_for_format, read_payload
+from anomaly3d_core.postprocess.lesions import lesion_tsv
 from anomaly3d_core.preprocess.registration import QUALITY_KEYS, registration_quality
-from anomaly3d_core.runner import write_result
+from anomaly3d_core.runner import decision_columns, write_result
 
 
 def text(value: Any) -> str | None:
@@ -123,23 +124,25 @@ def _read_remote(fs: Any, key: str, uri: str, fmt: str | None, registry: Any) ->
     return volume
 
 
-def write_maps(result: ScoreResult, out_dir: str, stem: str) -> tuple[str, str]:
-    """Write the score map and mask into ``out_dir`` (a folder or fsspec URI); returns their locations.
+def write_maps(result: ScoreResult, out_dir: str, stem: str) -> dict[str, str]:
+    """Write the score map, p-map, mask and lesion table into ``out_dir`` (a folder or fsspec URI);
+    returns their locations by column (empty for files a model without calibration nulls has not).
 
     Local files are written to a temporary sibling and renamed, as ``anomaly3d score`` does; on
     another filesystem each file is uploaded whole (one PUT on an object store).
     """
+    columns = ("score_map", "p_map", "mask", "lesion_table")
     fs, root = fsspec.core.url_to_fs(out_dir)
     if isinstance(fs, LocalFileSystem):
         root = out_dir.removeprefix("file://")
         row = write_result(result, Path(root), stem)
-        return str(Path(root) / row["score_map"]), str(Path(root) / row["mask"])
+        return {c: str(Path(root) / row[c]) if row[c] else "" for c in columns}
     with tempfile.TemporaryDirectory(prefix="anomaly3d-maps-") as tmp:
         row = write_result(result, Path(tmp), stem)
         dest = out_dir.rstrip("/")
-        for name in (row["score_map"], row["mask"]):
+        for name in (row[c] for c in columns if row[c]):
             fs.put_file(str(Path(tmp) / name), f"{root.rstrip('/')}/{name}")
-        return f"{dest}/{row['score_map']}", f"{dest}/{row['mask']}"
+        return {c: f"{dest}/{row[c]}" if row[c] else "" for c in columns}
 
 
 def output_stem(row: dict[str, Any], item: Volume | Subject, registry: Any) -> str:
@@ -167,20 +170,22 @@ def score_row(row: dict[str, Any], index: int, detector: Detector, inline: bool 
     volume = result.volume
     out_dir = text(row.get("out_dir"))
     if out_dir is not None:
-        score_map, mask = write_maps(result, out_dir, output_stem(row, item, detector.registry))
-    else:  # no output location: the maps travel back in the response, base64 .nii.gz
-        score_map = encode_nifti(result.score_map, volume.affine)
-        mask = "" if inline else encode_nifti(result.mask.astype("float32"), volume.affine)
+        files = write_maps(result, out_dir, output_stem(row, item, detector.registry))
+    else:  # no output location: the maps travel back in the response, base64 .nii.gz; the table as TSV text
+        files = {
+            "score_map": encode_nifti(result.score_map, volume.affine),
+            "p_map": "" if inline or result.p_map is None else encode_nifti(result.p_map, volume.affine),
+            "mask": "" if inline else encode_nifti(result.mask.astype("float32"), volume.affine),
+            "lesion_table": "" if inline or result.p_map is None else lesion_tsv(result.lesions),
+        }
     quality = registration_quality(result.prepared)
+    decision = {k: math.nan if v == "" else v for k, v in decision_columns(result).items()}
     return {
         "file": str(volume.path),
         "subject": item.subject if isinstance(item, Subject) else "",
         "session": (item.session or "") if isinstance(item, Subject) else "",
-        "volume_score": float(result.volume_score),
-        "is_anomalous": bool(result.is_anomalous),
-        "threshold": float(result.threshold),
-        "score_map": score_map,
-        "mask": mask,
+        **decision,
+        **files,
         **{k: float(quality.get(k, math.nan)) for k in QUALITY_KEYS},
         "seconds": time.perf_counter() - t0,
         "error": "",
@@ -195,6 +200,8 @@ def failed_row(row: dict[str, Any], index: int, reason: str) -> dict[str, Any]:
         **dict.fromkeys(STRING_COLUMNS, ""),
         "file": name,
         "is_anomalous": False,
+        "n_calibration": 0,
+        "n_lesions": 0,
         "error": reason,
     }
 

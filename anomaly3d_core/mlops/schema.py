@@ -4,7 +4,8 @@ A row holds its scan as ``volume`` (base64) or ``path`` (a path or URI), or, for
 sequences, per sequence a base64 column (``T1w``, ``FLAIR``, ...) or a path column (``T1w_path``) and
 optionally ``subject`` (the name its outputs get); every reader of a row is
 :func:`anomaly3d_core.mlops.rows.read_row`. The response is the ``scores.csv`` row
-(:data:`SCORES_COLUMNS`, also what ``anomaly3d score`` writes) plus ``seconds`` and ``error``.
+(:data:`SCORES_COLUMNS`, also what ``anomaly3d score`` writes) plus ``seconds`` and ``error``. Without
+``out_dir`` the maps travel back as base64 ``.nii.gz`` and ``lesion_table`` holds the TSV's text.
 """
 
 from __future__ import annotations
@@ -16,8 +17,28 @@ from anomaly3d_core.scores import SCORES_COLUMNS
 
 REQUEST_COLUMNS = ("volume", "path", "format", "out_dir")
 RESPONSE_COLUMNS = (*SCORES_COLUMNS, "seconds", "error")  # error: "" when the row was scored
-INLINE_COLUMNS = ("volume_score", "is_anomalous", "threshold", "score_map")  # a request of base64 scans
-STRING_COLUMNS = ("file", "subject", "session", "score_map", "mask", "error")
+#: a request of base64 scans
+INLINE_COLUMNS = (
+    "volume_score",
+    "volume_threshold",
+    "p_value",
+    "alpha",
+    "is_anomalous",
+    "voxel_threshold",
+    "score_map",
+)
+STRING_COLUMNS = (
+    "file",
+    "subject",
+    "session",
+    "scan_statistic",
+    "mask_rule",
+    "score_map",
+    "p_map",
+    "mask",
+    "lesion_table",
+    "error",
+)
 
 
 def path_column(sequence: str) -> str:
@@ -40,7 +61,8 @@ def signature(channels: Sequence[str] = ()) -> Any:
     from mlflow.models import ModelSignature  # imported on save only: runner reads the columns above
     from mlflow.types import ColSpec, Schema
 
-    kinds = {"is_anomalous": "boolean", **dict.fromkeys(STRING_COLUMNS, "string")}
+    kinds = {"is_anomalous": "boolean", "n_calibration": "long", "n_lesions": "long"}
+    kinds |= dict.fromkeys(STRING_COLUMNS, "string")
     return ModelSignature(
         inputs=Schema(
             [

@@ -3,8 +3,8 @@
 Request rows: ``{"volume": "<base64 of a scan file>", "format": "<optional>"}``: NIfTI is
 recognised by itself; any other one-file format a registered loader reads is named in ``format``
 (a loader name such as ``itk`` or an extension such as ``nrrd``) or recognised by the loader's
-``sniff``. Response rows: ``volume_score``, ``is_anomalous``, ``threshold`` and ``score_map``
-(base64 ``.nii.gz`` on the input's grid, whatever the input format). Payloads are read within the
+``sniff``. Response rows: :data:`~anomaly3d_core.mlops.schema.INLINE_COLUMNS`, the score map
+as base64 ``.nii.gz`` on the input's grid, whatever the input format. Payloads are read within the
 limits of :mod:`anomaly3d_core.io.limits`.
 
 A model folder is written whole or not at all: into a temporary sibling, swapped in by rename,

@@ -13,6 +13,7 @@ with ``spark.task.cpus`` torch threads, so concurrent tasks do not oversubscribe
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -228,8 +229,14 @@ def csv_row(result: dict[str, Any], out: Path) -> dict[str, Any]:
     """A response row as ``scores.csv`` writes it: numbers rounded as on one machine, map names
     relative to ``out`` when they lie under it, empty cells for scans that were not registered."""
     row = dict(result)
-    row["volume_score"], row["threshold"] = round(row["volume_score"], 6), round(row["threshold"], 6)
-    for key in ("score_map", "mask"):
+    for key in ("volume_score", "volume_threshold", "p_value", "alpha", "voxel_threshold"):
+        if isinstance(row[key], float) and math.isfinite(row[key]):
+            row[key] = round(row[key], 6)
+    for key in ("n_calibration", "n_lesions"):
+        row[key] = int(row[key])
+    for key in ("score_map", "p_map", "mask", "lesion_table"):
+        if not row[key]:
+            continue
         rel = os.path.relpath(row[key], out) if "://" not in row[key] else ".."
         row[key] = rel if not rel.startswith("..") else row[key]
     for key in RESPONSE_COLUMNS:

@@ -45,9 +45,11 @@ METRIC_NAMES = {
     "fit_seconds": "training and calibration time",
     "seconds_per_volume": "scoring time per scan",
     "threshold": "the model's calibrated voxel threshold",
-    "volume_threshold": "the model's calibrated volume-score threshold",
+    "volume_threshold": "the volume score above which a scan is flagged (p <= alpha); not logged when "
+    "infinite (too few calibration scans to reach alpha)",
     "n_train_volumes": "scans trained on",
-    "n_val_volumes": "held-out normal scans calibrated on",
+    "n_val_volumes": "held-out normal scans of the fit's validation",
+    "n_calibration": "normal scans the p-values were calibrated on",
 }
 # tuning.metric's older names for the same figures
 METRIC_ALIASES = {"voxel_ap": "pixel_ap", "voxel_auroc": "pixel_auc"}

@@ -9,6 +9,7 @@ replaced without touching the network.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,16 @@ from anomaly3d_core.config import ThresholdConfig
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
 from anomaly3d_core.io import arrays
 from anomaly3d_core.postprocess import thresholding
+from anomaly3d_core.postprocess.calibration import (
+    SCAN_STATISTICS,
+    CalibrationNull,
+    calibration_warning,
+    require_finite,
+)
+from anomaly3d_core.postprocess.verdict import Verdict, calibrated_verdict, conformal_threshold
 
-STATE_FILE, NORMATIVE_FILE = "state.json", "normative.npz"
+STATE_FILE, NORMATIVE_FILE, CALIBRATION_FILE = "state.json", "normative.npz", "calibration.npz"
+log = logging.getLogger(__name__)
 
 
 def robust_standardize(scores: np.ndarray, foreground: np.ndarray) -> np.ndarray:
@@ -128,14 +137,33 @@ class PostProcessor:
         return scores
 
     # ------------------------------------------------------------------ calibration
-    def calibrate(self, maps: list[np.ndarray], foregrounds: list[np.ndarray]) -> PostProcessor:
-        """Voxel and volume thresholds and score statistics from final score maps of normal scans."""
+    def calibrate(
+        self, maps: list[np.ndarray], foregrounds: list[np.ndarray], spacings: list | None = None
+    ) -> PostProcessor:
+        """Voxel and volume thresholds, score statistics and the calibration nulls (p-values, clusters)
+        from final score maps of normal scans that the model never trained on."""
         state = thresholding.calibrate(maps, foregrounds, self.config, self.registry)
         self.threshold_: float = state["threshold"]
         self.volume_threshold_: float = state["volume_threshold"]
         self.score_stats_: dict[str, float] = state["score_stats"]
         self.normal_volume_scores_: list[float] = state["normal_volume_scores"]
+        spacings = spacings or [(1.0, 1.0, 1.0)] * len(maps)
+        self.null_ = fit_null(maps, foregrounds, spacings, self.config)
         return self
+
+    @property
+    def scan_threshold(self) -> float:
+        """The volume score above which a scan is flagged: conformal at ``alpha``, or the legacy threshold."""
+        null: CalibrationNull | None = getattr(self, "null_", None)
+        if null is None:
+            return self.volume_threshold_
+        return conformal_threshold(null.null_stats_[self.config.scan_statistic], self.config.alpha)
+
+    @property
+    def n_calibration(self) -> int:
+        """How many normal scans calibrated the p-values (0 for a model saved before calibration nulls)."""
+        null: CalibrationNull | None = getattr(self, "null_", None)
+        return 0 if null is None else null.n_scans_
 
     @property
     def calibrated(self) -> bool:
@@ -148,7 +176,8 @@ class PostProcessor:
     def decide(
         self, scores: np.ndarray, foreground: np.ndarray, spacing: tuple[float, float, float]
     ) -> tuple[float, np.ndarray, float, bool]:
-        """Threshold used, post-processed mask, volume score and the volume decision."""
+        """Threshold used, post-processed mask, volume score and the decision of the legacy rule (a voxel
+        threshold and a volume threshold without stated error rates); :meth:`verdict` is the calibrated one."""
         if not self.calibrated:
             raise Anomaly3DError(
                 "the detector is not calibrated; fit it or call calibrate(normal_scans) first"
@@ -158,6 +187,26 @@ class PostProcessor:
         )
         return threshold, mask, vscore, bool(vscore > self.volume_threshold_)
 
+    def verdict(
+        self,
+        scores: np.ndarray,
+        foreground: np.ndarray,
+        spacing: tuple[float, float, float],
+        source: str | None = None,
+    ) -> Verdict:
+        """The calibrated decision of one scan's final scores on the working grid (see :class:`Verdict`)."""
+        require_finite_scores(scores, foreground, source)
+        threshold, legacy_mask, top_k, legacy_anomalous = self.decide(scores, foreground, spacing)
+        null: CalibrationNull | None = getattr(self, "null_", None)
+        if null is None:  # a model saved before calibration nulls: the legacy rule, no p-values
+            return Verdict(
+                threshold, legacy_mask, top_k, self.volume_threshold_, legacy_anomalous, "top_k_mean"
+            )
+        bands = depth_band(foreground, spacing)
+        return calibrated_verdict(
+            null, self.config, scores, foreground, bands, spacing, threshold, legacy_mask
+        )
+
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -166,6 +215,7 @@ class PostProcessor:
             "volume_threshold": self.volume_threshold_,
             "score_stats": self.score_stats_,
             "normal_volume_scores": self.normal_volume_scores_,
+            "n_calibration": self.n_calibration,  # for the reader: the nulls are in calibration.npz
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> PostProcessor:
@@ -180,6 +230,8 @@ class PostProcessor:
         (folder / STATE_FILE).write_text(json.dumps({**self.state_dict(), **(extra or {})}, indent=2))
         if self.normative_ is not None:
             np.savez_compressed(folder / NORMATIVE_FILE, **self.normative_)
+        if getattr(self, "null_", None) is not None:
+            np.savez_compressed(folder / CALIBRATION_FILE, **self.null_.to_arrays())
 
     @classmethod
     def load(cls, folder: Path, config: ThresholdConfig, registry: Any = None) -> tuple[PostProcessor, dict]:
@@ -188,4 +240,45 @@ class PostProcessor:
         post = cls(config, registry).load_state_dict(state)
         if (folder / NORMATIVE_FILE).is_file():  # each array's size checked before it is inflated
             post.normative_ = arrays.load_npz(folder / NORMATIVE_FILE, ("mean", "std"))
+        if (folder / CALIBRATION_FILE).is_file():
+            post.null_ = load_null(folder / CALIBRATION_FILE)
+        else:
+            log.warning(
+                "%s: saved before calibration nulls (no %s): scans get the legacy decision (volume score "
+                "above volume_threshold) with no p-value; refit, or calibrate on held-out normals, for p-values",
+                folder,
+                CALIBRATION_FILE,
+            )
         return post, state
+
+
+def require_finite_scores(scores: np.ndarray, foreground: np.ndarray, source: str | None = None) -> None:
+    """A NaN or infinite score inside the foreground is a failed scan, never a decision."""
+    try:
+        require_finite(scores[foreground], "voxel scores")
+    except ValueError as exc:
+        raise DataError(source, str(exc)) from None
+
+
+def fit_null(
+    maps: list[np.ndarray], foregrounds: list[np.ndarray], spacings: list, config: ThresholdConfig
+) -> CalibrationNull:
+    """The calibration nulls of :mod:`.calibration`, with a warning when too few scans for ``alpha``."""
+    for m, fg in zip(maps, foregrounds, strict=True):
+        require_finite_scores(m, fg, "calibration scan")
+    bands = [depth_band(fg, sp) for fg, sp in zip(foregrounds, spacings, strict=True)]
+    null = CalibrationNull(config.cluster_forming_p, config.volume.top_k_fraction)
+    null.fit(maps, foregrounds, bands, spacings)
+    warning = calibration_warning(len(maps), config.alpha)
+    if warning:
+        log.warning(warning)
+    return null
+
+
+def load_null(path: Path) -> CalibrationNull:
+    """``calibration.npz``, each array's size checked before it is inflated."""
+    base = arrays.load_npz(
+        path, ("count", "body", "forming_score", "settings", *(f"null_{k}" for k in SCAN_STATISTICS))
+    )
+    tails = arrays.load_npz(path, tuple(f"tail_{i}" for i in range(len(base["count"]))))
+    return CalibrationNull.from_arrays(base | tails)
