@@ -139,13 +139,13 @@ def run(args: argparse.Namespace) -> int:
 def _group(pipe: Any, out: Path, uri: str) -> int:
     """Write ``report.html`` over every subject scored into ``out``."""
     from anomaly3d_core.reports import ReportWriter
-    from anomaly3d_core.runner import _row_stem, read_scores
+    from anomaly3d_core.runner import read_scores, row_stem
 
     rows = read_scores(out)
     if not rows:
         raise DataError(out, "no scored subject here; run the participant level first")
     writer = ReportWriter(out, pipe, uri, sequences=pipe.channels)
-    names = [_row_stem(r) for r in rows]
+    names = [row_stem(r) for r in rows]
     writer.add_from_folder(rows, names, bids=True)
     path = writer.group(rows, names)
     flagged = sum(str(r["is_anomalous"]) == "True" for r in rows)

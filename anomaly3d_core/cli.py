@@ -118,7 +118,7 @@ def _score_on_spark(args: argparse.Namespace, out: Path) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from anomaly3d_core.runner import summary_table
+    from anomaly3d_core.evaluator import summary_table
 
     out = check_out(args.out)
     with contextlib.ExitStack() as stack:

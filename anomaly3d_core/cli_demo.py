@@ -34,10 +34,10 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from anomaly3d_core.demo.datasets import make_demo_dataset
+    from anomaly3d_core.evaluator import summary_table
     from anomaly3d_core.mlops.naming import set_name
     from anomaly3d_core.mlops.tracking import ui_command
     from anomaly3d_core.persistence import build_detector, reference_config
-    from anomaly3d_core.runner import summary_table
 
     config = read_config(args)
     register = registration(args, config, default="anomaly3d-demo")

@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from anomaly3d_core import safe_yaml
+from anomaly3d_core.config_data import (  # noqa: F401  (re-exported: every section is importable from here)
+    AugmentationConfig,
+    DataConfig,
+    PreprocessingConfig,
+    Section,
+    Triple,
+    _triple,
+)
 from anomaly3d_core.config_tree import (  # noqa: F401  (re-exported: the config's public helpers)
     flatten,
     format_validation_error,
@@ -25,19 +33,7 @@ from anomaly3d_core.config_tree import (  # noqa: F401  (re-exported: the config
 from anomaly3d_core.errors import ConfigError, PluginError
 from anomaly3d_core.registry import get_registry
 
-Triple = tuple[int, int, int]
 RUN_SECTIONS = ("tracking", "tuning")  # the run's settings, not the detector's: not kept in a model folder
-
-
-def _triple(value: Any) -> Any:
-    """Accept ``8`` as ``(8, 8, 8)``."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return (int(value),) * 3
-    return value
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
 class ComponentSpec(Section):
@@ -59,101 +55,6 @@ class ComponentSpec(Section):
             if data["type"] != default:
                 return {**data, "args": {}}
         return data
-
-
-class PreprocessingConfig(Section):
-    reorient: bool = True
-    target_spacing: tuple[float, float, float] | None = (2.0, 2.0, 2.0)
-    target_shape: Triple | None = None
-    foreground: Literal["nonzero", "otsu", "none"] = "nonzero"
-    crop_foreground: bool = True
-    crop_margin: int = Field(4, ge=0)
-    pad_multiple: int = Field(8, ge=1)
-    normalize_method: Literal["z_score", "min_max", "percentile", "none"] = "z_score"
-    clip_percentile: tuple[float, float] | None = (0.5, 99.5)
-    register_to: Literal["none", "auto", "mni152"] = Field(
-        "none",
-        description="affine registration to a template before everything else (brain MRI: mni152); "
-        "auto registers each scan to MNI152 unless it already lies in MNI152 space",
-    )
-
-    _triple = field_validator("target_shape", mode="before")(_triple)
-
-    @field_validator("target_spacing", mode="before")
-    @classmethod
-    def _spacing(cls, v: Any) -> Any:
-        return (float(v),) * 3 if isinstance(v, int | float) and not isinstance(v, bool) else v
-
-
-class AugmentationConfig(Section):
-    enabled: bool = False
-    rotation_range: float = 10.0
-    flip_probability: float = Field(0.0, ge=0, le=1)
-    noise_std: float = Field(0.01, ge=0)
-    brightness_range: float = Field(0.1, ge=0)
-    contrast_range: float = Field(0.1, ge=0)
-    gamma_range: float = Field(0.1, ge=0)
-    bias_field_strength: float = Field(0.0, ge=0)
-    elastic_strength: float = Field(0.0, ge=0)
-    copies: int = Field(1, ge=1)
-    seed: int = 0
-
-
-class DataConfig(Section):
-    loader: str = "auto"
-    loader_args: dict[str, Any] = Field(
-        default_factory=dict, description="the loader's parameters, e.g. {series_uid: ...} for dicom"
-    )
-    cache: bool = Field(True, description="cache preprocessed volumes on disk (see anomaly3d_core.io.cache)")
-    sequences: list[str] | None = Field(
-        None,
-        description="the sequences of a subject, as BIDS suffixes (e.g. [T1w, FLAIR]), one input channel "
-        "each; none: one file per subject",
-    )
-    reference_sequence: str | None = Field(
-        None, description="the sequence whose grid the others are resampled onto (default: the first)"
-    )
-    coregister: bool | Literal["auto"] = Field(
-        "auto",
-        description="rigidly co-register each sequence to the reference (mutual information); auto: unless "
-        "it lies on the reference's grid already (sequences aligned beforehand)",
-    )
-    preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
-    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
-
-    @field_validator("sequences")
-    @classmethod
-    def _sequences(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return None
-        if not v:
-            raise ValueError("sequences: give at least one name (e.g. [T1w, FLAIR]) or leave it out")
-        bad = [s for s in v if not s.isalnum()]
-        if bad:
-            raise ValueError(
-                f"sequences: '{bad[0]}' is not a BIDS suffix (letters and digits only, e.g. T2w)"
-            )
-        if len(set(v)) != len(v):
-            raise ValueError(f"sequences: {v} names a sequence twice")
-        return list(v)
-
-    @model_validator(mode="after")
-    def _reference(self) -> DataConfig:
-        if self.reference_sequence is not None:
-            names = self.sequences or []
-            if self.reference_sequence not in names:
-                raise ValueError(
-                    f"reference_sequence: '{self.reference_sequence}' is not one of sequences {names}"
-                )
-        return self
-
-    @property
-    def channels(self) -> list[str]:
-        """The sequences in channel order: the reference first, then the others as listed."""
-        if not self.sequences:
-            return []
-        ref = self.reference_sequence or self.sequences[0]
-        return [ref, *[s for s in self.sequences if s != ref]]
 
 
 class PatchConfig(Section):

@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from anomaly3d_core.detector import Detector
+from anomaly3d_core.evaluator import evaluate_files
 from anomaly3d_core.io.data import BatchFailures
 from anomaly3d_core.io.files import check_model_target, write_lock
 from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.model.training import EpochCallback
 from anomaly3d_core.persistence import LINEAGE_KEY, read_lineage
-from anomaly3d_core.runner import ScoredBatch, evaluate_files, score_files
+from anomaly3d_core.runner import ScoredBatch, score_files
 from anomaly3d_core.tracking import NullTracker, Tracker
 
 ModelWriter = Callable[[Detector, Path, "dict[str, Any] | None"], Path]

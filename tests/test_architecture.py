@@ -80,7 +80,16 @@ def test_core_never_imports_the_builtin_plugins():
 
 @pytest.mark.parametrize(
     "module",
-    ["ensemble.py", "mlops/tuning.py", "mlops/serving.py", "mlops/pyfunc_model.py", "runner.py", "cli.py"],
+    [
+        "ensemble.py",
+        "mlops/tuning.py",
+        "mlops/serving.py",
+        "mlops/pyfunc_model.py",
+        "runner.py",
+        "evaluator.py",
+        "engine.py",
+        "cli.py",
+    ],
 )
 def test_detector_users_call_no_private_method(module):
     text = (ROOT / module).read_text(encoding="utf-8")
@@ -111,6 +120,7 @@ CORE_MODULES = (
     "anomaly3d_core.persistence",
     "anomaly3d_core.provenance",
     "anomaly3d_core.runner",
+    "anomaly3d_core.evaluator",
     "anomaly3d_core.scores",
 )
 CORE_PACKAGES = ("io", "preprocess", "model", "postprocess", "evaluation")

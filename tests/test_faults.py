@@ -33,6 +33,7 @@ from writers import write_dicom_series, write_nifti
 from anomaly3d_core.cli import main
 from anomaly3d_core.config import TrainingConfig
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
+from anomaly3d_core.evaluator import find_mask
 from anomaly3d_core.io import cache, limits
 from anomaly3d_core.io.files import (
     list_inputs,
@@ -46,7 +47,7 @@ from anomaly3d_core.io.nifti import read_nifti
 from anomaly3d_core.mlops.serving import save_pyfunc
 from anomaly3d_core.persistence import load_detector
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
-from anomaly3d_core.runner import find_mask, score_files, write_csv
+from anomaly3d_core.runner import score_files, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

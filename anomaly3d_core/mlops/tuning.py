@@ -33,6 +33,7 @@ from anomaly3d_core.demo.synthetic import inject_anomalies
 from anomaly3d_core.detector import Detector
 from anomaly3d_core.engine import Engine
 from anomaly3d_core.errors import ConfigError, DataError, did_you_mean
+from anomaly3d_core.evaluator import find_mask
 from anomaly3d_core.io.data import list_items
 from anomaly3d_core.io.files import atomic_write, load_volume, replace_tree
 from anomaly3d_core.io.subjects import Subject
@@ -49,7 +50,6 @@ from anomaly3d_core.mlops.tracking import (
     run_tags,
 )
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
-from anomaly3d_core.runner import find_mask
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("pixel_ap", "pixel_auc", *METRIC_ALIASES)  # voxel_ap / voxel_auroc: the older names
