@@ -74,6 +74,18 @@ class PatchConfig(Section):
         "patch: blend one error per patch; auto: voxel when possible",
     )
 
+    residual_sign: (
+        Literal["both", "bright", "dark", "physics"] | dict[str, Literal["both", "bright", "dark"]]
+    ) = Field(
+        "both",
+        description="which sign of the reconstruction residual counts (voxel scoring of intensities): "
+        "bright (scan above its reconstruction), dark, both; physics: FLAIR/T2w bright, T1w and other "
+        "suffixes both; or per sequence, e.g. {FLAIR: bright, T1w: both}",
+    )
+    channel_combine: Literal["mean", "max"] = Field(
+        "mean", description="how the sequences' per-voxel residuals become one score: their mean or max"
+    )
+
     _triple = field_validator("patch_size", "stride", mode="before")(_triple)
 
     @field_validator("scales")
@@ -241,6 +253,23 @@ class PipelineConfig(Section):
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
+
+    @model_validator(mode="after")
+    def _residual_sign(self) -> PipelineConfig:
+        sign = self.patches.residual_sign
+        if isinstance(sign, dict):
+            names = self.data.sequences or []
+            if not names:
+                raise ValueError(
+                    "patches.residual_sign: a per-sequence mapping needs data.sequences; for one file per "
+                    "scan give one of both, bright, dark"
+                )
+            unknown = [k for k in sign if k not in names]
+            if unknown:
+                raise ValueError(
+                    f"patches.residual_sign: '{unknown[0]}' is not one of data.sequences {names}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _patch_alias(self) -> PipelineConfig:

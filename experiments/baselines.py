@@ -92,3 +92,36 @@ class IntensityMAD(_Baseline):
     def score(self, v: Volume) -> tuple[np.ndarray, float]:
         s = self._raw(v)
         return s, volume_score(s, _brain(v), self.top_k_fraction)
+
+
+class FlairMAD(_Baseline):
+    """The FLAIR one-liner: smoothed ``max(0, (FLAIR - median) / MAD)`` inside the brain (``two_sided``: ``|.|``).
+
+    Scores a subject read onto its reference (T1w) grid, the FLAIR as channel ``channel``; the brain
+    is the reference's nonzero voxels.
+    """
+
+    name = "flair_mad"
+
+    def __init__(self, two_sided: bool = False, channel: int = 1, **kwargs: float) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.two_sided, self.channel = two_sided, channel
+
+    def _raw(self, v: Volume) -> np.ndarray:
+        brain = v.channel(0) != 0
+        x = v.channel(self.channel)
+        vals = x[brain]
+        med = np.median(vals)
+        mad = 1.4826 * np.median(np.abs(vals - med)) or 1.0
+        z = (x - med) / mad
+        return _finish(np.abs(z) if self.two_sided else np.maximum(z, 0.0), brain, self.smoothing_sigma)
+
+    def fit(self, volumes: Sequence[Volume]) -> FlairMAD:
+        self.threshold_ = float(
+            np.percentile(np.concatenate([self._raw(v)[v.channel(0) != 0] for v in volumes]), self.percentile)
+        )
+        return self
+
+    def score(self, v: Volume) -> tuple[np.ndarray, float]:
+        s = self._raw(v)
+        return s, volume_score(s, v.channel(0) != 0, self.top_k_fraction)

@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(HERE))
 import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
 from bench_results import merge_rows  # noqa: E402
+from bench_validation import size_cells, spearman_lines, validate  # noqa: E402
 
 
 def family(extractor: str, autoencoder: str) -> dict[str, Any]:
@@ -44,6 +46,10 @@ def family(extractor: str, autoencoder: str) -> dict[str, Any]:
 ENTRIES: dict[str, Any] = {
     "preset (brain_mri.yaml)": HERE / "configs" / "brain_mri.yaml",
     "native preset (brain_mri_native.yaml)": HERE / "configs" / "brain_mri_native.yaml",
+    "preset, T1w dark (residual_sign: dark)": (
+        HERE / "configs" / "brain_mri.yaml",
+        ["patches.residual_sign=dark"],
+    ),
     **{
         f"{e}+{a}": family(e, a)
         for e in ("simple", "resnet18")
@@ -89,8 +95,64 @@ def _metrics(truths, maps, fgs, vscores, preds, threshold, vthreshold=None) -> d
     return {k: m[k] for k in keys if k in m}
 
 
-def run_one(name: str, data: Path) -> dict[str, Any]:
+def make_method(entry: Any) -> tuple[Callable[[list], Any], Callable[[Any, Any], tuple]]:
+    """``fit(train paths) -> model`` and ``score(model, path or Volume) -> (map, foreground, volume score,
+    mask, threshold, volume threshold)`` of an entry: a baseline name, a config file (optionally with
+    ``--set`` overrides: ``(path, [key=value, ...])``) or a config dict."""
+    from anomaly3d_core.io.files import load_volume
+    from anomaly3d_core.io.volume import Volume
+
+    as_vol = lambda x: x if isinstance(x, Volume) else load_volume(x)  # noqa: E731
+    if isinstance(entry, str):
+        import baselines
+        import monai_baseline
+
+        def fit_baseline(items: list) -> Any:
+            model = {
+                "atlas_zscore": baselines.AtlasZScore,
+                "intensity_mad": baselines.IntensityMAD,
+                "monai_autoencoder": monai_baseline.MonaiAutoEncoder,
+            }[entry]()
+            return model.fit([as_vol(p) for p in items])
+
+        def score_baseline(model: Any, item: Any) -> tuple:
+            v = as_vol(item)
+            s, vs = model.score(v)
+            return s, v.array > 0, vs, s > model.threshold_, model.threshold_, float("nan")
+
+        return fit_baseline, score_baseline
+    from anomaly3d_core.engine import Engine
+    from anomaly3d_core.persistence import build_detector
+
+    def fit(items: list) -> Any:
+        return Engine().fit(build_detector(entry_config(entry)), list(items), show_progress=False).detector
+
+    def score(pipe: Any, item: Any) -> tuple:
+        r = pipe.score(item)  # r.mask: the model's own decision, post-processing included
+        return r.score_map, r.foreground, r.volume_score, r.mask, r.threshold, pipe.volume_threshold_
+
+    return fit, score
+
+
+def _map_and_volume_score(scored: tuple) -> tuple[np.ndarray, float]:
+    return scored[0], float(scored[2])
+
+
+def entry_config(entry: Any) -> Any:
+    """The validated config of a config entry (tracking off)."""
+    from anomaly3d_core.config import build_config
+    from anomaly3d_core.persistence import load_any_config
+
+    if isinstance(entry, tuple):
+        return load_any_config(entry[0], ["tracking.enabled=false", *entry[1]])
+    if isinstance(entry, Path):
+        return load_any_config(entry, ["tracking.enabled=false"])
+    return build_config({**entry, "tracking": {"enabled": False}})
+
+
+def run_one(name: str, data: Path, validation: bool = True) -> dict[str, Any]:
     """Fit and score one entry in this process; returns its figures."""
+    from anomaly3d_core.evaluation.validation import size_sensitivity
     from anomaly3d_core.io.files import list_inputs, load_volume
 
     entry = ENTRIES[name]
@@ -100,44 +162,16 @@ def run_one(name: str, data: Path) -> dict[str, Any]:
         row["file"].split("/")[-1]: row["lesion_kind"]
         for row in csv.DictReader(open(data / "test_manifest.csv"))
     }
+    fit, score = make_method(entry)
     t0 = time.perf_counter()
-    if isinstance(entry, str):
-        import baselines
-        import monai_baseline
-
-        model = {
-            "atlas_zscore": baselines.AtlasZScore,
-            "intensity_mad": baselines.IntensityMAD,
-            "monai_autoencoder": monai_baseline.MonaiAutoEncoder,
-        }[entry]()
-        model.fit([load_volume(p) for p in train])
-        fit_s = time.perf_counter() - t0
-
-        def score(path: Path) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, float, float]:
-            v = load_volume(path)
-            s, vs = model.score(v)
-            return s, v.array > 0, vs, s > model.threshold_, model.threshold_, float("nan")
-    else:
-        from anomaly3d_core.config import build_config
-        from anomaly3d_core.engine import Engine
-        from anomaly3d_core.persistence import build_detector, load_any_config
-
-        if isinstance(entry, Path):
-            config = load_any_config(entry, ["tracking.enabled=false"])
-        else:
-            config = build_config({**entry, "tracking": {"enabled": False}})
-        pipe = Engine().fit(build_detector(config), train, show_progress=False).detector
-        fit_s = time.perf_counter() - t0
-
-        def score(path: Path) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, float, float]:
-            r = pipe.score(path)  # r.mask: the model's own decision, post-processing included
-            return r.score_map, r.foreground, r.volume_score, r.mask, r.threshold, pipe.volume_threshold_
+    model = fit(train)
+    fit_s = time.perf_counter() - t0
 
     truths, maps, fgs, vscores, preds, seconds, names = [], [], [], [], [], [], []
     threshold = vthreshold = None
     for path in tests:
         t1 = time.perf_counter()
-        s, fg, vs, pred, threshold, vthreshold = score(path)
+        s, fg, vs, pred, threshold, vthreshold = score(model, path)
         seconds.append(time.perf_counter() - t1)
         truths.append(load_volume(data / "test_masks" / path.name, allow_constant=True).array > 0)
         maps.append(s)
@@ -156,6 +190,22 @@ def run_one(name: str, data: Path) -> dict[str, Any]:
     result["held_out_kinds"] = _metrics(
         *([x[i] for i in held] for x in (truths, maps, fgs, vscores, preds)), threshold
     )
+    mm3 = [float(np.prod(load_volume(p).spacing)) for p in tests]
+    result["size_sensitivity"] = size_sensitivity(
+        [t & f for t, f in zip(truths, fgs, strict=True)], preds, mm3
+    )
+    tune_truths, tune_scores = [], []
+    for path in list_inputs(data / "tune"):
+        s, fg, *_ = score(model, path)
+        tune_truths.append(load_volume(data / "tune_masks" / path.name, allow_constant=True).array[fg] > 0)
+        tune_scores.append(s[fg])
+    from sklearn.metrics import average_precision_score
+
+    result["tune"] = {
+        "pixel_ap": float(average_precision_score(np.concatenate(tune_truths), np.concatenate(tune_scores)))
+    }
+    if validation:
+        result["validation"] = validate(fit, lambda m, item: _map_and_volume_score(score(m, item)), train)
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
 
@@ -163,8 +213,9 @@ def run_one(name: str, data: Path) -> dict[str, Any]:
 def table(results: list[dict[str, Any]]) -> str:
     atlas = next((r for r in results if "atlas" in r["name"]), None)
     head = (
-        "| method | voxel AP | AP / atlas | voxel AUROC | best Dice | Dice @ own threshold | sample AUROC "
-        "| AP held-out kinds | sample AUROC held-out | fit (s) | s / volume | peak RSS (MiB) |"
+        "| method | validation AP | tuning-set AP | voxel AP | AP / atlas | voxel AUROC | best Dice "
+        "| Dice @ own threshold | sample AUROC | AP held-out kinds | sample AUROC held-out "
+        "| sens. < 0.5 cm³ | sens. 0.5-5 cm³ | sens. > 5 cm³ | fit (s) | s / volume | peak RSS (MiB) |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
@@ -174,11 +225,14 @@ def table(results: list[dict[str, Any]]) -> str:
             if atlas and atlas["all"].get("pixel_ap")
             else float("nan")
         )
+        val = r.get("validation", {}).get("pixel_ap", float("nan"))
+        tune = r.get("tune", {}).get("pixel_ap", float("nan"))
         lines.append(
-            f"| {r['name']} | {a['pixel_ap']:.3f} | {ratio:.1f}x | {a['pixel_auc']:.3f} | {a['pixel_best_dice']:.3f} | {a['pixel_dice']:.3f} "
+            f"| {r['name']} | {val:.3f} | {tune:.3f} | {a['pixel_ap']:.3f} | {ratio:.1f}x | {a['pixel_auc']:.3f} | {a['pixel_best_dice']:.3f} | {a['pixel_dice']:.3f} "
             f"| {a.get('volume_auroc', float('nan')):.3f} | {h['pixel_ap']:.3f} | {h.get('volume_auroc', float('nan')):.3f} "
-            f"| {r['fit_seconds']:.0f} | {r['seconds_per_volume']:.2f} | {r['peak_rss_mib']:.0f} |"
+            f"| {size_cells(r)} | {r['fit_seconds']:.0f} | {r['seconds_per_volume']:.2f} | {r['peak_rss_mib']:.0f} |"
         )
+    lines += ["", *spearman_lines(results, lambda r: r["all"]["pixel_ap"])]
     return "\n".join(lines)
 
 
@@ -190,11 +244,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--only", nargs="*", help="entry names (substring match)")
     bench_tracking.add_arguments(parser)
+    parser.add_argument(
+        "--no-validation", action="store_true", help="skip the cross-fitted validation column"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        args.result_file.write_text(json.dumps(run_one(args.one, args.data)))
+        args.result_file.write_text(json.dumps(run_one(args.one, args.data, not args.no_validation)))
         return
     print(f"benchmark data in {make_benchmark_data(args.data)}", flush=True)
     names = [n for n in ENTRIES if not args.only or any(o in n for o in args.only)]
@@ -204,7 +261,8 @@ def main() -> None:
         print(f"-- {name}", flush=True)
         out = args.out / ".one.json"
         proc = subprocess.run(
-            [sys.executable, __file__, "--one", name, "--data", str(args.data), "--result-file", str(out)],
+            [sys.executable, __file__, "--one", name, "--data", str(args.data), "--result-file", str(out)]
+            + (["--no-validation"] if args.no_validation else []),
             capture_output=True,
             text=True,
         )
@@ -237,16 +295,13 @@ def main() -> None:
 
 def entry_configs(results: list[dict[str, Any]]) -> dict[str, Any]:
     """``name -> (config, config name)`` of the rows that a config made (baselines have none)."""
-    from anomaly3d_core.config import build_config
-    from anomaly3d_core.persistence import load_any_config
-
     out = {}
     for r in results:
         entry = ENTRIES.get(r["name"])
-        if isinstance(entry, Path):
-            out[r["name"]] = (load_any_config(entry), entry.name)
+        if isinstance(entry, Path | tuple):
+            out[r["name"]] = (entry_config(entry), Path(entry[0] if isinstance(entry, tuple) else entry).name)
         elif isinstance(entry, dict):
-            out[r["name"]] = (build_config(entry), "benchmark.py")
+            out[r["name"]] = (entry_config(entry), "benchmark.py")
     return out
 
 

@@ -1,24 +1,28 @@
 """The multi-sequence benchmark: the same subjects scored from T1w alone and from T1w with FLAIR (and T2w).
 
-    python experiments/benchmark_multiseq.py [--space template|native] [--data DIR] [--out DIR] [--only NAME ...]
+    python experiments/benchmark_multiseq.py [--space template|native] [--data DIR] [--out DIR]
+        [--only NAME ... [--exact]] [--no-validation]
 
 Data: ``bench_data.make_benchmark_data(DIR, sequences=("T1w", "T2w", "FLAIR"), space=...)`` with
 fixed seeds (default DIR ``bench_output/data/multiseq`` or ``multiseq_native``), written as BIDS:
-16 training normals; a tuning set (``tumour`` and ``infarct`` only, not used here: the presets
-were fixed before this benchmark); a test set of 8 normals and 16 lesioned subjects with four
-lesion kinds. In native space every sequence has its own grid (FLAIR with 3-4 mm slices) and the
-head moves slightly between sequences.
+16 training normals; a tuning set (two normals, ``tumour`` and ``infarct`` only); a test set of 8
+normals and 16 lesioned subjects with four lesion kinds. In native space every sequence has its
+own grid (FLAIR with 3-4 mm slices) and the head moves slightly between sequences.
 
-Every row trains with one preset and the same budget; only ``data.sequences`` differs between the
-rows of a preset. Template space: ``brain_mri.yaml``. Native space: both routes, the native preset
-``brain_mri_native.yaml`` (no registration; scan and depth normalisation) and ``brain_mri.yaml``
-(affine registration to MNI152, normative scoring); "tuning-set AP" (pooled voxel AP on the
-tuning split: ``tumour`` and ``infarct`` only) is the figure a route is chosen by, never the test
-set. Score maps lie on each subject's T1w grid, where the ground truth is. Voxel metrics are
-pooled over the T1w brain voxels of all test subjects; "lesion sens." is the fraction of
-ground-truth lesions (connected components) that the model's own decision mask touches, for all
-kinds and for the small MS-like lesions; "held-out AP" pools the ``ms`` and ``haemorrhage``
-subjects with the normals. Results: ``benchmark_multiseq[_native].json`` and ``.md`` in ``--out``.
+Rows (:func:`entries`): each preset with each sequence set (:data:`SETS`), with signed residuals
+(:data:`SIGNED`: ``patches.residual_sign``, ``patches.channel_combine``), in native space with the
+deformable registration step (:data:`DEFORMABLE`), and the baselines (:data:`BASELINES`: the FLAIR
+one-liner, one- and two-sided). Template space: ``brain_mri.yaml``. Native space: both routes, the
+native preset ``brain_mri_native.yaml`` (no registration; scan and depth normalisation) and
+``brain_mri.yaml`` (affine registration to MNI152, normative scoring). "validation AP" is the
+cross-fitted synthetic-lesion figure over the training normals (``bench_validation``: the figure a
+route is chosen by); "tuning-set AP" the old tuning split's, for comparison; Spearman rank
+correlations of both with the test AP are printed under the table. Score maps lie on each
+subject's T1w grid, where the ground truth is. Voxel metrics are pooled over the T1w brain voxels
+of all test subjects; "lesion sens." is the fraction of ground-truth lesions (connected
+components) that the model's own decision mask touches, for all kinds, for the small MS-like
+lesions and per lesion size; "held-out AP" pools the ``ms`` and ``haemorrhage`` subjects with the
+normals. Results: ``benchmark_multiseq[_native].json`` and ``.md`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import csv
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,7 @@ sys.path.insert(0, str(HERE))
 import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
 from bench_results import merge_rows  # noqa: E402
+from bench_validation import size_cells, spearman_lines, validate  # noqa: E402
 from benchmark_native import config_tree, metrics, read_scan  # noqa: E402
 
 SEQUENCES = ("T1w", "T2w", "FLAIR")
@@ -47,19 +53,71 @@ PRESETS = {
     "brain_mri_native.yaml": HERE / "configs" / "brain_mri_native.yaml",
 }
 SETS = {"T1w alone": ["T1w"], "T1w + FLAIR": ["T1w", "FLAIR"], "T1w + T2w + FLAIR": ["T1w", "T2w", "FLAIR"]}
-#: rows per space: (sequence set, preset). In native space both routes run: the native preset (no
-#: registration) and brain_mri.yaml (registration to MNI152, normative); the tuning set says which.
+#: signed-residual variants (patches.residual_sign, patches.channel_combine) run with every preset
+SIGNED: dict[str, tuple[list[str], dict[str, Any]]] = {
+    "T1w alone, dark": (["T1w"], {"patches.residual_sign": "dark"}),
+    "T1w + FLAIR, FLAIR bright": (["T1w", "FLAIR"], {"patches.residual_sign": {"FLAIR": "bright"}}),
+    "T1w + FLAIR, FLAIR bright, max": (
+        ["T1w", "FLAIR"],
+        {"patches.residual_sign": {"FLAIR": "bright"}, "patches.channel_combine": "max"},
+    ),
+    "T1w + FLAIR, T1w dark, FLAIR bright": (
+        ["T1w", "FLAIR"],
+        {"patches.residual_sign": {"T1w": "dark", "FLAIR": "bright"}},
+    ),
+    "T1w + FLAIR, T1w dark, FLAIR bright, max": (
+        ["T1w", "FLAIR"],
+        {"patches.residual_sign": {"T1w": "dark", "FLAIR": "bright"}, "patches.channel_combine": "max"},
+    ),
+    "T1w + T2w + FLAIR, physics (T2w, FLAIR bright)": (
+        ["T1w", "T2w", "FLAIR"],
+        {"patches.residual_sign": "physics"},
+    ),
+}
+#: the deformable step after the affine registration: rows for the registering preset in native space
+#: (template-space scans lie in MNI152 space already and are not registered)
+DEFORMABLE: dict[str, tuple[list[str], dict[str, Any]]] = {
+    "T1w alone, deformable": (["T1w"], {"data.preprocessing.deformable": True}),
+    "T1w + FLAIR, FLAIR bright, deformable": (
+        ["T1w", "FLAIR"],
+        {"patches.residual_sign": {"FLAIR": "bright"}, "data.preprocessing.deformable": True},
+    ),
+}
+#: rows that are no preset: (kind, sequences, method name, options)
+BASELINES: dict[str, tuple[str, list[str], str, dict[str, Any]]] = {
+    "baseline: FLAIR one-liner max(0, (FLAIR - median) / MAD)": (
+        "baseline",
+        ["T1w", "FLAIR"],
+        "flair_mad",
+        {},
+    ),
+    "baseline: FLAIR two-sided abs(FLAIR - median) / MAD": (
+        "baseline",
+        ["T1w", "FLAIR"],
+        "flair_mad",
+        {"two_sided": True},
+    ),
+}
+#: presets per space. In native space both routes run: the native preset (no registration) and
+#: brain_mri.yaml (registration to MNI152, normative); the validation column says which.
 SPACE_PRESETS = {"template": ["brain_mri.yaml"], "native": ["brain_mri_native.yaml", "brain_mri.yaml"]}
+#: ``--cache``: fits read preprocessed (registered) training scans from the cache (scoring never does)
+CACHE = [False]
+#: an entry: (kind, sequences, preset or baseline name, overrides or options)
+Entry = tuple[str, list[str], str, dict[str, Any]]
 
 
-def entries(space: str) -> dict[str, tuple[list[str], str]]:
-    """Row name -> (sequences, preset) for ``space``."""
+def entries(space: str) -> dict[str, Entry]:
+    """Row name -> entry for ``space``: every sequence set and signed variant per preset, then the baselines."""
     presets = SPACE_PRESETS[space]
-    return {
-        (f"{name}, {preset}" if len(presets) > 1 else name): (seqs, preset)
-        for preset in presets
-        for name, seqs in SETS.items()
-    }
+    rows: dict[str, Entry] = {}
+    for preset in presets:
+        variants = {**{n: (seqs, {}) for n, seqs in SETS.items()}, **SIGNED}
+        if space == "native" and preset == "brain_mri.yaml":
+            variants |= DEFORMABLE
+        for name, (seqs, overrides) in variants.items():
+            rows[f"{name}, {preset}" if len(presets) > 1 else name] = ("pipeline", seqs, preset, overrides)
+    return {**rows, **BASELINES}
 
 
 def lesion_sensitivity(truths: list[np.ndarray], preds: list[np.ndarray]) -> float:
@@ -74,52 +132,97 @@ def lesion_sensitivity(truths: list[np.ndarray], preds: list[np.ndarray]) -> flo
     return tp / (tp + fn) if tp + fn else float("nan")
 
 
-def score_split(pipe: Any, data: Path, split: str) -> dict[str, list]:
-    """Foreground truths and scores, volume scores, decision masks, kinds and seconds of a split's subjects."""
+def make_method(entry: Entry) -> tuple[Callable[[list], Any], Callable[[Any, Any], tuple]]:
+    """``fit(subjects) -> model`` and ``score(model, subject) -> (map on the T1w grid, volume score, mask)``."""
+    kind, sequences, spec, options = entry
+    if kind == "pipeline":
+        from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+
+        def fit(items: list) -> Any:
+            tree = config_tree(
+                PRESETS[spec], {"data.sequences": sequences, "data.cache": CACHE[0], **options}
+            )
+            return AnomalyDetectionPipeline(tree).fit(items, show_progress=False)
+
+        def score(model: Any, item: Any) -> tuple:
+            r = model.score(item)
+            return np.asarray(r.score_map, np.float32), float(r.volume_score), r.mask
+
+        return fit, score
+    import baselines
+
+    from anomaly3d_core.io.data import as_volume
+    from anomaly3d_core.io.files import load_volume
+    from anomaly3d_core.io.subjects import as_subject
+    from anomaly3d_core.preprocess.sequences import read_subject
+
+    def on_grid(
+        item: Any,
+    ) -> Any:  # the sequences co-registered onto the T1w grid, as the pipeline reads them
+        read = lambda x: load_volume(x) if isinstance(x, str | Path) else as_volume(x)  # noqa: E731
+        return read_subject(as_subject(item), sequences, read, "auto")
+
+    def fit_baseline(items: list) -> Any:
+        return {"flair_mad": baselines.FlairMAD}[spec](**options).fit([on_grid(i) for i in items])
+
+    def score_baseline(model: Any, item: Any) -> tuple:
+        v = on_grid(item)
+        s, vs = model.score(v)
+        return s, float(vs), (s > model.threshold_) & (v.channel(0) != 0)
+
+    return fit_baseline, score_baseline
+
+
+def score_split(model: Any, score: Callable, data: Path, split: str, channels: list[str]) -> dict[str, list]:
+    """Foreground truths and scores, volume scores, decision masks, kinds, voxel volumes and seconds of a split."""
     from anomaly3d_core.io.data import list_items
 
     kinds = {r["subject"]: r["lesion_kind"] for r in csv.DictReader(open(data / f"{split}_manifest.csv"))}
-    out: dict[str, list] = {k: [] for k in ("truths", "scores", "vscores", "preds", "kinds", "seconds")}
-    for subject in list_items(data / split, pipe.channels).items:
+    out: dict[str, list] = {
+        k: [] for k in ("truths", "scores", "vscores", "preds", "kinds", "mm3", "seconds")
+    }
+    for subject in list_items(data / split, channels).items:
         t0 = time.perf_counter()
-        result = pipe.score(subject)
+        smap, vscore, decided = score(model, subject)
         out["seconds"].append(time.perf_counter() - t0)
-        image, _ = read_scan(Path(subject.files["T1w"]))
+        image, affine = read_scan(Path(subject.files["T1w"]))
         mask, _ = read_scan(data / f"{split}_masks" / f"{subject.stem}.nii.gz")
-        if result.score_map.shape != image.shape:
-            raise RuntimeError(
-                f"{subject}: score map {result.score_map.shape} is not on the T1w grid {image.shape}"
-            )
+        if smap.shape != image.shape:
+            raise RuntimeError(f"{subject}: score map {smap.shape} is not on the T1w grid {image.shape}")
         fg = image != 0
         out["truths"].append(mask[fg] > 0)
-        out["scores"].append(result.score_map[fg])
-        out["vscores"].append(float(result.volume_score))
-        out["preds"].append((mask > 0, result.mask & fg))
+        out["scores"].append(smap[fg])
+        out["vscores"].append(vscore)
+        out["preds"].append((mask > 0, decided & fg))
         out["kinds"].append(kinds.get(subject.stem, kinds.get(subject.subject, "")))
+        out["mm3"].append(float(abs(np.linalg.det(affine[:3, :3]))))
     return out
 
 
-def run_one(name: str, data: Path, space: str) -> dict[str, Any]:
+def run_one(name: str, data: Path, space: str, validation: bool = True) -> dict[str, Any]:
+    from anomaly3d_core.evaluation.validation import size_sensitivity
     from anomaly3d_core.io.data import list_items
-    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
-    sequences, preset = entries(space)[name]
-    pipe = AnomalyDetectionPipeline(config_tree(PRESETS[preset], {"data.sequences": sequences}))
-    train = list_items(data / "train", pipe.channels).items
+    entry = entries(space)[name]
+    kind, sequences, spec, options = entry
+    channels = ["T1w", *[s for s in sequences if s != "T1w"]]
+    fit, score = make_method(entry)
+    train = list_items(data / "train", channels).items
     t0 = time.perf_counter()
-    pipe.fit(train, show_progress=False)
+    model = fit(train)
     fit_s = time.perf_counter() - t0
-    tune = score_split(pipe, data, "tune")
-    test = score_split(pipe, data, "test")
+    tune = score_split(model, score, data, "tune", channels)
+    test = score_split(model, score, data, "test", channels)
     kinds = test["kinds"]
     held = [i for i, k in enumerate(kinds) if k in HELD_OUT_KINDS or not k]
     ms = [i for i, k in enumerate(kinds) if k == "ms"]
     pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
     preds = test["preds"]
-    return {
+    row = {
         "name": name,
         "sequences": sequences,
-        "preset": preset,
+        "preset": spec if kind == "pipeline" else None,
+        "overrides": options if kind == "pipeline" else {},
         "fit_seconds": round(fit_s, 1),
         "seconds_per_subject": round(float(np.median(test["seconds"])), 3),
         "tune": metrics(tune["truths"], tune["scores"], tune["vscores"], full=False),
@@ -131,25 +234,33 @@ def run_one(name: str, data: Path, space: str) -> dict[str, Any]:
         "ms_lesion_sensitivity": lesion_sensitivity(*zip(*pick(preds, ms), strict=True))
         if ms
         else float("nan"),
+        "size_sensitivity": size_sensitivity([p[0] for p in preds], [p[1] for p in preds], test["mm3"]),
         "n_test": len(kinds),
         "n_ms": len(ms),
     }
+    if validation:
+        row["validation"] = validate(fit, lambda m, item: score(m, item)[:2], train, channels)
+    return row
 
 
 def table(results: list[dict[str, Any]]) -> str:
     head = (
-        "| sequences | tuning-set AP | voxel AP (pooled) | best Dice | sample AUROC | held-out AP | lesion sens. (all) "
-        "| lesion sens. (MS) | fit (s) | s / subject |"
+        "| sequences | validation AP | tuning-set AP | voxel AP (pooled) | best Dice | sample AUROC | held-out AP "
+        "| lesion sens. (all) | lesion sens. (MS) | sens. < 0.5 cm³ | sens. 0.5-5 cm³ | sens. > 5 cm³ "
+        "| fit (s) | s / subject |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         a = r["all"]
         tune = r.get("tune", {}).get("pixel_ap", float("nan"))
+        val = r.get("validation", {}).get("pixel_ap", float("nan"))
         lines.append(
-            f"| {r['name']} | {tune:.3f} | {a['pixel_ap']:.3f} | {a['pixel_best_dice']:.3f} | {a['volume_auroc']:.3f} "
-            f"| {r['held_out_kinds']['pixel_ap']:.3f} | {r['lesion_sensitivity']:.3f} "
-            f"| {r['ms_lesion_sensitivity']:.3f} | {r['fit_seconds']:.0f} | {r['seconds_per_subject']:.2f} |"
+            f"| {r['name']} | {val:.3f} | {tune:.3f} | {a['pixel_ap']:.3f} | {a['pixel_best_dice']:.3f} "
+            f"| {a['volume_auroc']:.3f} | {r['held_out_kinds']['pixel_ap']:.3f} | {r['lesion_sensitivity']:.3f} "
+            f"| {r['ms_lesion_sensitivity']:.3f} | {size_cells(r)} | {r['fit_seconds']:.0f} "
+            f"| {r['seconds_per_subject']:.2f} |"
         )
+    lines += ["", *spearman_lines(results, lambda r: r["all"]["pixel_ap"])]
     return "\n".join(lines)
 
 
@@ -161,6 +272,16 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--only", nargs="*", help="entry names (substring match)")
+    parser.add_argument("--exact", action="store_true", help="--only names are exact row names")
+    parser.add_argument(
+        "--no-validation", action="store_true", help="skip the cross-fitted validation column"
+    )
+    parser.add_argument("--partial", type=Path, help="write the finished rows to this JSON after each row")
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="preprocessing cache for fits (fit times then exclude registration)",
+    )
     bench_tracking.add_arguments(parser)
     args = parser.parse_args()
     data = args.data or Path("bench_output/data") / (
@@ -170,18 +291,22 @@ def main() -> None:
         f"multi-sequence benchmark data in {make_benchmark_data(data, space=args.space, sequences=SEQUENCES)}"
     )
     rows = entries(args.space)
-    names = [n for n in rows if not args.only or any(o in n for o in args.only)]
+    CACHE[0] = args.cache
+    names = [n for n in rows if not args.only or any((o == n) if args.exact else (o in n) for o in args.only)]
     results = []
     for name in names:
         print(f"-- {name}", flush=True)
-        results.append(run_one(name, data, args.space))
+        results.append(run_one(name, data, args.space, not args.no_validation))
         r = results[-1]
         print(
-            f"   voxel AP {r['all']['pixel_ap']:.3f}, sample AUROC {r['all']['volume_auroc']:.3f}, MS lesion "
+            f"   validation AP {r.get('validation', {}).get('pixel_ap', float('nan')):.3f}, "
+            f"voxel AP {r['all']['pixel_ap']:.3f}, sample AUROC {r['all']['volume_auroc']:.3f}, MS lesion "
             f"sensitivity {r['ms_lesion_sensitivity']:.3f}, fit {r['fit_seconds']} s, "
             f"{r['seconds_per_subject']} s/subject",
             flush=True,
         )
+        if args.partial:  # every finished row at once, so a stopped run keeps what it measured
+            args.partial.write_text(json.dumps(results, indent=2) + "\n")
     suffix = "" if args.space == "template" else "_native"
     args.out.mkdir(parents=True, exist_ok=True)
     fresh_rows = list(results)
@@ -197,10 +322,13 @@ def main() -> None:
 
         configs = {
             r["name"]: (
-                build_config(config_tree(PRESETS[r["preset"]], {"data.sequences": r["sequences"]})),
+                build_config(
+                    config_tree(PRESETS[r["preset"]], {"data.sequences": r["sequences"], **r["overrides"]})
+                ),
                 r["preset"],
             )
             for r in fresh_rows
+            if r.get("preset")
         }
         bench_tracking.log_rows(fresh_rows, configs, data, args.experiment, f"benchmark_multiseq{suffix}")
         print(f"\n{len(fresh_rows)} row(s) logged to the MLflow experiment '{args.experiment}'")

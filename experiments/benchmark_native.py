@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE))
 import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
 from bench_results import merge_rows  # noqa: E402
+from bench_validation import size_cells, spearman_lines, validate  # noqa: E402
 
 NATIVE_CONFIG = HERE / "configs" / "brain_mri_native.yaml"
 TEMPLATE_CONFIG = HERE / "configs" / "brain_mri.yaml"
@@ -54,6 +55,21 @@ ENTRIES: dict[str, tuple[str, Any, dict[str, Any]]] = {
         "pipeline",
         TEMPLATE_CONFIG,
         {"threshold.scan_normalization": "robust", "threshold.depth_normalization": True},
+    ),
+    "native preset, T1w dark (residual_sign: dark)": (
+        "pipeline",
+        NATIVE_CONFIG,
+        {"patches.residual_sign": "dark"},
+    ),
+    "brain_mri.yaml, T1w dark (residual_sign: dark)": (
+        "pipeline",
+        TEMPLATE_CONFIG,
+        {"patches.residual_sign": "dark"},
+    ),
+    "brain_mri.yaml + deformable step": (
+        "pipeline",
+        TEMPLATE_CONFIG,
+        {"data.preprocessing.deformable": True},
     ),
     "baseline: intensity MAD z-score": ("baseline", "intensity_mad", {}),
 }
@@ -143,90 +159,105 @@ def top_fraction_mean(values: np.ndarray, fraction: float = 0.01) -> float:
 
 # ---------------------------------------------------------------------------------- methods
 def make_method(entry: tuple[str, Any, dict[str, Any]]) -> tuple[Callable, Callable]:
-    """``fit(train_paths)`` and ``score(path) -> (native score map, volume score)`` for an entry."""
+    """``fit(train_paths) -> model`` and ``score(model, path or Volume) -> (native map, volume score, mask)``."""
     kind, spec, overrides = entry
-    state: dict[str, Any] = {}
     if kind == "pipeline":
         from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
-        def fit(paths: list[Path]) -> None:
-            state["pipe"] = AnomalyDetectionPipeline(config_tree(spec, overrides)).fit(list(paths))
+        def fit(items: list) -> Any:
+            return AnomalyDetectionPipeline(config_tree(spec, overrides)).fit(list(items))
 
-        def score(path: Path) -> tuple[np.ndarray, float]:
-            r = state["pipe"].score(path)
-            return np.asarray(r.score_map, np.float32), float(r.volume_score)
+        def score(pipe: Any, item: Any) -> tuple[np.ndarray, float, np.ndarray]:
+            r = pipe.score(item)
+            return np.asarray(r.score_map, np.float32), float(r.volume_score), r.mask
 
         return fit, score
     import baselines
 
     from anomaly3d_core.io.volume import Volume
 
-    model = {"intensity_mad": baselines.IntensityMAD}[spec]()
+    as_vol = lambda x: x if isinstance(x, Volume) else Volume(*read_scan(x))  # noqa: E731
 
-    def fit_baseline(paths: list[Path]) -> None:
-        model.fit([Volume(*read_scan(p)) for p in paths])
+    def fit_baseline(items: list) -> Any:
+        return {"intensity_mad": baselines.IntensityMAD}[spec]().fit([as_vol(p) for p in items])
 
-    def score_baseline(path: Path) -> tuple[np.ndarray, float]:
-        s, vs = model.score(Volume(*read_scan(path)))
-        return s, float(vs)
+    def score_baseline(model: Any, item: Any) -> tuple[np.ndarray, float, np.ndarray]:
+        v = as_vol(item)
+        s, vs = model.score(v)
+        return s, float(vs), (s > model.threshold_) & (v.array != 0)
 
     return fit_baseline, score_baseline
 
 
-def score_split(
-    score: Callable, data: Path, split: str
-) -> tuple[list[np.ndarray], list[np.ndarray], list[float], list[float], list[str], list[float]]:
-    """Foreground truths and scores per scan, volume scores, voxel volumes, kinds and seconds per scan."""
+def score_split(model: Any, score: Callable, data: Path, split: str) -> dict[str, list]:
+    """Foreground truths and scores per scan, volume scores, decision masks, voxel volumes, kinds and seconds."""
     paths, kinds = split_files(data, split)
-    truths, scores, vscores, mm3, names, seconds = [], [], [], [], [], []
+    out: dict[str, list] = {
+        k: [] for k in ("truths", "scores", "vscores", "preds", "mm3", "kinds", "seconds")
+    }
     for path in paths:
         t0 = time.perf_counter()
-        smap, vs = score(path)
-        seconds.append(time.perf_counter() - t0)
+        smap, vs, decided = score(model, path)
+        out["seconds"].append(time.perf_counter() - t0)
         image, affine = read_scan(path)
         mask, _ = read_scan(data / f"{split}_masks" / path.name)
         if smap.shape != image.shape:
             raise RuntimeError(f"{path.name}: score map {smap.shape} is not on the scan's grid {image.shape}")
         fg = image != 0
-        truths.append(mask[fg] > 0)
-        scores.append(smap[fg])
-        vscores.append(vs)
-        mm3.append(float(abs(np.linalg.det(affine[:3, :3]))))
-        names.append(kinds.get(path.name, ""))
-    return truths, scores, vscores, mm3, names, seconds
+        out["truths"].append(mask[fg] > 0)
+        out["scores"].append(smap[fg])
+        out["vscores"].append(vs)
+        out["preds"].append((mask > 0, decided & fg))
+        out["mm3"].append(float(abs(np.linalg.det(affine[:3, :3]))))
+        out["kinds"].append(kinds.get(path.name, ""))
+    return out
 
 
-def run_one(name: str, data: Path) -> dict[str, Any]:
+def run_one(name: str, data: Path, validation: bool = True) -> dict[str, Any]:
+    from anomaly3d_core.evaluation.validation import size_sensitivity
+
     fit, score = make_method(ENTRIES[name])
     train = sorted((data / "train").glob("*.nii.gz"))
     t0 = time.perf_counter()
-    fit(train)
+    model = fit(train)
     fit_s = time.perf_counter() - t0
-    truths, scores, vscores, mm3, kinds, seconds = score_split(score, data, "test")
-    held = [i for i, k in enumerate(kinds) if k in HELD_OUT_KINDS or not k]
-    pick = lambda xs: [xs[i] for i in held]  # noqa: E731
-    return {
+    test = score_split(model, score, data, "test")
+    tune = score_split(model, score, data, "tune")
+    held = [i for i, k in enumerate(test["kinds"]) if k in HELD_OUT_KINDS or not k]
+    pick = lambda key: [test[key][i] for i in held]  # noqa: E731
+    preds = test["preds"]
+    row = {
         "name": name,
         "fit_seconds": round(fit_s, 1),
-        "seconds_per_scan": round(float(np.median(seconds)), 3),
-        "all": metrics(truths, scores, vscores, mm3),
-        "held_out_kinds": metrics(pick(truths), pick(scores), pick(vscores), full=False),
+        "seconds_per_scan": round(float(np.median(test["seconds"])), 3),
+        "tune": metrics(tune["truths"], tune["scores"], tune["vscores"], full=False),
+        "all": metrics(test["truths"], test["scores"], test["vscores"], test["mm3"]),
+        "held_out_kinds": metrics(pick("truths"), pick("scores"), pick("vscores"), full=False),
+        "size_sensitivity": size_sensitivity([p[0] for p in preds], [p[1] for p in preds], test["mm3"]),
     }
+    if validation:
+        row["validation"] = validate(fit, lambda m, item: score(m, item)[:2], train)
+    return row
 
 
 def table(results: list[dict[str, Any]]) -> str:
     head = (
-        "| method | voxel AP (pooled) | voxel AUROC (pooled) | best Dice | sample AUROC | AP held-out kinds "
-        "| per-scan AP (mean) | voxel AP (mm³) | fit (s) | s / scan |"
+        "| method | validation AP | tuning-set AP | voxel AP (pooled) | voxel AUROC (pooled) | best Dice | sample AUROC "
+        "| AP held-out kinds | per-scan AP (mean) | voxel AP (mm³) | sens. < 0.5 cm³ | sens. 0.5-5 cm³ "
+        "| sens. > 5 cm³ | fit (s) | s / scan |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         a, h = r["all"], r["held_out_kinds"]
+        val = r.get("validation", {}).get("pixel_ap", float("nan"))
+        tune = r.get("tune", {}).get("pixel_ap", float("nan"))
         lines.append(
-            f"| {r['name']} | {a['pixel_ap']:.3f} | {a['pixel_auc']:.3f} | {a['pixel_best_dice']:.3f} "
-            f"| {a['volume_auroc']:.3f} | {h['pixel_ap']:.3f} | {a['per_scan_ap']:.3f} "
-            f"| {a.get('pixel_ap_mm3', float('nan')):.3f} | {r['fit_seconds']:.0f} | {r['seconds_per_scan']:.2f} |"
+            f"| {r['name']} | {val:.3f} | {tune:.3f} | {a['pixel_ap']:.3f} | {a['pixel_auc']:.3f} "
+            f"| {a['pixel_best_dice']:.3f} | {a['volume_auroc']:.3f} | {h['pixel_ap']:.3f} | {a['per_scan_ap']:.3f} "
+            f"| {a.get('pixel_ap_mm3', float('nan')):.3f} | {size_cells(r)} | {r['fit_seconds']:.0f} "
+            f"| {r['seconds_per_scan']:.2f} |"
         )
+    lines += ["", *spearman_lines(results, lambda r: r["all"]["pixel_ap"])]
     return "\n".join(lines)
 
 
@@ -237,6 +268,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("bench_output/data/native"))
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--only", nargs="*", help="entry names (substring match)")
+    parser.add_argument(
+        "--no-validation", action="store_true", help="skip the cross-fitted validation column"
+    )
     bench_tracking.add_arguments(parser)
     args = parser.parse_args()
     print(f"native benchmark data in {make_benchmark_data(args.data, space='native')}", flush=True)
@@ -244,10 +278,11 @@ def main() -> None:
     results = []
     for name in names:
         print(f"-- {name}", flush=True)
-        results.append(run_one(name, args.data))
+        results.append(run_one(name, args.data, not args.no_validation))
         r = results[-1]
         print(
-            f"   voxel AP {r['all']['pixel_ap']:.3f}, sample AUROC {r['all']['volume_auroc']:.3f}, "
+            f"   validation AP {r.get('validation', {}).get('pixel_ap', float('nan')):.3f}, "
+            f"voxel AP {r['all']['pixel_ap']:.3f}, sample AUROC {r['all']['volume_auroc']:.3f}, "
             f"per-scan AP {r['all']['per_scan_ap']:.3f}, fit {r['fit_seconds']} s",
             flush=True,
         )

@@ -124,11 +124,11 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         fit, score = make_method(("pipeline", NATIVE_CONFIG, {"data.cache": True, **overrides}))
-        fit(train)
+        model = fit(train)
         splits = {}
         for name in ("tune", "test"):
-            truths, scores, vscores, _, kinds, _ = score_split(score, args.data, name)
-            splits[name] = {"truths": truths, "scores": scores, "vscores": vscores, "kinds": kinds}
+            out = score_split(model, score, args.data, name)
+            splits[name] = {k: out[k] for k in ("truths", "scores", "vscores", "kinds")}
         print(f"-- {variant} ({time.perf_counter() - t0:.0f} s)", flush=True)
         for transform in TRANSFORMS:
             row = {

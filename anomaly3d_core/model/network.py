@@ -20,6 +20,7 @@ from torch import nn
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, did_you_mean
 from anomaly3d_core.interfaces import Autoencoder, FeatureExtractor
 from anomaly3d_core.model.embedding import FeatureEmbedding
+from anomaly3d_core.model.polarity import channel_signs, combine_channels, is_plain, signed_residual
 
 
 def gaussian_kernel(size: tuple[int, int, int], sigma_scale: float = 0.25) -> torch.Tensor:
@@ -45,6 +46,8 @@ class AnomalyNet(nn.Module):
         stride: tuple[int, int, int],
         positional_weight: float = 0.0,
         score_mode: str = "auto",
+        signs: tuple[str, ...] | None = None,
+        channel_combine: str = "mean",
     ) -> None:
         super().__init__()
         self.positional_weight = float(positional_weight)
@@ -69,6 +72,22 @@ class AnomalyNet(nn.Module):
         self.stride = stride
         self.patch_f = feature_units(patch_size, self.feature_stride)
         self.stride_f = feature_units(stride, self.feature_stride)
+        self.signs = tuple(signs) if signs is not None else ("both",) * extractor.in_channels
+        self.channel_combine = channel_combine
+        if not is_plain(self.signs, channel_combine):
+            self._check_signed(extractor, autoencoder)
+
+    def _check_signed(self, extractor: FeatureExtractor, autoencoder: Autoencoder) -> None:
+        """Signed residuals need per-voxel residuals of raw intensities, one feature channel per sequence."""
+        channels = sum(extractor.layer_channels[name] for name in self.layers)
+        if not self.voxel_residuals or self.feature_stride != 1 or channels != len(self.signs):
+            raise ConfigError(
+                "patches.residual_sign/channel_combine other than both/mean need per-voxel residuals of the "
+                f"intensities (score_mode voxel, a flatten embedding and the identity extractor), one channel "
+                f"per sequence; got extractor '{extractor.name}' with {channels} feature channel(s) at stride "
+                f"{self.feature_stride} for {len(self.signs)} sequence(s), voxel scoring "
+                f"{'on' if self.voxel_residuals else 'off'}"
+            )
 
     @staticmethod
     def check_layers(extractor: FeatureExtractor, layers: list[str] | None) -> list[str]:
@@ -230,7 +249,7 @@ class AnomalyNet(nn.Module):
                 out = self.autoencoder(v)
                 residual = self.autoencoder.residual(v, out).float()
                 extra = self.autoencoder.anomaly_score(v, out).float() - residual.mean(1)
-            res = residual[:, :width].reshape(-1, *slab.shape[3:]).mean(1)
+            res = self._combine(residual[:, :width].reshape(-1, *slab.shape[3:]), v, out, width)
             res = (res + extra[:, None, None, None]).reshape(k, grid[1], grid[2], *p) * weight
             r0 = start * s[0]
             for u in range(p[0]):
@@ -253,6 +272,18 @@ class AnomalyNet(nn.Module):
         if any(pads):
             fmap = F.pad(fmap[None, None], (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")[0, 0]
         return fmap[: shape[0], : shape[1], : shape[2]]
+
+    def _combine(self, res: torch.Tensor, v: torch.Tensor, out: dict, width: int) -> torch.Tensor:
+        """Per-voxel residuals ``(N, C, p, p, p)`` -> ``(N, p, p, p)``: signed per channel, then combined."""
+        if is_plain(self.signs, self.channel_combine):
+            return res.mean(1)
+        if "recon" not in out:
+            raise ConfigError(
+                f"patches.residual_sign: autoencoder '{self.autoencoder.name}' returns no 'recon', so the "
+                "residual has no sign; use residual_sign: both"
+            )
+        diff = (v.float() - out["recon"].float())[:, :width].reshape(res.shape)
+        return combine_channels(signed_residual(res, diff, self.signs), self.channel_combine)
 
     @torch.no_grad()
     def score_map(self, array: np.ndarray, device: torch.device, amp: bool = False) -> np.ndarray:
@@ -358,4 +389,6 @@ def build_network(cfg: Any, reg: Any, channels: list[str]) -> AnomalyNet:
         cfg.patches.stride,
         cfg.embedding.positional_weight,
         cfg.patches.score_mode,
+        channel_signs(cfg.patches.residual_sign, channels, extractor.in_channels),
+        cfg.patches.channel_combine,
     )

@@ -45,6 +45,8 @@ class PreprocessRecord:
     reference_affine: list[list[float]] | None = None
     registration_dice: float | None = None  # fit quality, see registration.registration_quality
     registration_metric: float | None = None
+    deformation: list[float] | None = None  # the deformable step after the affine, when fitted
+    registration_displacement_mm: float | None = None  # its mean displacement in the template's brain
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +54,7 @@ class PreprocessRecord:
     @classmethod
     def from_dict(cls, data: dict) -> PreprocessRecord:
         """Inverse of :meth:`to_dict` after a JSON round trip (lists back to tuples)."""
-        matrices = ("original_affine", "to_canonical", "registration", "reference_affine")
+        matrices = ("original_affine", "to_canonical", "registration", "reference_affine", "deformation")
         return cls(
             **{k: tuple(v) if isinstance(v, list) and k not in matrices else v for k, v in data.items()}
         )
@@ -176,22 +178,29 @@ class Preprocessor:
             raise DataError(
                 volume.path, f"mask grid {tuple(mask.shape)} differs from the scan's {tuple(volume.shape)}"
             )
-        registration, reference_affine, quality = None, None, {}
+        registration, reference_affine, quality, deformation = None, None, {}, None
         target = self.registration_target(volume)
         if target is not None:  # the reference sequence is registered; the others follow its transform
             ref = registration_module.reference(target)
             first = Volume(volume.channel(0), volume.affine, volume.path) if volume.channels > 1 else volume
-            fit = registration_module.register(first, target)
+            fit = registration_module.register(first, target, deformable=cfg.deformable)
             arr, registration, quality = fit.array, fit.params, fit.quality
+            deformation = fit.deformation
+            if deformation is not None:
+                quality = {**quality, "registration_displacement_mm": fit.displacement_mm}
             if volume.channels > 1:
                 others = [
-                    registration_module.apply_transform(volume.channel(c), volume.affine, ref, registration)
+                    registration_module.apply_transform(
+                        volume.channel(c), volume.affine, ref, registration, deformation=deformation
+                    )
                     for c in range(1, volume.channels)
                 ]
                 arr = np.stack([arr, *others], axis=-1)
             affine, reference_affine = ref.affine.copy(), ref.affine.tolist()
             if mask is not None:
-                mask = registration_module.register_mask(mask, volume.affine, ref, registration)
+                mask = registration_module.register_mask(
+                    mask, volume.affine, ref, registration, deformation=deformation
+                )
         transform = (
             ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))
             if cfg.reorient and registration is None
@@ -257,6 +266,7 @@ class Preprocessor:
             pad_after=after,
             registration=registration,
             reference_affine=reference_affine,
+            deformation=deformation,
             **quality,
         )
         if arr.ndim == 4:
@@ -293,6 +303,7 @@ class Preprocessor:
                 record.original_shape,
                 np.asarray(record.original_affine),
                 order,
+                record.deformation,
             )
         back = ornt.ornt_transform(
             ornt.axcodes2ornt("RAS"), ornt.io_orientation(np.asarray(record.original_affine))
