@@ -84,7 +84,7 @@ def check_declaration(cls: type) -> None:
         family_of(cls),
         cls,
         check,
-        "it subclasses none of FeatureExtractor, Autoencoder, ThresholdMethod, VolumeLoader "
+        "it subclasses none of FeatureExtractor, Autoencoder, ThresholdMethod, VolumeLoader, Segmenter "
         "(anomaly3d_core.interfaces)",
     )
     name = getattr(cls, "name", None)

@@ -148,7 +148,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     config = read_config(args)
     if not isinstance(config, PipelineConfig):
         raise ConfigError(
-            f"{args.config}: tune searches one pipeline's settings; an ensemble config cannot be tuned"
+            f"{args.config}: tune searches one pipeline's settings; an ensemble or synthetic-detector "
+            "config cannot be tuned"
         )
     check_out(args.out)
     fields = TuneRequest.__dataclass_fields__

@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from anomaly3d_core.interfaces import Autoencoder, FeatureExtractor, ThresholdMethod, VolumeLoader
+    from anomaly3d_core.interfaces import (
+        Autoencoder,
+        FeatureExtractor,
+        Segmenter,
+        ThresholdMethod,
+        VolumeLoader,
+    )
 
 PROJECT = "anomaly3d"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -52,6 +58,15 @@ def anomaly3d_register_loaders() -> list[type[VolumeLoader]]:
     """Return volume-loader classes (subclasses of ``interfaces.VolumeLoader``).
 
     Each reads one file format (or a DICOM folder) into a ``Volume`` with its geometry.
+    """
+
+
+@hookspec
+def anomaly3d_register_segmenters() -> list[type[Segmenter]]:
+    """Return segmentation-network classes (subclasses of ``interfaces.Segmenter``).
+
+    Each maps ``(B, C, D, H, W)`` scans to per-voxel logits ``(B, 1, D, H, W)``; the
+    synthetic-anomaly detector trains one to find what is foreign.
     """
 
 

@@ -310,12 +310,42 @@ class VolumeLoader(Component, ABC):
         """Read ``path``; raise :class:`~anomaly3d_core.errors.DataError` on bad input."""
 
 
+class Segmenter(Component, nn.Module):
+    """A 3D segmentation network: ``(B, in_channels, D, H, W)`` -> ``(B, 1, D, H, W)`` logits.
+
+    What the core relies on (the synthetic-anomaly detector, :mod:`anomaly3d_core.synthetic`):
+
+    - ``__init__(in_channels, params)``: one input channel per sequence;
+    - ``forward(x)`` returns per-voxel logits of the same spatial size as ``x`` for any size that
+      is a multiple of :attr:`size_multiple` (the core pads to it); the sigmoid of the logits is the
+      fraction of a voxel that is foreign;
+    - **Trained** by the core's loop on sampled crops, then run on whole volumes: an output must
+      not depend on the batch it is computed in, in ``eval()`` mode;
+    - **Saved state.** Everything learnt lives in parameters or registered buffers.
+    """
+
+    #: every spatial size given to ``forward`` is a multiple of this (``2 ** levels`` for a U-Net)
+    size_multiple: ClassVar[int] = 1
+
+    def __init__(
+        self, in_channels: int = 1, params: Params | Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        nn.Module.__init__(self)
+        self.params = self.validate_params(params, **kwargs)
+        self.in_channels = int(in_channels)
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-voxel logits ``(B, 1, D, H, W)``."""
+
+
 #: The base class of each family, keyed like :data:`anomaly3d_core.hookspecs.FAMILIES`.
 FAMILY_BASES: dict[str, type] = {
     "extractors": FeatureExtractor,
     "autoencoders": Autoencoder,
     "thresholds": ThresholdMethod,
     "loaders": VolumeLoader,
+    "segmenters": Segmenter,
 }
 
 

@@ -28,8 +28,11 @@ from anomaly3d_core.errors import Anomaly3DError, ConfigError, PluginError
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 from anomaly3d_core.provenance import LINEAGE_KEY, PLUGINS_FILE, read_lineage
 from anomaly3d_core.registry import DISABLE_PLUGINS_ENV, get_registry
+from anomaly3d_core.synthetic import SyntheticAnomalyDetector, SyntheticConfig, build_synthetic_config
 
-DetectorConfig = PipelineConfig | EnsembleConfig
+DetectorConfig = PipelineConfig | EnsembleConfig | SyntheticConfig
+#: top-level sections that make a YAML config another kind of detector than a pipeline
+DETECTOR_SECTIONS = ("ensemble", "synthetic")
 log = logging.getLogger(__name__)
 __all__ = [
     "LINEAGE_KEY",
@@ -59,20 +62,25 @@ def read_yaml(path: str | Path) -> Any:
 def load_any_config(
     path: str | Path | None, overrides: Sequence[str] = (), registry: Any = None
 ) -> DetectorConfig:
-    """A pipeline config, or an ensemble config when the YAML has a top-level ``ensemble`` section.
+    """A pipeline config; an ensemble config when the YAML has a top-level ``ensemble`` section, a
+    synthetic-anomaly detector's with a top-level ``synthetic`` section.
 
     Every command reads its config here, so every one gets the same checks and one-line errors.
     """
     if path is not None:
         tree = read_yaml(path)
-        if isinstance(tree, dict) and "ensemble" in tree:
-            extra = set(tree) - {"ensemble"}
+        kind = next((k for k in DETECTOR_SECTIONS if isinstance(tree, dict) and k in tree), None)
+        if kind is not None:
+            extra = set(tree) - {kind}
             if extra:
+                where = "its members" if kind == "ensemble" else "the 'synthetic' section"
                 raise ConfigError(
-                    f"{path}: an ensemble config has only the 'ensemble' section; move {sorted(extra)} into its members"
+                    f"{path}: a{'n' if kind == 'ensemble' else ''} {kind} config has only the '{kind}' section; "
+                    f"move {sorted(extra)} into {where}"
                 )
+            build = build_ensemble_config if kind == "ensemble" else build_synthetic_config
             try:
-                return build_ensemble_config(tree["ensemble"] or {}, overrides, registry)
+                return build(tree[kind] or {}, overrides, registry)
             except ConfigError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
     return load_config(path, overrides, registry)
@@ -86,19 +94,32 @@ def reference_config(config_or_detector: Any) -> PipelineConfig:
 
 
 def build_detector(config: DetectorConfig, device: str | None = None, registry: Any = None) -> Detector:
-    """An unfitted detector for a pipeline or ensemble config."""
+    """An unfitted detector for a pipeline, ensemble or synthetic-detector config."""
     if isinstance(config, EnsembleConfig):
         return EnsemblePipeline(config, device=device, registry=registry)
+    if isinstance(config, SyntheticConfig):
+        return SyntheticAnomalyDetector(config, device=device, registry=registry)
     return AnomalyDetectionPipeline(config, device=device, registry=registry)
 
 
 def load_detector(path: str | Path, device: str | None = None, registry: Any = None) -> Detector:
-    """Load a saved pipeline or ensemble: a plain folder (:meth:`Detector.save`) or an MLflow
-    model folder (``anomaly3d_core.mlops.serving.save_pyfunc``, ``fit --out``)."""
+    """Load a saved pipeline, ensemble or synthetic-anomaly detector: a plain folder
+    (:meth:`Detector.save`) or an MLflow model folder (``mlops.serving.save_pyfunc``, ``fit --out``)."""
     inner = model_files_dir(path)
     registry = check_plugins_installed(path, inner, registry)
-    kind = EnsemblePipeline if (inner / ENSEMBLE_FILE).is_file() else AnomalyDetectionPipeline
+    kind: type[Detector] = AnomalyDetectionPipeline
+    if (inner / ENSEMBLE_FILE).is_file():
+        kind = EnsemblePipeline
+    elif _is_synthetic(inner / "config.yaml"):
+        kind = SyntheticAnomalyDetector
     return kind.load_files(inner, device, registry)
+
+
+def _is_synthetic(config_file: Path) -> bool:
+    if not config_file.is_file():
+        return False
+    tree = read_yaml(config_file)
+    return isinstance(tree, dict) and "synthetic" in tree
 
 
 def _needed_plugins(inner: Path) -> list[tuple[str, str]]:
@@ -106,6 +127,11 @@ def _needed_plugins(inner: Path) -> list[tuple[str, str]]:
     needed = []
     for cfg in sorted(inner.glob("config.yaml")) + sorted(inner.glob("members/*/config.yaml")):
         tree = read_yaml(cfg)
+        if isinstance(tree, dict) and isinstance(tree.get("synthetic"), dict):
+            tree = tree["synthetic"]
+            network = tree.get("network") if isinstance(tree.get("network"), dict) else {}
+            if isinstance(network.get("type"), str) and ("segmenters", network["type"]) not in needed:
+                needed.append(("segmenters", network["type"]))
         if not isinstance(tree, dict):
             continue
         sections = {k: v if isinstance(v, dict) else {} for k, v in tree.items()}

@@ -48,9 +48,15 @@ from anomaly3d_core.checks_models import (
     check_extractor_layers,
     check_extractor_state,
 )
+from anomaly3d_core.checks_segmenters import (
+    check_segmenter_fit,
+    check_segmenter_forward,
+    check_segmenter_state,
+)
 from anomaly3d_core.interfaces import (
     Autoencoder,
     FeatureExtractor,
+    Segmenter,
     ThresholdMethod,
     VolumeLoader,
 )
@@ -73,6 +79,9 @@ __all__ = [
     "check_loader_example",
     "check_loader_rejects_garbage",
     "check_params",
+    "check_segmenter_fit",
+    "check_segmenter_forward",
+    "check_segmenter_state",
     "check_threshold",
     "checks_for",
     "parametrize_with_checks",
@@ -95,6 +104,7 @@ _CHECKS: dict[type, list[Check]] = {
     ],
     ThresholdMethod: [check_threshold],
     VolumeLoader: [check_loader_declaration, check_loader_example, check_loader_rejects_garbage],
+    Segmenter: [check_segmenter_forward, check_segmenter_fit, check_segmenter_state],
 }
 
 

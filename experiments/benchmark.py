@@ -66,6 +66,7 @@ ENTRIES: dict[str, Any] = {
         **family("simple", "denoising"),
         "extractor": {"type": "simple", "layers": ["layer1", "layer2"], "pretrain_epochs": 20},
     },
+    "synthetic anomalies, U-Net (brain_mri_synthetic.yaml)": HERE / "configs" / "brain_mri_synthetic.yaml",
     "baseline: atlas z-score": "atlas_zscore",
     "baseline: intensity MAD z-score": "intensity_mad",
 }

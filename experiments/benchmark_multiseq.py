@@ -51,6 +51,7 @@ SEQUENCES = ("T1w", "T2w", "FLAIR")
 PRESETS = {
     "brain_mri.yaml": HERE / "configs" / "brain_mri.yaml",
     "brain_mri_native.yaml": HERE / "configs" / "brain_mri_native.yaml",
+    "brain_mri_synthetic.yaml": HERE / "configs" / "brain_mri_synthetic.yaml",
 }
 SETS = {"T1w alone": ["T1w"], "T1w + FLAIR": ["T1w", "FLAIR"], "T1w + T2w + FLAIR": ["T1w", "T2w", "FLAIR"]}
 #: signed-residual variants (patches.residual_sign, patches.channel_combine) run with every preset
@@ -100,7 +101,10 @@ BASELINES: dict[str, tuple[str, list[str], str, dict[str, Any]]] = {
 }
 #: presets per space. In native space both routes run: the native preset (no registration) and
 #: brain_mri.yaml (registration to MNI152, normative); the validation column says which.
-SPACE_PRESETS = {"template": ["brain_mri.yaml"], "native": ["brain_mri_native.yaml", "brain_mri.yaml"]}
+SPACE_PRESETS = {
+    "template": ["brain_mri.yaml"],
+    "native": ["brain_mri_native.yaml", "brain_mri.yaml", "brain_mri_synthetic.yaml"],
+}
 #: ``--cache``: fits read preprocessed (registered) training scans from the cache (scoring never does)
 CACHE = [False]
 #: an entry: (kind, sequences, preset or baseline name, overrides or options)
@@ -112,7 +116,9 @@ def entries(space: str) -> dict[str, Entry]:
     presets = SPACE_PRESETS[space]
     rows: dict[str, Entry] = {}
     for preset in presets:
-        variants = {**{n: (seqs, {}) for n, seqs in SETS.items()}, **SIGNED}
+        variants = {n: (seqs, {}) for n, seqs in SETS.items()}
+        if "synthetic" not in preset:  # residual signs are the autoencoder's
+            variants |= SIGNED
         if space == "native" and preset == "brain_mri.yaml":
             variants |= DEFORMABLE
         for name, (seqs, overrides) in variants.items():
@@ -139,6 +145,12 @@ def make_method(entry: Entry) -> tuple[Callable[[list], Any], Callable[[Any, Any
         from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
         def fit(items: list) -> Any:
+            if "synthetic" in spec:  # a detector config with a top-level 'synthetic' section
+                from anomaly3d_core.persistence import build_detector
+
+                return build_detector(synthetic_config(PRESETS[spec], sequences)).fit(
+                    items, show_progress=False
+                )
             tree = config_tree(
                 PRESETS[spec], {"data.sequences": sequences, "data.cache": CACHE[0], **options}
             )
@@ -197,6 +209,15 @@ def score_split(model: Any, score: Callable, data: Path, split: str, channels: l
         out["kinds"].append(kinds.get(subject.stem, kinds.get(subject.subject, "")))
         out["mm3"].append(float(abs(np.linalg.det(affine[:3, :3]))))
     return out
+
+
+def synthetic_config(path: Path, sequences: list[str]) -> Any:
+    """A synthetic-detector preset for ``sequences``; tracking and the cache off."""
+    from anomaly3d_core.persistence import load_any_config
+
+    return load_any_config(
+        path, ["tracking.enabled=false", "data.cache=false", f"data.sequences=[{','.join(sequences)}]"]
+    )
 
 
 def run_one(name: str, data: Path, space: str, validation: bool = True) -> dict[str, Any]:
@@ -322,7 +343,9 @@ def main() -> None:
 
         configs = {
             r["name"]: (
-                build_config(
+                synthetic_config(PRESETS[r["preset"]], r["sequences"])
+                if "synthetic" in r["preset"]
+                else build_config(
                     config_tree(PRESETS[r["preset"]], {"data.sequences": r["sequences"], **r["overrides"]})
                 ),
                 r["preset"],

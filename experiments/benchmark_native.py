@@ -43,6 +43,7 @@ from bench_validation import size_cells, spearman_lines, validate  # noqa: E402
 
 NATIVE_CONFIG = HERE / "configs" / "brain_mri_native.yaml"
 TEMPLATE_CONFIG = HERE / "configs" / "brain_mri.yaml"
+SYNTHETIC_CONFIG = HERE / "configs" / "brain_mri_synthetic.yaml"
 ENTRIES: dict[str, tuple[str, Any, dict[str, Any]]] = {
     "native preset (brain_mri_native.yaml)": ("pipeline", NATIVE_CONFIG, {}),
     "native preset without score normalisation (round 1)": (
@@ -72,6 +73,7 @@ ENTRIES: dict[str, tuple[str, Any, dict[str, Any]]] = {
         {"data.preprocessing.deformable": True},
     ),
     "baseline: intensity MAD z-score": ("baseline", "intensity_mad", {}),
+    "synthetic anomalies, U-Net (brain_mri_synthetic.yaml)": ("detector", SYNTHETIC_CONFIG, {}),
 }
 
 
@@ -172,6 +174,20 @@ def make_method(entry: tuple[str, Any, dict[str, Any]]) -> tuple[Callable, Calla
             return np.asarray(r.score_map, np.float32), float(r.volume_score), r.mask
 
         return fit, score
+    if kind == "detector":  # any detector config (e.g. a top-level 'synthetic' section)
+        from anomaly3d_core.persistence import build_detector, load_any_config
+
+        def fit_detector(items: list) -> Any:
+            sets = [
+                f"{k}={v}" for k, v in {"tracking.enabled": False, "data.cache": False, **overrides}.items()
+            ]
+            return build_detector(load_any_config(spec, sets)).fit(list(items))
+
+        def score_detector(detector: Any, item: Any) -> tuple[np.ndarray, float, np.ndarray]:
+            r = detector.score(item)
+            return np.asarray(r.score_map, np.float32), float(r.volume_score), r.mask
+
+        return fit_detector, score_detector
     import baselines
 
     from anomaly3d_core.io.volume import Volume
@@ -307,6 +323,10 @@ def entry_config(entry: tuple[str, Any, dict[str, Any]]) -> tuple[Any, str] | No
     from anomaly3d_core.config import build_config
 
     kind, spec, overrides = entry
+    if kind == "detector":
+        from anomaly3d_core.persistence import load_any_config
+
+        return load_any_config(spec, [f"{k}={v}" for k, v in overrides.items()]), Path(spec).name
     return (build_config(config_tree(spec, overrides)), Path(spec).name) if kind == "pipeline" else None
 
 

@@ -122,6 +122,7 @@ CORE_MODULES = (
     "anomaly3d_core.runner",
     "anomaly3d_core.evaluator",
     "anomaly3d_core.scores",
+    "anomaly3d_core.synthetic",
 )
 CORE_PACKAGES = ("io", "preprocess", "model", "postprocess", "evaluation")
 MAX_MODULE_LINES = 500
