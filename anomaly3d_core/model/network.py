@@ -340,10 +340,10 @@ def feature_units(voxels: tuple[int, int, int], stride: int) -> tuple[int, int, 
     return tuple(max(1, round(v / stride)) for v in voxels)  # type: ignore[return-value]
 
 
-def build_extractor(cfg: Any, reg: Any, channels: list[str]) -> FeatureExtractor:
+def build_extractor(cfg: Any, reg: Any, sequences: list[str]) -> FeatureExtractor:
     """The configured extractor with one input channel per sequence (``in_channels`` derived)."""
     cls = reg.get("extractors", cfg.extractor.type)
-    want = max(1, len(channels))
+    want = max(1, len(sequences))
     args = dict(cfg.extractor.args)
     if "in_channels" in cls.Params.model_fields and "in_channels" not in cfg.extractor.args:
         args["in_channels"] = want
@@ -352,15 +352,15 @@ def build_extractor(cfg: Any, reg: Any, channels: list[str]) -> FeatureExtractor
         given = "" if "in_channels" in cls.Params.model_fields else " and has no in_channels parameter"
         raise ConfigError(
             f"extractor '{cfg.extractor.type}' takes {extractor.in_channels} input channel(s){given}, but "
-            f"data.sequences gives {want} ({', '.join(channels) or 'one file per scan'}); leave "
+            f"data.sequences gives {want} ({', '.join(sequences) or 'one file per scan'}); leave "
             "extractor.args.in_channels out (it is derived) or choose an extractor with in_channels"
         )
     return extractor
 
 
-def build_network(cfg: Any, reg: Any, channels: list[str]) -> AnomalyNet:
-    """A fresh, untrained network for a pipeline config (``channels``: its sequences)."""
-    extractor = build_extractor(cfg, reg, channels)
+def build_network(cfg: Any, reg: Any, sequences: list[str]) -> AnomalyNet:
+    """A fresh, untrained network for a pipeline config (``sequences``: the data's sequences, reference first)."""
+    extractor = build_extractor(cfg, reg, sequences)
     if cfg.extractor.checkpoint:
         AnomalyNet.load_checkpoint(extractor, cfg.extractor.checkpoint)
     layers = AnomalyNet.check_layers(extractor, cfg.extractor.layers)
@@ -389,6 +389,6 @@ def build_network(cfg: Any, reg: Any, channels: list[str]) -> AnomalyNet:
         cfg.patches.stride,
         cfg.embedding.positional_weight,
         cfg.patches.score_mode,
-        channel_signs(cfg.patches.residual_sign, channels, extractor.in_channels),
+        channel_signs(cfg.patches.residual_sign, sequences, extractor.in_channels),
         cfg.patches.channel_combine,
     )
