@@ -119,6 +119,6 @@ def print_advice(config: Any, scans: list[Any]) -> None:
         "data"
         + (f" ({channels[0]} scans of {len(scans)} subjects)" if channels else "")
         + ": "
-        + found.advice(first.threshold.normative, first.data.preprocessing.register_to),
+        + found.advice(first.threshold.normative, first.data.preprocessing.register_to, channels or ()),
         flush=True,
     )

@@ -448,7 +448,9 @@ class AnomalyDetectionPipeline(Detector):
         pipe = cls(folder / CONFIG_FILE, device=device, registry=registry)
         # where records are written or sent is the user's to say (command line, environment), never
         # a model folder's: a folder from someone else could otherwise send evaluations to its author
-        pipe.config.tracking, pipe.config.tuning = TrackingConfig(), TuningConfig()
+        for section, default in (("tracking", TrackingConfig), ("tuning", TuningConfig)):
+            if section in type(pipe.config).model_fields:
+                setattr(pipe.config, section, default())
         pipe.model_ = pipe.build_network()
         arrays.check_archive(folder / WEIGHTS_FILE)  # what its entries declare bounds what loading allocates
         try:  # tensors only: a pickled object in the file is refused, never run

@@ -51,7 +51,7 @@ ENTRIES: dict[str, tuple[str, Any, dict[str, Any]]] = {
         NATIVE_CONFIG,
         {"threshold.scan_normalization": "none", "threshold.depth_normalization": False},
     ),
-    "recommended: brain_mri.yaml (register_to: auto, normative)": ("pipeline", TEMPLATE_CONFIG, {}),
+    "registered: brain_mri.yaml (register_to: auto, normative)": ("pipeline", TEMPLATE_CONFIG, {}),
     "brain_mri.yaml with scan and depth normalisation": (
         "pipeline",
         TEMPLATE_CONFIG,
