@@ -59,7 +59,7 @@ def test_too_few_calibration_scans_warn(caplog):
     with caplog.at_level(logging.WARNING):
         post = calibrated(np.random.default_rng(0), 4)
     assert "4 calibration normal scan(s)" in caplog.text
-    assert post.n_calibration == 4 and post.scan_threshold == math.inf
+    assert post.n_calibration == 4 and post.scan_threshold == post.volume_threshold_  # the uncalibrated one
 
 
 def test_flagged_fraction_on_normal_noise_is_close_to_alpha():
@@ -211,14 +211,20 @@ def test_score_outputs_carry_named_decision_columns(fitted, demo_dir, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "out" / "scores.csv")))
     assert tuple(rows[0]) == SCORES_COLUMNS and "threshold" not in rows[0]
     n = fitted.postprocessor_.n_calibration
-    null = fitted.postprocessor_.null_.null_stats_["max_cluster_mass"]
+    # the tiny demo set calibrates on fewer normals than alpha 0.05 needs (19): p-values are still
+    # reported (of the top-k mean), the decision and mask are the uncalibrated thresholds'
+    assert n < 19
+    null = fitted.postprocessor_.null_.null_stats_["top_k_mean"]
     for row in rows:
         assert int(row["n_calibration"]) == n and float(row["alpha"]) == 0.05
         expected = (1 + np.count_nonzero(null >= float(row["volume_score"]))) / (n + 1)
         assert float(row["p_value"]) == pytest.approx(expected, abs=1e-6)
-        assert row["is_anomalous"] == str(float(row["p_value"]) <= 0.05)
+        assert row["is_anomalous"] == str(float(row["volume_score"]) > float(row["volume_threshold"]))
+        assert float(row["volume_threshold"]) == pytest.approx(
+            fitted.postprocessor_.volume_threshold_, abs=1e-5
+        )
         assert float(row["voxel_threshold"]) == pytest.approx(fitted.threshold_, abs=1e-5)
-        assert row["scan_statistic"] == "max_cluster_mass" and row["mask_rule"] == "cluster"
+        assert row["scan_statistic"] == "top_k_mean" and row["mask_rule"] == "threshold"
         assert (tmp_path / "out" / row["p_map"]).is_file()
         table = list(csv.DictReader(open(tmp_path / "out" / row["lesion_table"]), delimiter="\t"))
         assert len(table) == int(row["n_lesions"])
@@ -229,11 +235,15 @@ def test_score_outputs_carry_named_decision_columns(fitted, demo_dir, tmp_path):
     spark_out = tmp_path / "spark"
     spark = csv_row(score_row({"path": str(scans[0]), "out_dir": str(spark_out)}, 0, fitted), spark_out)
     assert spark["p_value"] == pytest.approx(float(rows[0]["p_value"]), abs=1e-6)
-    assert spark["volume_threshold"] == math.inf and spark["p_map"] == rows[0]["p_map"]
+    assert spark["volume_threshold"] == pytest.approx(float(rows[0]["volume_threshold"]), abs=1e-5)
+    assert spark["p_map"] == rows[0]["p_map"]
     write_sidecar(tmp_path / "side.json", batch.rows[0], "model", [])
     sidecar = json.loads((tmp_path / "side.json").read_text())
     assert sidecar["PValue"] == pytest.approx(float(rows[0]["p_value"])) and sidecar["Alpha"] == 0.05
-    assert sidecar["VolumeThreshold"] == "inf" and "Threshold" not in sidecar
+    assert (
+        sidecar["VolumeThreshold"] == pytest.approx(float(rows[0]["volume_threshold"]))
+        and "Threshold" not in sidecar
+    )
     assert sidecar["VoxelThreshold"] == batch.rows[0]["voxel_threshold"]
 
 

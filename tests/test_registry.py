@@ -21,15 +21,16 @@ SEED_BUILTINS = {
     "thresholds": {"percentile", "sigma", "mad", "iqr", "otsu", "triangle", "yen"},
     "loaders": {"nifti", "numpy", "dicom", "itk"},
 }
+BUILTINS = {**SEED_BUILTINS, "segmenters": {"unet"}}  # the synthetic-anomaly detector's networks
 
 
 def test_builtins_registered_through_entry_points():
     reg = Registry(get_plugin_manager())
-    for family, names in SEED_BUILTINS.items():
+    for family, names in BUILTINS.items():
         assert names <= set(reg.names(family)), family
         assert {i.package for i in reg.infos(family) if i.name in names} == {"anomaly3d"}
     eps = [ep for ep in importlib.metadata.distribution("anomaly3d").entry_points if ep.group == "anomaly3d"]
-    assert {ep.name for ep in eps} == set(SEED_BUILTINS)
+    assert {ep.name for ep in eps} == set(BUILTINS)
 
 
 class _FakeDist:

@@ -65,8 +65,9 @@ def calibration_warning(n: int, alpha: float) -> str | None:
         return None
     return (
         f"{n} calibration normal scan(s): the smallest possible p-value is 1/(n+1) = {1 / (n + 1):.3g} "
-        f"> alpha {alpha:g}, so no scan and no cluster can be flagged; use at least {need} held-out "
-        "normal scans (anomaly3d fit --calibration DIR, or detector.calibrate(scans)) or a larger alpha"
+        f"> alpha {alpha:g}, so scans are decided by the uncalibrated thresholds instead (mask_rule "
+        f"threshold, no stated error rate); use at least {need} held-out normal scans (anomaly3d fit "
+        "--calibration DIR, or detector.calibrate(scans)) or a larger alpha"
     )
 
 

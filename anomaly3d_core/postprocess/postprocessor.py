@@ -25,6 +25,8 @@ from anomaly3d_core.postprocess.calibration import (
     SCAN_STATISTICS,
     CalibrationNull,
     calibration_warning,
+    conformal_p,
+    min_calibration_scans,
     require_finite,
 )
 from anomaly3d_core.postprocess.verdict import Verdict, calibrated_verdict, conformal_threshold
@@ -155,7 +157,7 @@ class PostProcessor:
     def scan_threshold(self) -> float:
         """The volume score above which a scan is flagged: conformal at ``alpha``, or the legacy threshold."""
         null: CalibrationNull | None = getattr(self, "null_", None)
-        if null is None:
+        if null is None or self.n_calibration < min_calibration_scans(self.config.alpha):
             return self.volume_threshold_
         return conformal_threshold(null.null_stats_[self.config.scan_statistic], self.config.alpha)
 
@@ -203,9 +205,29 @@ class PostProcessor:
                 threshold, legacy_mask, top_k, self.volume_threshold_, legacy_anomalous, "top_k_mean"
             )
         bands = depth_band(foreground, spacing)
-        return calibrated_verdict(
-            null, self.config, scores, foreground, bands, spacing, threshold, legacy_mask
+        if self.n_calibration >= min_calibration_scans(self.config.alpha):
+            return calibrated_verdict(
+                null, self.config, scores, foreground, bands, spacing, threshold, legacy_mask
+            )
+        # too few calibration normals for alpha (fit warned): p-values are reported, but the scan
+        # decision is the uncalibrated threshold's and a cluster mask (whose p-values could not reach
+        # alpha either) the threshold mask, with no stated error rate (mask_rule says so); BH needs
+        # only the pooled voxel null and stays
+        rule = "threshold" if self.config.mask_rule == "cluster" else self.config.mask_rule
+        v = calibrated_verdict(
+            null,
+            self.config.model_copy(update={"mask_rule": rule}),
+            scores,
+            foreground,
+            bands,
+            spacing,
+            threshold,
+            legacy_mask,
         )
+        v.volume_score, v.volume_threshold, v.scan_statistic = top_k, self.volume_threshold_, "top_k_mean"
+        v.p_value = conformal_p(top_k, null.null_stats_["top_k_mean"])
+        v.is_anomalous = legacy_anomalous
+        return v
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
