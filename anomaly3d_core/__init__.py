@@ -25,6 +25,10 @@ _EXPORTS: dict[str, str] = {
     "build_detector": "anomaly3d_core.persistence",
     "load_detector": "anomaly3d_core.persistence",
     "load_any_config": "anomaly3d_core.persistence",
+    # the engine: fit, score and evaluate flows; what they record
+    "Engine": "anomaly3d_core.engine",
+    "Tracker": "anomaly3d_core.tracking",
+    "NullTracker": "anomaly3d_core.tracking",
     # configuration and plugins
     "PipelineConfig": "anomaly3d_core.config",
     "load_config": "anomaly3d_core.config",
@@ -33,8 +37,8 @@ _EXPORTS: dict[str, str] = {
     # data
     "Volume": "anomaly3d_core.io.volume",
     "load_volume": "anomaly3d_core.io.files",
-    "load_dataset": "anomaly3d_core.io.data",
-    "load_and_normalize_volume": "anomaly3d_core.io.data",
+    "load_dataset": "anomaly3d_core.seed_api",
+    "load_and_normalize_volume": "anomaly3d_core.seed_api",
     "augment_volume": "anomaly3d_core.preprocess.augmentation",
     "extract_patches_3d": "anomaly3d_core.model.patches",
     "make_demo_dataset": "anomaly3d_core.demo.datasets",
@@ -74,5 +78,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static checkers and IDEs see the real names
     from anomaly3d_core.config import PipelineConfig, load_config  # noqa: F401
     from anomaly3d_core.detector import Detector, ScoreResult  # noqa: F401
+    from anomaly3d_core.engine import Engine  # noqa: F401
     from anomaly3d_core.ensemble import EnsemblePipeline  # noqa: F401
     from anomaly3d_core.pipeline import AnomalyDetectionPipeline  # noqa: F401
+    from anomaly3d_core.tracking import NullTracker, Tracker  # noqa: F401

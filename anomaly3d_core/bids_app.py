@@ -105,46 +105,47 @@ def _subjects(bids_dir: Path, channels: Sequence[str], args: argparse.Namespace)
     return found
 
 
-def run(args: argparse.Namespace, cli: Any) -> int:
-    """The ``bids`` command (``cli`` is :mod:`anomaly3d_core.cli`, whose helpers it shares)."""
+def run(args: argparse.Namespace) -> int:
+    """The ``bids`` command: score the chosen subjects through the engine (participant), write the
+    group report (group), or fit on them (group ``--fit``)."""
     import contextlib
 
-    from anomaly3d_core.mlops.tracking import is_model_uri
+    from anomaly3d_core.cli_common import check_out, load_model, report
+    from anomaly3d_core.engine import Engine
+    from anomaly3d_core.mlops.models import is_model_uri
 
     bids_dir, out = Path(args.bids_dir), Path(args.output_dir)
     if out.resolve() == bids_dir.resolve():
         raise ConfigError("OUTPUT_DIR must differ from BIDS_DIR (e.g. BIDS_DIR/derivatives/anomaly3d)")
     if args.analysis_level == "group" and args.fit:
-        return _fit(args, cli, bids_dir)
+        return _fit(args, bids_dir)
     if args.fit:
         raise ConfigError(
             "--fit is a group-level step: anomaly3d bids BIDS_DIR OUTPUT_DIR group --fit --model OUT"
         )
-    cli._check_out(str(out))
+    check_out(str(out))
     with contextlib.ExitStack() as stack:
-        pipe, _ = cli._load_model(args, stack)
+        pipe, _ = load_model(args, stack)
         uri = args.model if is_model_uri(args.model) else str(Path(args.model).resolve())
         if args.analysis_level == "group":
             return _group(pipe, out, uri)
-        from anomaly3d_core.runner import score_files
-
         found = _subjects(bids_dir, pipe.channels, args)
-        batch = score_files(pipe, found.items, out, bids_root=bids_dir, model_uri=uri)
+        batch = Engine().score(pipe, found.items, out, bids_root=bids_dir, model_uri=uri)
     flagged = sum(bool(r["is_anomalous"]) for r in batch.rows)
     print(f"scored {len(batch.rows)} subject(s), {flagged} flagged anomalous; BIDS-Derivatives in {out}")
-    return cli._report(batch.failures, "scoring", found.errors)
+    return report(batch.failures, "scoring", found.errors)
 
 
 def _group(pipe: Any, out: Path, uri: str) -> int:
     """Write ``report.html`` over every subject scored into ``out``."""
     from anomaly3d_core.reports import ReportWriter
-    from anomaly3d_core.runner import _row_stem, read_scores
+    from anomaly3d_core.runner import read_scores, row_stem
 
     rows = read_scores(out)
     if not rows:
         raise DataError(out, "no scored subject here; run the participant level first")
     writer = ReportWriter(out, pipe, uri, sequences=pipe.channels)
-    names = [_row_stem(r) for r in rows]
+    names = [row_stem(r) for r in rows]
     writer.add_from_folder(rows, names, bids=True)
     path = writer.group(rows, names)
     flagged = sum(str(r["is_anomalous"]) == "True" for r in rows)
@@ -152,34 +153,29 @@ def _group(pipe: Any, out: Path, uri: str) -> int:
     return 0
 
 
-def _fit(args: argparse.Namespace, cli: Any, bids_dir: Path) -> int:
+def _fit(args: argparse.Namespace, bids_dir: Path) -> int:
     """Train on the chosen subjects and write the model to ``--model`` (as ``anomaly3d fit`` does)."""
-    from anomaly3d_core.io.files import check_model_target, write_lock
+    from anomaly3d_core.cli_common import cli_engine, config_name, read_config, report
+    from anomaly3d_core.engine import Engine
+    from anomaly3d_core.mlops.models import is_model_uri
     from anomaly3d_core.mlops.naming import set_name
-    from anomaly3d_core.mlops.tracking import (
-        command_run,
-        config_label,
-        epoch_logger,
-        fit_datasets,
-        is_model_uri,
-    )
+    from anomaly3d_core.persistence import build_detector, reference_config
 
     if is_model_uri(args.model):
         raise ConfigError(f"--model {args.model}: group --fit writes a model folder, not an MLflow URI")
-    config = cli._config(args)
-    first = config.members[0] if hasattr(config, "members") else config
-    found = _subjects(bids_dir, first.data.channels, args)
-    target = check_model_target(args.model)
-    pipe = cli._new_model(config)
-    name = set_name(bids_dir)
-    with (
-        write_lock(target, "model folder"),
-        command_run(config, "bids-fit", config_label(args.config), name, overrides=args.overrides) as run,
-    ):
-        pipe.fit(found.items, callbacks=[epoch_logger()] if run else ())
-        sets = fit_datasets(pipe, found.items, None, name) if run is not None else None
-        cli._save_fit(pipe, target, None, sets)
-    print(
-        f"model written to {target} ({pipe.n_train_volumes_} training subjects); threshold {pipe.threshold_:.4g}"
+    config = read_config(args)
+    found = _subjects(bids_dir, reference_config(config).data.channels, args)
+    Engine.check_fit_target(args.model)
+    fitted = cli_engine(config, args).fit(
+        build_detector(config),
+        found.items,
+        out=args.model,
+        label=config_name(args.config),
+        train_name=set_name(bids_dir),
+        command="bids-fit",
     )
-    return cli._report(pipe.failures_, "fit", found.errors)
+    pipe = fitted.detector
+    print(
+        f"model written to {fitted.folder} ({pipe.n_train_volumes_} training subjects); threshold {pipe.threshold_:.4g}"
+    )
+    return report(fitted.failures, "fit", found.errors)

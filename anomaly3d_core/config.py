@@ -12,24 +12,28 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from anomaly3d_core import safe_yaml
-from anomaly3d_core.errors import ConfigError, PluginError, did_you_mean
+from anomaly3d_core.config_data import (  # noqa: F401  (re-exported: every section is importable from here)
+    AugmentationConfig,
+    DataConfig,
+    PreprocessingConfig,
+    Section,
+    Triple,
+    _triple,
+)
+from anomaly3d_core.config_tree import (  # noqa: F401  (re-exported: the config's public helpers)
+    flatten,
+    format_validation_error,
+    merge_trees,
+    parse_value,
+    seed_component_sections,
+)
+from anomaly3d_core.errors import ConfigError, PluginError
 from anomaly3d_core.registry import get_registry
 
-Triple = tuple[int, int, int]
-
-
-def _triple(value: Any) -> Any:
-    """Accept ``8`` as ``(8, 8, 8)``."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return (int(value),) * 3
-    return value
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+RUN_SECTIONS = ("tracking", "tuning")  # the run's settings, not the detector's: not kept in a model folder
 
 
 class ComponentSpec(Section):
@@ -51,116 +55,6 @@ class ComponentSpec(Section):
             if data["type"] != default:
                 return {**data, "args": {}}
         return data
-
-
-class PreprocessingConfig(Section):
-    reorient: bool = True
-    target_spacing: tuple[float, float, float] | None = (2.0, 2.0, 2.0)
-    target_shape: Triple | None = None
-    foreground: Literal["nonzero", "otsu", "none"] = "nonzero"
-    crop_foreground: bool = True
-    crop_margin: int = Field(4, ge=0)
-    pad_multiple: int = Field(8, ge=1)
-    normalize_method: Literal["z_score", "min_max", "percentile", "none"] = "z_score"
-    clip_percentile: tuple[float, float] | None = (0.5, 99.5)
-    register_to: Literal["none", "auto", "mni152"] = Field(
-        "none",
-        description="affine registration to a template before everything else (brain MRI: mni152); "
-        "auto registers each scan to MNI152 unless it already lies in MNI152 space",
-    )
-    deformable: bool = Field(
-        False,
-        description="after the affine registration, a coarse deformable step (BSpline, Mattes MI at 4 mm, "
-        "control points every 32 mm) aligns each scan's anatomy closer to the template; maps still come "
-        "back on each scan's own grid through its inverse",
-    )
-
-    _triple = field_validator("target_shape", mode="before")(_triple)
-
-    @model_validator(mode="after")
-    def _deformable_needs_registration(self) -> PreprocessingConfig:
-        if self.deformable and self.register_to == "none":
-            raise ValueError(
-                "deformable: the deformable step follows the affine registration; set register_to "
-                "(auto or mni152) or leave deformable out"
-            )
-        return self
-
-    @field_validator("target_spacing", mode="before")
-    @classmethod
-    def _spacing(cls, v: Any) -> Any:
-        return (float(v),) * 3 if isinstance(v, int | float) and not isinstance(v, bool) else v
-
-
-class AugmentationConfig(Section):
-    enabled: bool = False
-    rotation_range: float = 10.0
-    flip_probability: float = Field(0.0, ge=0, le=1)
-    noise_std: float = Field(0.01, ge=0)
-    brightness_range: float = Field(0.1, ge=0)
-    contrast_range: float = Field(0.1, ge=0)
-    gamma_range: float = Field(0.1, ge=0)
-    bias_field_strength: float = Field(0.0, ge=0)
-    elastic_strength: float = Field(0.0, ge=0)
-    copies: int = Field(1, ge=1)
-    seed: int = 0
-
-
-class DataConfig(Section):
-    loader: str = "auto"
-    loader_args: dict[str, Any] = Field(
-        default_factory=dict, description="the loader's parameters, e.g. {series_uid: ...} for dicom"
-    )
-    cache: bool = Field(True, description="cache preprocessed volumes on disk (see anomaly3d_core.io.cache)")
-    sequences: list[str] | None = Field(
-        None,
-        description="the sequences of a subject, as BIDS suffixes (e.g. [T1w, FLAIR]), one input channel "
-        "each; none: one file per subject",
-    )
-    reference_sequence: str | None = Field(
-        None, description="the sequence whose grid the others are resampled onto (default: the first)"
-    )
-    coregister: bool | Literal["auto"] = Field(
-        "auto",
-        description="rigidly co-register each sequence to the reference (mutual information); auto: unless "
-        "it lies on the reference's grid already (sequences aligned beforehand)",
-    )
-    preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
-    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
-
-    @field_validator("sequences")
-    @classmethod
-    def _sequences(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return None
-        if not v:
-            raise ValueError("sequences: give at least one name (e.g. [T1w, FLAIR]) or leave it out")
-        bad = [s for s in v if not s.isalnum()]
-        if bad:
-            raise ValueError(
-                f"sequences: '{bad[0]}' is not a BIDS suffix (letters and digits only, e.g. T2w)"
-            )
-        if len(set(v)) != len(v):
-            raise ValueError(f"sequences: {v} names a sequence twice")
-        return list(v)
-
-    @model_validator(mode="after")
-    def _reference(self) -> DataConfig:
-        if self.reference_sequence is not None:
-            names = self.sequences or []
-            if self.reference_sequence not in names:
-                raise ValueError(
-                    f"reference_sequence: '{self.reference_sequence}' is not one of sequences {names}"
-                )
-        return self
-
-    @property
-    def channels(self) -> list[str]:
-        """The sequences in channel order: the reference first, then the others as listed."""
-        if not self.sequences:
-            return []
-        ref = self.reference_sequence or self.sequences[0]
-        return [ref, *[s for s in self.sequences if s != ref]]
 
 
 class PatchConfig(Section):
@@ -383,11 +277,22 @@ class PipelineConfig(Section):
             self.patches.patch_size = self.embedding.patch_size
         return self
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def to_yaml(self, detector_only: bool = False) -> str:
+        """The config as YAML; ``detector_only`` leaves out the run's settings (``tracking``,
+        ``tuning``), as a model folder keeps it."""
+        exclude = set(RUN_SECTIONS) if detector_only else None
+        return yaml.safe_dump(self.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+    def save(self, path: str | Path, detector_only: bool = False) -> None:
+        Path(path).write_text(self.to_yaml(detector_only))
+
+    @property
+    def is_ensemble(self) -> bool:
+        return False
+
+    def reference(self) -> PipelineConfig:
+        """The pipeline config that says how scans are read: this one (an ensemble's: its first member's)."""
+        return self
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (``training.num_epochs``), for MLflow params."""
@@ -404,61 +309,6 @@ class PipelineConfig(Section):
         if self.data.loader != "auto":
             specs.append(("loaders", self.data.loader))
         return specs
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys for nested mappings; lists of mappings get their index (``members.0.training``)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, name + "."))
-        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
-            for i, item in enumerate(value):
-                out.update(flatten(item, f"{name}.{i}."))
-        else:
-            out[name] = value
-    return out
-
-
-def _fields_at(model: type[BaseModel], loc: Iterable[Any]) -> list[str]:
-    """Valid field names of the (sub)model that ``loc`` points into."""
-    current: Any = model
-    for part in loc:
-        fields = getattr(current, "model_fields", None)
-        if fields is None or part not in fields:
-            return []
-        current = fields[part].annotation
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-    return list(getattr(current, "model_fields", {}))
-
-
-def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    """One line per problem: ``dotted.key: reason``, with a suggestion for unknown keys."""
-    lines = []
-    for e in err.errors():
-        loc = (
-            [p for p in e["loc"] if not isinstance(p, int)]
-            if e["type"] == "extra_forbidden"
-            else list(e["loc"])
-        )
-        path = prefix + ".".join(str(p) for p in loc)
-        if e["type"] == "extra_forbidden":
-            key, parent = str(loc[-1]), loc[:-1]
-            msg = did_you_mean(key, _fields_at(model, parent), what="key")
-        else:
-            msg = f"{e['msg']} (got {e.get('input')!r})"
-        lines.append(f"{path}: {msg}")
-    return "; ".join(lines)
-
-
-def parse_value(text: str) -> Any:
-    """Parse a ``--set`` value with YAML rules (numbers, booleans, lists)."""
-    try:
-        return safe_yaml.load(text)
-    except yaml.YAMLError:
-        return text
 
 
 # component section -> its family: the sections whose ``type`` picks a plugin with its own ``args``
@@ -604,50 +454,3 @@ def load_config(
         return build_config(tree, overrides, registry)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
-
-
-def seed_component_sections(
-    feature_extractor_config: Mapping | None,
-    embedding_config: Mapping | None,
-    autoencoder_config: Mapping | None,
-    patch_config: Mapping | None,
-    training_config: Mapping | None,
-    threshold_config: Mapping | None,
-    preprocessing_config: Mapping | None,
-) -> dict[str, Any]:
-    """Config sections from the seed README's per-component dicts (``feature_extractor_config=...``)."""
-    tree: dict[str, Any] = {}
-    if feature_extractor_config:
-        fx = dict(feature_extractor_config)
-        tree["extractor"] = {"type": fx.pop("type", "simple"), "args": fx.pop("args", {}), **fx}
-    if embedding_config:
-        tree["embedding"] = dict(embedding_config)
-    if autoencoder_config:
-        ae = dict(autoencoder_config)
-        tree["autoencoder"] = {"type": ae.pop("type", "standard"), "args": ae.pop("args", {}), **ae}
-    if patch_config:
-        tree["patches"] = dict(patch_config)
-    if training_config:
-        tree["training"] = dict(training_config)
-    if threshold_config:
-        th = dict(threshold_config)
-        tree["threshold"] = {
-            "type": th.pop("type", th.pop("method", "percentile")),
-            "args": th.pop("args", {}),
-            **th,
-        }
-    if preprocessing_config:
-        tree["data"] = {"preprocessing": dict(preprocessing_config)}
-    return tree
-
-
-def merge_trees(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    """``extra`` merged into ``base`` recursively (a plugin's ``args`` are replaced whole)."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = (
-            merge_trees(out[key], value)
-            if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key != "args"
-            else value
-        )
-    return out

@@ -145,6 +145,16 @@ class Detector(ABC):
 
     # ------------------------------------------------------------------ shared
     @property
+    def is_ensemble(self) -> bool:
+        """Whether this detector combines others (its config has ``members``)."""
+        return False
+
+    def reference(self) -> Detector:
+        """The detector whose reading and example scans stand for this one: itself, or an
+        ensemble's first member."""
+        return self
+
+    @property
     def channels(self) -> list[str]:
         """The sequences a subject gives, reference first; empty for one file per scan."""
         return []
@@ -170,9 +180,11 @@ class Detector(ABC):
                 f"{type(self).__name__} is not fitted; call fit(volumes) or load(path) before {what}()"
             )
 
-    def score_native(self, item: VolumeLike) -> NativeScores:
-        """Scores on the working grid and on the input's grid; needs no calibration (used mid-training)."""
-        prep = self.prepare(item)
+    def score_native(self, item: VolumeLike | Prepared) -> NativeScores:
+        """Scores on the working grid and on the input's grid; needs no calibration (used mid-training).
+
+        ``item`` may be a scan :meth:`prepare` has already brought onto the working grid."""
+        prep = item if isinstance(item, Prepared) else self.prepare(item)
         scores = self.score_prepared(prep)
         native, fg = to_native(scores, prep, self.foreground_method)
         return NativeScores(prep, scores, native, fg)
@@ -189,8 +201,9 @@ class Detector(ABC):
         )
         return self
 
-    def score(self, item: VolumeLike) -> ScoreResult:
-        """Score one scan: score map, p-map, mask, lesion table, volume score, p-value and decision, on the input's grid.
+    def score(self, item: VolumeLike | Prepared) -> ScoreResult:
+        """Score one scan (or one :meth:`prepare` gave): score map, p-map, mask, lesion table, volume
+        score, p-value and decision, on the input's grid.
 
         A NaN or infinite score raises :class:`~anomaly3d_core.errors.DataError`: it is never a decision.
         """
@@ -341,11 +354,18 @@ class Detector(ABC):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-        """Save as an MLflow pyfunc model folder (servable with ``mlflow models serve``);
-        ``metadata`` is kept in its ``MLmodel`` file."""
-        from anomaly3d_core.mlops.serving import save_pyfunc  # mlflow is heavy: imported on save only
+        """Save as a plain model folder: the detector's files, ``plugins.json`` (the packages behind
+        its plugins) and ``metadata`` as ``metadata.json``; written whole or not at all.
 
-        return save_pyfunc(self, path, metadata)
+        ``anomaly3d_core.mlops.serving.save_pyfunc`` writes the same files as an MLflow model
+        (servable with ``mlflow models serve``); :func:`anomaly3d_core.persistence.load_detector`
+        loads either.
+        """
+        from anomaly3d_core.io.files import check_model_target, replace_tree
+        from anomaly3d_core.provenance import write_model_files
+
+        out = check_model_target(path)
+        return replace_tree(out, lambda new: write_model_files(self, new, metadata), "model folder")
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, registry: Any = None) -> Detector:

@@ -61,6 +61,14 @@ class EnsembleConfig(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump({"ensemble": self.model_dump(mode="json")}, sort_keys=False)
 
+    @property
+    def is_ensemble(self) -> bool:
+        return True
+
+    def reference(self) -> PipelineConfig:
+        """The first member's config: members read scans alike (one set of sequences)."""
+        return self.members[0]
+
     def plugin_specs(self) -> list[tuple[str, str]]:
         """``(family, name)`` of every plugin the ensemble and its members name."""
         specs = [("thresholds", self.threshold.type), ("thresholds", self.threshold.volume.method.type)]
@@ -168,6 +176,13 @@ class EnsemblePipeline(Detector):
     @property
     def channels(self) -> list[str]:
         return self.members[0].channels
+
+    @property
+    def is_ensemble(self) -> bool:
+        return True
+
+    def reference(self) -> Detector:
+        return self.members[0]
 
     def read(self, path: Any) -> Volume:
         return self.members[0].read(path)

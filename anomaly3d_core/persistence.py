@@ -26,14 +26,22 @@ from anomaly3d_core.detector import Detector, model_files_dir
 from anomaly3d_core.ensemble import ENSEMBLE_FILE, EnsembleConfig, EnsemblePipeline, build_ensemble_config
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, PluginError
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+from anomaly3d_core.provenance import LINEAGE_KEY, PLUGINS_FILE, read_lineage
 from anomaly3d_core.registry import DISABLE_PLUGINS_ENV, get_registry
 from anomaly3d_core.synthetic import SyntheticAnomalyDetector, SyntheticConfig, build_synthetic_config
 
 DetectorConfig = PipelineConfig | EnsembleConfig | SyntheticConfig
 #: top-level sections that make a YAML config another kind of detector than a pipeline
 DETECTOR_SECTIONS = ("ensemble", "synthetic")
-PLUGINS_FILE = "plugins.json"  # written next to the detector's files by mlops.serving
 log = logging.getLogger(__name__)
+__all__ = [
+    "LINEAGE_KEY",
+    "build_detector",
+    "load_any_config",
+    "load_detector",
+    "read_lineage",
+    "reference_config",
+]
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -78,6 +86,13 @@ def load_any_config(
     return load_config(path, overrides, registry)
 
 
+def reference_config(config_or_detector: Any) -> PipelineConfig:
+    """The pipeline config that says how scans are read: the config itself, or an ensemble's first
+    member's (members share their sequences); a detector's own config for a detector."""
+    config = getattr(config_or_detector, "config", config_or_detector)
+    return config.reference()
+
+
 def build_detector(config: DetectorConfig, device: str | None = None, registry: Any = None) -> Detector:
     """An unfitted detector for a pipeline, ensemble or synthetic-detector config."""
     if isinstance(config, EnsembleConfig):
@@ -88,7 +103,8 @@ def build_detector(config: DetectorConfig, device: str | None = None, registry: 
 
 
 def load_detector(path: str | Path, device: str | None = None, registry: Any = None) -> Detector:
-    """Load a saved pipeline, ensemble or synthetic-anomaly detector (an MLflow model folder or a plain folder)."""
+    """Load a saved pipeline, ensemble or synthetic-anomaly detector: a plain folder
+    (:meth:`Detector.save`) or an MLflow model folder (``mlops.serving.save_pyfunc``, ``fit --out``)."""
     inner = model_files_dir(path)
     registry = check_plugins_installed(path, inner, registry)
     kind: type[Detector] = AnomalyDetectionPipeline

@@ -32,9 +32,7 @@ from anomaly3d_core.io.data import BatchFailures, VolumeLike, as_volume
 from anomaly3d_core.io.files import find_loader, load_volume, save_nifti
 from anomaly3d_core.io.subjects import Subject, as_subject
 from anomaly3d_core.io.volume import Volume
-from anomaly3d_core.model.embedding import FeatureEmbedding
-from anomaly3d_core.model.network import AnomalyNet, feature_units
-from anomaly3d_core.model.polarity import channel_signs
+from anomaly3d_core.model.network import AnomalyNet, build_network
 from anomaly3d_core.model.pretrain import pretrain_extractor
 from anomaly3d_core.model.training import (
     EpochCallback,
@@ -100,62 +98,12 @@ class AnomalyDetectionPipeline(Detector):
 
     def build_network(self) -> AnomalyNet:
         """A fresh, untrained network for this config."""
-        cfg, reg = self.config, self._registry()
-        extractor = self._extractor()
-        if cfg.extractor.checkpoint:
-            AnomalyNet.load_checkpoint(extractor, cfg.extractor.checkpoint)
-        layers = AnomalyNet.check_layers(extractor, cfg.extractor.layers)
-        channels = sum(extractor.layer_channels[name] for name in layers)
-        if cfg.embedding.input_channels is not None and cfg.embedding.input_channels != channels:
-            raise ConfigError(
-                f"embedding.input_channels: {cfg.embedding.input_channels}, but extractor '{cfg.extractor.type}' "
-                f"gives {channels} channels on layers {list(layers)}; leave it out (it is derived) or set {channels}"
-            )
-        stride = min(extractor.layer_strides[name] for name in layers)
-        embedding = FeatureEmbedding.from_config(
-            cfg.embedding, channels, feature_units(cfg.patches.patch_size, stride), cfg.patches.scales
-        )
-        vector_dim = embedding.output_dim + (3 if cfg.embedding.positional_weight else 0)
-        try:
-            autoencoder = reg.get("autoencoders", cfg.autoencoder.type)(vector_dim, cfg.autoencoder.args)
-        except ValueError as exc:
-            raise Anomaly3DError(str(exc)) from None
-        autoencoder.spatial_shape = embedding.spatial_shape
-        return AnomalyNet(
-            extractor,
-            layers,
-            embedding,
-            autoencoder,
-            cfg.patches.patch_size,
-            cfg.patches.stride,
-            cfg.embedding.positional_weight,
-            cfg.patches.score_mode,
-            channel_signs(cfg.patches.residual_sign, self.channels, extractor.in_channels),
-            cfg.patches.channel_combine,
-        )
+        return build_network(self.config, self._registry(), self.channels)
 
     @property
     def channels(self) -> list[str]:
         """The sequences a subject gives, reference first (empty: one file per scan)."""
         return self.config.data.channels
-
-    def _extractor(self) -> Any:
-        """The configured extractor with one input channel per sequence (``in_channels`` derived)."""
-        cfg, reg = self.config, self._registry()
-        cls = reg.get("extractors", cfg.extractor.type)
-        want = max(1, len(self.channels))
-        args = dict(cfg.extractor.args)
-        if "in_channels" in cls.Params.model_fields and "in_channels" not in cfg.extractor.args:
-            args["in_channels"] = want
-        extractor = cls(args)
-        if extractor.in_channels != want:
-            given = "" if "in_channels" in cls.Params.model_fields else " and has no in_channels parameter"
-            raise ConfigError(
-                f"extractor '{cfg.extractor.type}' takes {extractor.in_channels} input channel(s){given}, but "
-                f"data.sequences gives {want} ({', '.join(self.channels) or 'one file per scan'}); leave "
-                "extractor.args.in_channels out (it is derived) or choose an extractor with in_channels"
-            )
-        return extractor
 
     def read(self, item: str | Path | Subject | Mapping[str, Any]) -> Volume:
         """Read one scan (a file) or one subject's sequences (put on one grid) with this pipeline's settings."""
@@ -369,29 +317,7 @@ class AnomalyDetectionPipeline(Detector):
 
     def _prepare_cached(self, item: VolumeLike) -> Prepared:
         """:meth:`prepare`, through the on-disk cache for files (see :mod:`anomaly3d_core.io.cache`)."""
-        data = self.config.data
-        files = (
-            [as_subject(item).files.get(s) for s in self.channels]
-            if isinstance(item, Subject | Mapping)
-            else [item]
-        )
-        if not data.cache or not all(isinstance(f, str | Path) and Path(f).exists() for f in files):
-            return self.prepare(item)
-        settings = {
-            "loader": data.loader,
-            "loader_args": data.loader_args,
-            "preprocessing": data.preprocessing.model_dump(mode="json"),
-        }
-        if isinstance(item, Subject | Mapping):
-            settings |= {"sequences": self.channels, "coregister": data.coregister}
-            key = cache.subject_key(files, settings)
-        else:
-            key = cache.content_key(item, settings)
-        prepared = cache.load(key, files[0])
-        if prepared is None:
-            prepared = self.prepare(item)
-            cache.store(key, prepared)
-        return prepared
+        return cache.prepared(item, self.prepare, self.config.data, self.channels)
 
     def _split(self, prepared: list[Prepared], gen: torch.Generator) -> tuple[list[Prepared], list[Prepared]]:
         n_val = int(round(len(prepared) * self.config.training.val_fraction))
@@ -477,7 +403,7 @@ class AnomalyDetectionPipeline(Detector):
         self._check_fitted("save")
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        self.config.save(out / CONFIG_FILE)
+        self.config.save(out / CONFIG_FILE, detector_only=True)  # tracking and tuning are the run's
         torch.save({k: v.cpu() for k, v in self.model_.state_dict().items()}, out / WEIGHTS_FILE)
         self.postprocessor_.save(
             out,

@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import signal
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,6 @@ from anomaly3d_core.io.derivatives import (
 )
 from anomaly3d_core.io.files import (
     atomic_write,
-    load_volume,
     output_path,
     output_stems,
     save_nifti,
@@ -46,38 +45,12 @@ from anomaly3d_core.io.files import (
     write_lock,
 )
 from anomaly3d_core.io.subjects import Subject
-from anomaly3d_core.mlops.schema import SCORES_COLUMNS
 from anomaly3d_core.postprocess.lesions import write_lesion_table
 from anomaly3d_core.preprocess.registration import registration_quality
 from anomaly3d_core.progress import progress
+from anomaly3d_core.scores import SCORES_COLUMNS
 
 log = logging.getLogger(__name__)
-SUMMARY_KEYS = (
-    "pixel_ap",
-    "pixel_auc",
-    "pixel_best_dice",
-    "pixel_dice",
-    "pixel_iou",
-    "per_volume_dice_mean",
-    "lesion_sensitivity",
-    "lesion_fp_per_volume",
-    "volume_auroc",
-    "volume_accuracy",
-    "volume_f1",
-)
-
-
-GUARANTEE_KEYS = (
-    "normal_flagged_fraction",
-    "lesioned_flagged_fraction",
-    "voxel_fdr_lesioned",
-    "fp_clusters_per_normal_scan",
-    "fp_clusters_per_lesioned_scan",
-    "scan_auroc_p_value",
-    "scan_auroc_top_k_mean",
-)
-
-
 CSV_FIELDS = SCORES_COLUMNS  # the columns of scores.csv, shared with the served model
 
 
@@ -223,6 +196,21 @@ def subject_columns(subject: Subject) -> dict[str, str]:
     return {"subject": subject.subject, "session": subject.session or ""}
 
 
+class _InThisThread(contextlib.AbstractContextManager):
+    """An executor that runs each task at once, in the calling thread (``score_files(overlap=False)``)."""
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Any, *args: Any) -> Future[Any]:
+        done: Future[Any] = Future()
+        try:
+            done.set_result(fn(*args))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
+
+
 def score_files(
     pipeline: Detector,
     inputs: list[Path | Subject],
@@ -231,26 +219,31 @@ def score_files(
     bids_root: Path | None = None,
     model_uri: str = "",
     reports: bool = True,
+    overlap: bool = True,
 ) -> ScoredBatch:
     """Score every input (a file or a subject), write its maps and its ``scores.csv`` row; bad inputs
     go to ``failures``. Subjects of a BIDS dataset (``bids_root``) are written as BIDS-Derivatives
     (:mod:`anomaly3d_core.io.derivatives`) with a JSON sidecar each. With ``reports``, each scan gets
-    an HTML report and the folder a group report (:mod:`anomaly3d_core.reports`)."""
+    an HTML report and the folder a group report (:mod:`anomaly3d_core.reports`).
+
+    The work runs as a three-stage pipeline that keeps the cores busy: while the network scores one
+    scan, a reader thread reads and preprocesses the next and a writer thread writes the previous
+    one's files (maps, row, sidecars, report). Results, their order and the per-file failures are
+    those of scanning one by one (``overlap=False`` does exactly that, in this thread); at most
+    three scans are in memory.
+    """
     batch = ScoredBatch()
-    writer = _report_writer(pipeline, out_dir, model_uri) if reports else None
+    reporter = report_writer(pipeline, out_dir, model_uri) if reports else None
     stem_of: dict[str, str] = {}
     stems = output_stems(inputs, pipeline.registry)  # a name clash refuses the batch before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     with write_lock(out_dir / "scores.csv", "scores.csv", blocking=True):
         write_csv(read_scores(out_dir), out_dir / "scores.csv")  # drop rows whose maps are gone
-    if bids_root is not None:
-        write_description(out_dir, model_uri, bids_root)
-    for path, stem in progress(list(zip(inputs, stems, strict=True)), desc="scoring", total=len(inputs)):
-        try:
-            result = pipeline.score(pipeline.read(path))
-        except Exception as exc:  # one bad file never stops the batch, whatever it raises
-            batch.failures.record(path, exc)
-            continue
+
+    def prepared(item: Path | Subject) -> Any:
+        return pipeline.prepare(pipeline.read(item))
+
+    def write(result: ScoreResult, path: Path | Subject, stem: str) -> dict[str, Any]:
         bids = isinstance(path, Subject) and path.bids and bids_root is not None
         names = derivative_names(path, pipeline.channels[0]) if bids else None
         with _uninterrupted():
@@ -268,238 +261,49 @@ def score_files(
             if bids_root is not None:
                 with write_lock(out_dir / "scores.csv", "scores.csv", blocking=True):
                     write_scores_tsv(out_dir, read_scores(out_dir), CSV_FIELDS)
-        batch.rows.append(row)
         stem_of[row["score_map"]] = stem
-        if writer is not None:
-            writer.subject(result, row, stem, bids=names is not None)
-        if keep_results:
-            batch.results.append(result)
-    if writer is not None:
+        if reporter is not None:
+            reporter.subject(result, row, stem, bids=names is not None)
+        return row
+
+    if bids_root is not None:
+        write_description(out_dir, model_uri, bids_root)
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="anomaly3d-read") if overlap else _InThisThread() as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="anomaly3d-write") if overlap else _InThisThread() as writer,
+    ):
+        ahead = reader.submit(prepared, inputs[0]) if inputs else None
+        written: Future[dict[str, Any]] | None = None
+        pairs = list(zip(inputs, stems, strict=True))
+        for index, (path, stem) in enumerate(progress(pairs, desc="scoring", total=len(inputs))):
+            current = ahead  # read and preprocessed while the previous scan was scored
+            ahead = reader.submit(prepared, inputs[index + 1]) if index + 1 < len(inputs) else None
+            try:
+                result = pipeline.score(current.result())
+            except Exception as exc:  # one bad file never stops the batch, whatever it raises
+                batch.failures.record(path, exc)
+                continue
+            if written is not None:  # one write at a time, in order; its errors stop the batch here
+                batch.rows.append(written.result())
+            written = writer.submit(write, result, path, stem)
+            if keep_results:
+                batch.results.append(result)
+        if written is not None:
+            batch.rows.append(written.result())
+    if reporter is not None:
         rows = read_scores(out_dir)  # the group page describes every scan in the folder
-        writer.group(rows, [stem_of.get(r["score_map"]) or _row_stem(r) for r in rows])
+        reporter.group(rows, [stem_of.get(r["score_map"]) or row_stem(r) for r in rows])
     return batch
 
 
-def _report_writer(pipeline: Detector, out_dir: Path, model_uri: str) -> Any:
+def report_writer(pipeline: Detector, out_dir: Path, model_uri: str) -> Any:
     from anomaly3d_core.reports import ReportWriter
 
     return ReportWriter(out_dir, pipeline, model_uri, sequences=getattr(pipeline, "channels", []))
 
 
-def _row_stem(row: dict[str, Any]) -> str:
+def row_stem(row: dict[str, Any]) -> str:
     """A name for a ``scores.csv`` row written by an earlier run: subject (and session), else the file's stem."""
     if row.get("subject"):
         return row["subject"] + (f"_{row['session']}" if row.get("session") else "")
     return scan_stem(row.get("file") or row["score_map"])
-
-
-def find_mask(scan: Path, masks_dir: Path, registry: Any = None, stem: str | None = None) -> Path:
-    """The ground-truth file for ``scan``: exactly its name, ``<stem>_mask`` or ``<stem>_seg`` (any scan extension).
-
-    ``stem`` (from :func:`~anomaly3d_core.io.files.output_stems`) may hold a sub-folder, looked
-    for under ``masks_dir`` too. More than one match is an error naming them.
-    """
-    stem = stem or scan_stem(scan, registry)
-    sub, _, base = stem.rpartition("/")
-    folder = masks_dir / sub if sub else masks_dir
-    wanted = {base, f"{base}_mask", f"{base}_seg"}
-    try:
-        entries = sorted(folder.iterdir())
-    except OSError:
-        raise DataError(scan, f"masks folder {folder} cannot be read (missing or not a folder)") from None
-    matches = [
-        c
-        for c in entries
-        if not c.name.startswith(".") and (c.name == scan.name or scan_stem(c, registry) in wanted)
-    ]
-    if not matches:
-        raise DataError(
-            scan,
-            f"no ground-truth mask for it in {folder} (looked for {scan.name}, {base}_mask.*, {base}_seg.*)",
-        )
-    if len(matches) > 1:
-        raise DataError(
-            scan,
-            f"ambiguous ground truth in {folder}: {', '.join(m.name for m in matches)} all match; keep one",
-        )
-    return matches[0]
-
-
-def evaluate_files(
-    pipeline: Detector,
-    inputs: list[Path | Subject],
-    masks_dir: Path,
-    out_dir: Path,
-    n_overlays: int | None = None,
-    model_uri: str = "",
-    reports: bool = True,
-) -> tuple[dict[str, Any], BatchFailures]:
-    """Score ``inputs``, compare with masks, write ``metrics.json``, ``summary.txt``, ``subjects.tsv``,
-    ``lesions.tsv``, plots, overlays and (with ``reports``) an HTML report per scan and
-    ``report.html`` for the group.
-
-    Lesion kinds for the per-kind table come from a ``manifest.csv`` beside ``masks_dir`` with a
-    ``lesion_kind`` column (as ``anomaly3d demo-data`` writes), when there is one."""
-    # matplotlib and scikit-learn: imported for evaluation only, so plain scoring does not load them
-    from anomaly3d_core.evaluation import plotting
-    from anomaly3d_core.evaluation.guarantees import result_guarantees
-    from anomaly3d_core.evaluation.metrics import comprehensive_evaluation
-    from anomaly3d_core.postprocess.calibration import top_k_mean
-    from anomaly3d_core.postprocess.thresholding import multi_threshold_analysis
-    from anomaly3d_core.reports.evaluation import lesion_kinds, subject_evaluation, write_tables
-    from anomaly3d_core.reports.subject import decision_text
-
-    failures = BatchFailures()
-    results, truths, foregrounds, names, rows, top_ks = [], [], [], [], [], []
-    subjects: list[dict[str, Any]] = []
-    lesions: list[dict[str, Any]] = []
-    kinds = lesion_kinds(masks_dir, pipeline.registry)
-    writer = _report_writer(pipeline, out_dir, model_uri) if reports else None
-    stems = output_stems(inputs, pipeline.registry)  # a name clash refuses the batch before any work
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path, stem in progress(list(zip(inputs, stems, strict=True)), desc="evaluating", total=len(inputs)):
-        try:
-            volume = pipeline.read(path)
-            scan = Path(volume.path) if isinstance(path, Subject) else path  # a subject: its reference file
-            mask_path = find_mask(scan, masks_dir, pipeline.registry, stem)
-            truth = load_volume(mask_path, registry=pipeline.registry, allow_constant=True).array > 0
-            if truth.shape != volume.shape:
-                raise DataError(path, f"mask grid {truth.shape} differs from the scan's {volume.shape}")
-            result = pipeline.score(volume)
-        except Exception as exc:  # one bad file never stops the batch, whatever it raises
-            failures.record(path, exc)
-            continue
-        row = {
-            "file": result.volume.path,
-            **decision_columns(result),
-            **registration_quality(result.prepared),
-            **(subject_columns(path) if isinstance(path, Subject) else {}),
-        }
-        top_ks.append(top_k_mean(result.prepared_scores, result.prepared.mask, 0.01))
-        found, found_lesions = subject_evaluation(result, truth, stem, kinds.get(stem, ""))
-        subjects.append(found)
-        lesions += found_lesions
-        if writer is not None:
-            writer.subject(result, row, stem, truth=truth)
-        result.prepared = result.prepared_scores = result.p_map = None  # keep only what the metrics need
-        results.append(result)
-        truths.append(truth)
-        foregrounds.append(result.foreground)
-        names.append(stem)
-        rows.append(row)
-    if not results:
-        raise DataError(None, "no volume could be evaluated:\n" + failures.report())
-    metrics = comprehensive_evaluation(
-        truths,
-        [r.score_map for r in results],
-        pipeline.threshold_,
-        predicted_masks=[r.mask for r in results],
-        foreground_masks=foregrounds,
-        volume_scores=[r.volume_score for r in results],
-        volume_threshold=pipeline.volume_threshold_,
-    )
-    metrics |= result_guarantees(results, truths, top_ks)
-    metrics["seconds_per_volume"] = float(np.mean([r.seconds for r in results]))
-    metrics["files"] = [
-        {
-            "file": r.volume.path,
-            "volume_score": r.volume_score,
-            "p_value": r.p_value,
-            "is_anomalous": r.is_anomalous,
-            "has_lesion": bool(t.any()),
-        }
-        for r, t in zip(results, truths, strict=True)
-    ]
-    atomic_write(
-        out_dir / "metrics.json",
-        lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2, default=float)),
-    )
-    atomic_write(
-        out_dir / "summary.txt",
-        lambda tmp: Path(tmp).write_text(summary_table(metrics) + "\n" + metric_legend(metrics)),
-    )
-    gt_in = [t[f] for t, f in zip(truths, foregrounds, strict=True)]
-    sc_in = [r.score_map[f] for r, f in zip(results, foregrounds, strict=True)]
-    write_tables(out_dir, subjects, lesions)
-    plots = []
-    if any(g.any() for g in gt_in):
-        curve = [("model", gt_in, sc_in)]
-        plotting.plot_roc_curves(curve, out_dir / "roc.png", reported=[metrics.get("pixel_auc")])
-        plotting.plot_precision_recall_curves(curve, out_dir / "pr.png", reported=[metrics.get("pixel_ap")])
-        g, s = np.concatenate(gt_in), np.concatenate(sc_in)
-        plotting.plot_score_distributions(
-            s[~g], s[g], pipeline.threshold_, out_dir / "score_distribution.png"
-        )
-        top = max(float(np.percentile(s, 99.99)), 1.1 * float(pipeline.threshold_))
-        analysis = multi_threshold_analysis(s, (0.0, top), 60, ground_truth=g)
-        plotting.visualize_threshold_analysis(
-            analysis, out_dir / "threshold_analysis.png", threshold=pipeline.threshold_
-        )
-        plots = ["roc.png", "pr.png", "score_distribution.png", "threshold_analysis.png"]
-    plotting.plot_volume_scores(
-        names,
-        [r.volume_score for r in results],
-        pipeline.volume_threshold_,
-        [bool(t.any()) for t in truths],
-        out_dir / "volume_scores.png",
-    )
-    order = np.argsort([-r.volume_score for r in results])[:n_overlays]  # None: every volume
-    sequences = pipeline.channels
-    for i in order:
-        r = results[i]
-        png = output_path(out_dir / "overlays", f"{names[i]}.png")
-        png.parent.mkdir(parents=True, exist_ok=True)
-        plotting.plot_overlay(
-            r.volume.array,
-            r.score_map,
-            r.mask,
-            truths[i],
-            png,
-            title=names[i],
-            affine=r.volume.affine,
-            sequences=sequences,
-            threshold=r.threshold,
-            decision=decision_text({**rows[i], "volume_threshold": pipeline.volume_threshold_}),
-        )
-    if writer is not None:
-        from anomaly3d_core.reports.html import file_data_uri
-
-        figures = [(file_data_uri(out_dir / p), PLOT_CAPTIONS[p]) for p in plots]
-        writer.group(
-            rows,
-            names,
-            evaluation={"metrics": metrics, "subjects": subjects, "lesions": lesions},
-            figures=figures,
-        )
-    return metrics, failures
-
-
-PLOT_CAPTIONS = {
-    "roc.png": "voxel ROC curve (pooled over scans, inside the brain)",
-    "pr.png": "voxel precision-recall curve; its AP is the summary's pixel_ap",
-    "score_distribution.png": "voxel scores of normal and lesion voxels, with the model's voxel threshold",
-    "threshold_analysis.png": "what each voxel threshold would give (dashed: the model's own threshold)",
-}
-
-
-def metric_legend(metrics: dict[str, Any]) -> str:
-    """What each reported metric means (the lines of summary.txt below the table)."""
-    from anomaly3d_core.reports.group import METRIC_HELP
-
-    return "".join(f"{k}: {v}\n" for k, v in METRIC_HELP.items() if k in metrics)
-
-
-def summary_table(metrics: dict[str, Any]) -> str:
-    lines = [f"{'metric':<24}{'value':>10}  95% CI"]
-    for key in SUMMARY_KEYS:
-        if key in metrics:
-            ci = metrics.get(f"{key}_ci")
-            ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-            lines.append(f"{key:<24}{metrics[key]:>10.4f}  {ci_text}")
-    for key in GUARANTEE_KEYS:
-        if f"guarantee_{key}" in metrics:
-            ci = metrics.get(f"guarantee_{key}_ci")
-            ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-            lines.append(f"{key:<32}{metrics[f'guarantee_{key}']:>10.4f}  {ci_text}")
-    lines.append(f"{'volumes':<24}{metrics['n_volumes']:>10d}")
-    return "\n".join(lines) + "\n"

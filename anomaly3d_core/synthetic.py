@@ -153,11 +153,22 @@ class SyntheticConfig(Section):
             )
         return self
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump({"synthetic": self.model_dump(mode="json")}, sort_keys=False)
+    def to_yaml(self, detector_only: bool = False) -> str:
+        """The config as YAML; ``detector_only`` leaves out the run's settings (``tracking``), as a
+        model folder keeps it."""
+        exclude = {"tracking"} if detector_only else None
+        return yaml.safe_dump({"synthetic": self.model_dump(mode="json", exclude=exclude)}, sort_keys=False)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+    @property
+    def is_ensemble(self) -> bool:
+        return False
+
+    def reference(self) -> SyntheticConfig:
+        """This config: it says how scans are read (``data``)."""
+        return self
+
+    def save(self, path: str | Path, detector_only: bool = False) -> None:
+        Path(path).write_text(self.to_yaml(detector_only))
 
     def flat(self) -> dict[str, Any]:
         return flatten(self.model_dump(mode="json"))

@@ -227,6 +227,7 @@ def main() -> None:
     from anomaly3d_core.demo.datasets import make_demo_dataset
     from anomaly3d_core.io import limits
     from anomaly3d_core.io.files import list_inputs
+    from anomaly3d_core.mlops.serving import save_pyfunc
     from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
     for var in limits.ENV.values():  # measure the defaults
@@ -240,7 +241,7 @@ def main() -> None:
         "tracking": {"enabled": False},
     }
     model = AnomalyDetectionPipeline(config).fit(list_inputs(data / "train"), show_progress=False)
-    model.save(work / "model")
+    save_pyfunc(model, work / "model")  # an MLflow model folder, for `mlflow models serve`
     print("model fitted and saved; starting mlflow models serve ...", flush=True)
 
     with socket.socket() as s:

@@ -122,10 +122,11 @@ def make_method(entry: Any) -> tuple[Callable[[list], Any], Callable[[Any, Any],
             return s, v.array > 0, vs, s > model.threshold_, model.threshold_, float("nan")
 
         return fit_baseline, score_baseline
-    from anomaly3d_core.cli import _new_model
+    from anomaly3d_core.engine import Engine
+    from anomaly3d_core.persistence import build_detector
 
     def fit(items: list) -> Any:
-        return _new_model(entry_config(entry)).fit(list(items), show_progress=False)
+        return Engine().fit(build_detector(entry_config(entry)), list(items), show_progress=False).detector
 
     def score(pipe: Any, item: Any) -> tuple:
         r = pipe.score(item)  # r.mask: the model's own decision, post-processing included

@@ -35,7 +35,9 @@ def fitted(demo_dir: Path):
 
 @pytest.fixture(scope="session")
 def saved_model(fitted, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fitted.save(tmp_path_factory.mktemp("model") / "model")
+    from anomaly3d_core.mlops.serving import save_pyfunc  # an MLflow model folder, as `fit --out` writes
+
+    return save_pyfunc(fitted, tmp_path_factory.mktemp("model") / "model")
 
 
 def oblique_affine() -> np.ndarray:

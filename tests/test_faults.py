@@ -33,6 +33,7 @@ from writers import write_dicom_series, write_nifti
 from anomaly3d_core.cli import main
 from anomaly3d_core.config import TrainingConfig
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, DataError
+from anomaly3d_core.evaluator import find_mask
 from anomaly3d_core.io import cache, limits
 from anomaly3d_core.io.files import (
     list_inputs,
@@ -43,9 +44,10 @@ from anomaly3d_core.io.files import (
     scan_stem,
 )
 from anomaly3d_core.io.nifti import read_nifti
+from anomaly3d_core.mlops.serving import save_pyfunc
 from anomaly3d_core.persistence import load_detector
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
-from anomaly3d_core.runner import find_mask, score_files, write_csv
+from anomaly3d_core.runner import score_files, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,7 +178,7 @@ def test_a_failed_save_keeps_the_previous_model(fitted, saved_model, tmp_path, m
 
     monkeypatch.setattr(mlflow.pyfunc, "save_model", broken)
     with pytest.raises(OSError, match="No space left"):
-        fitted.save(target)
+        save_pyfunc(fitted, target)
     after = load_detector(target)
     assert all(torch.equal(v, after.model_.state_dict()[k].cpu()) for k, v in before.items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
@@ -244,7 +246,7 @@ def test_a_second_writer_gets_a_clear_error(fitted, demo_dir, tmp_path, capsys):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(Anomaly3DError, match="another process is writing this model folder"):
-            fitted.save(target)
+            save_pyfunc(fitted, target)
         args = [
             "fit",
             "--train",
@@ -261,7 +263,7 @@ def test_a_second_writer_gets_a_clear_error(fitted, demo_dir, tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
-    fitted.save(target)  # the lock dies with its holder
+    save_pyfunc(fitted, target)  # the lock dies with its holder
     assert (target / "MLmodel").is_file() and not list(tmp_path.glob(".*"))
 
 
@@ -361,6 +363,9 @@ class _Interrupted:
     def read(self, path):
         return self.fitted.read(path)
 
+    def prepare(self, volume):  # scored whole below
+        return volume
+
     def score(self, volume):
         self.calls += 1
         if self.calls == 2:
@@ -407,14 +412,15 @@ def test_written_files_follow_the_umask(fitted, tmp_path):
     try:
         save_nifti(np.ones((4, 4, 4)), np.eye(4), tmp_path / "a.nii.gz")
         write_csv([], tmp_path / "scores.csv")
-        fitted.save(tmp_path / "model")
+        fitted.save(tmp_path / "model")  # a plain folder
+        save_pyfunc(fitted, tmp_path / "mlflow_model")  # an MLflow one
     finally:
         os.umask(old)
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "a.nii.gz") == 0o640 and mode(tmp_path / "scores.csv") == 0o640
-    model = tmp_path / "model"
-    assert mode(model) == 0o750 and mode(model / "artifacts" / "pipeline" / "example.nii.gz") == 0o640
-    assert all(mode(p) & 0o040 for p in model.rglob("*") if p.is_file())  # the group can read everything
+    for model, inner in ((tmp_path / "model", "."), (tmp_path / "mlflow_model", "artifacts/pipeline")):
+        assert mode(model) == 0o750 and mode(model / inner / "example.nii.gz") == 0o640
+        assert all(mode(p) & 0o040 for p in model.rglob("*") if p.is_file())  # the group can read everything
 
 
 def test_tuning_writes_the_best_once_and_keys_trials_by_study(saved_model, tmp_path):

@@ -10,13 +10,19 @@ from writers import write_nifti
 
 from anomaly3d_core.config import TrainingConfig
 from anomaly3d_core.errors import DataError
-from anomaly3d_core.io.data import augment_volume, load_and_normalize_volume, load_dataset
 from anomaly3d_core.io.files import list_inputs
 from anomaly3d_core.model.embedding import FeatureEmbedding
 from anomaly3d_core.model.patches import extract_patches_3d, reconstruct_from_patches
 from anomaly3d_core.model.training import train_autoencoder
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
-from anomaly3d_core.seed_api import FeatureExtractor3D, ensemble_inference, inference_pipeline
+from anomaly3d_core.seed_api import (
+    FeatureExtractor3D,
+    augment_volume,
+    ensemble_inference,
+    inference_pipeline,
+    load_and_normalize_volume,
+    load_dataset,
+)
 from anomaly3d_plugins.autoencoders import StandardAutoencoder
 
 

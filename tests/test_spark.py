@@ -15,6 +15,7 @@ import pytest
 
 from anomaly3d_core.cli import main
 from anomaly3d_core.io.files import list_inputs
+from anomaly3d_core.mlops.serving import save_pyfunc
 from anomaly3d_core.runner import score_files
 
 JAVA_HOME = os.environ.get("JAVA_HOME", "")
@@ -169,7 +170,7 @@ def test_subjects_with_two_sequences_on_spark(spark, tmp_path):
     (tmp_path / "test" / "sub-61" / "anat" / "sub-61_FLAIR.nii.gz").unlink()  # refused while grouping
     pipe = AnomalyDetectionPipeline(SEQS)
     pipe.fit(list_items(tmp_path / "train", pipe.channels).items, show_progress=False)
-    model = pipe.save(tmp_path / "model")
+    model = pipe.save(tmp_path / "model")  # a plain folder: wrapped as an MLflow model for the workers
     out = tmp_path / "out"
     batch = score_with_spark(str(model), str(tmp_path / "test"), out, spark=spark)
     assert [r["subject"] for r in batch.rows] == ["sub-60"]
@@ -182,4 +183,4 @@ def test_subjects_with_two_sequences_on_spark(spark, tmp_path):
         frame = spark.createDataFrame([(str(out), str(out))], "path string, out_dir string")
         from anomaly3d_core.mlops.spark import score_dataframe
 
-        score_dataframe(spark, str(model), frame)
+        score_dataframe(spark, str(save_pyfunc(pipe, tmp_path / "mlflow_model")), frame)

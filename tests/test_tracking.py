@@ -21,9 +21,10 @@ import yaml
 from anomaly3d_core.cli import main
 from anomaly3d_core.errors import ConfigError
 from anomaly3d_core.mlops.datasets import ScanSet
+from anomaly3d_core.mlops.models import parse_register
 from anomaly3d_core.mlops.naming import set_name
 from anomaly3d_core.mlops.serving import decode_nifti
-from anomaly3d_core.mlops.tracking import METRIC_NAMES, parse_register
+from anomaly3d_core.mlops.tracking import METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -219,8 +220,8 @@ def test_benchmark_rows_are_runs_with_the_same_names(record, fitted, demo_dir, t
     import bench_tracking
 
     from anomaly3d_core.config import build_config
+    from anomaly3d_core.evaluator import evaluate_files
     from anomaly3d_core.io.files import list_inputs
-    from anomaly3d_core.runner import evaluate_files
 
     metrics, _ = evaluate_files(fitted, list_inputs(demo_dir / "test"), demo_dir / "test_masks", tmp_path)
     row = {

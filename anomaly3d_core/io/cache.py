@@ -16,12 +16,14 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from anomaly3d_core.io.files import atomic_write
+from anomaly3d_core.io.subjects import Subject, as_subject
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.preprocess.preprocessing import Prepared, PreprocessRecord
 
@@ -142,3 +144,28 @@ def store(key: str, prepared: Prepared) -> None:
         _evict(root)
     except OSError:
         pass  # a read-only or full disk only costs speed
+
+
+def prepared(item: Any, prepare: Callable[[Any], Prepared], data: Any, channels: list[str]) -> Prepared:
+    """``prepare(item)``, through the cache when ``data.cache`` is on and the item's files exist
+    (a file, or a subject's files); keyed by the files and the reading and preprocessing settings."""
+    files = (
+        [as_subject(item).files.get(s) for s in channels] if isinstance(item, Subject | Mapping) else [item]
+    )
+    if not data.cache or not all(isinstance(f, str | Path) and Path(f).exists() for f in files):
+        return prepare(item)
+    settings = {
+        "loader": data.loader,
+        "loader_args": data.loader_args,
+        "preprocessing": data.preprocessing.model_dump(mode="json"),
+    }
+    if isinstance(item, Subject | Mapping):
+        settings |= {"sequences": channels, "coregister": data.coregister}
+        key = subject_key(files, settings)
+    else:
+        key = content_key(item, settings)
+    found = load(key, files[0])
+    if found is None:
+        found = prepare(item)
+        store(key, found)
+    return found

@@ -357,7 +357,8 @@ def check_model_target(path: str | Path, option: str = "--out") -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise Anomaly3DError(f"{option} {p}: exists and is not a folder")
-    if p.is_dir() and not (p / "MLmodel").is_file() and any(p.iterdir()):
+    model = any((p / name).is_file() for name in ("MLmodel", "config.yaml", "ensemble.json"))
+    if p.is_dir() and not model and any(p.iterdir()):
         raise Anomaly3DError(f"{p}: exists and is not an anomaly3d model folder; choose an empty or new path")
     check_output_dir(p.parent, option=f"{option} {p}: its parent")
     return p

@@ -13,29 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from anomaly3d_core.preprocess.registration import QUALITY_KEYS
+from anomaly3d_core.scores import SCORES_COLUMNS
 
 REQUEST_COLUMNS = ("volume", "path", "format", "out_dir")
-SCORES_COLUMNS = (
-    "file",
-    "subject",  # subject and session: for inputs with several sequences
-    "session",
-    "volume_score",  # the scan statistic named in scan_statistic
-    "volume_threshold",  # is_anomalous == (volume_score > volume_threshold) == (p_value <= alpha)
-    "p_value",  # conformal, against the calibration normals; empty for a model without calibration nulls
-    "alpha",
-    "is_anomalous",
-    "scan_statistic",
-    "n_calibration",  # how many normal scans calibrated the p-values
-    "mask_rule",  # cluster (family-wise at alpha), fdr (Benjamini-Hochberg at threshold.fdr_q) or threshold
-    "voxel_threshold",  # the calibrated voxel score threshold (the mask of mask_rule threshold)
-    "n_lesions",
-    "score_map",
-    "p_map",
-    "mask",
-    "lesion_table",
-    *QUALITY_KEYS,  # empty for scans that were not registered
-)
 RESPONSE_COLUMNS = (*SCORES_COLUMNS, "seconds", "error")  # error: "" when the row was scored
 #: a request of base64 scans
 INLINE_COLUMNS = (

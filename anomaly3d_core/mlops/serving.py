@@ -15,7 +15,6 @@ import base64
 import binascii
 import gzip
 import importlib.metadata
-import json
 import logging
 import os
 import tempfile
@@ -37,10 +36,10 @@ from anomaly3d_core.io.files import check_model_target, replace_tree
 from anomaly3d_core.io.nifti import nifti_image, read_nifti
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.mlops.schema import signature
+from anomaly3d_core.provenance import plugin_provenance, write_model_files, write_plugin_list
 from anomaly3d_core.registry import get_registry
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
-PLUGINS_FILE = "plugins.json"
 
 
 def encode_nifti(array: np.ndarray, affine: np.ndarray) -> str:
@@ -72,27 +71,6 @@ def decode_nifti(text: str) -> nib.Nifti1Image:
         return nifti_image(raw, "'volume'")
     except DataError as exc:
         raise ValueError(str(exc)) from None
-
-
-def plugin_provenance(model: Any) -> list[dict[str, Any]]:
-    """The package and version behind every plugin the model needs: those its config names
-    (``required``) and the loaders that read its training scans (loaders carry their extensions)."""
-    reg = model.registry or get_registry()
-    required = set(model.config.plugin_specs())
-    entries = []
-    for family, name in model.plugin_specs():
-        info = reg.info(family, name)
-        entry = {
-            "family": family,
-            "name": name,
-            "package": info.package,
-            "version": info.version,
-            "required": (family, name) in required,
-        }
-        if family == "loaders":
-            entry["extensions"] = list(info.cls.extensions)
-        entries.append(entry)
-    return entries
 
 
 def _looks_like_nifti(raw: bytes) -> bool:
@@ -209,8 +187,7 @@ def _requirements(model: Any) -> list[str]:
 def input_example(model: Any) -> pd.DataFrame:
     """The model's input example: one of its own held-out normal scans when it still has them
     (so the example is valid for models that need a particular grid), else a small synthetic scan."""
-    holder = model.members[0] if hasattr(model, "members") else model
-    example = holder.example_volume()
+    example = model.reference().example_volume()
     channels = model.channels
     if len(channels) > 1:  # one column per sequence, named by it
         if example is None or example.channels != len(channels):
@@ -230,21 +207,16 @@ def example_volume_b64(shape: tuple[int, int, int] = (24, 24, 24)) -> str:
     return encode_nifti(arr, np.diag([2.0, 2.0, 2.0, 1.0]))
 
 
-def write_plugin_list(model: Any, folder: Path) -> None:
-    """``plugins.json``: the package and version behind every plugin the model needs, so loading it
-    where one is missing can say what to install."""
-    (folder / PLUGINS_FILE).write_text(json.dumps(plugin_provenance(model), indent=2))
-
-
 def save_pyfunc(pipeline: Any, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``pipeline`` as an MLflow model folder at ``path``, replacing an older one only when the
-    new one is complete. ``metadata`` goes into the ``MLmodel`` file (e.g. the run that logged it)."""
+    """Write ``pipeline`` as an MLflow model folder at ``path``: its plain folder
+    (:func:`~anomaly3d_core.provenance.write_model_files`) wrapped as a pyfunc model, replacing an
+    older one only when the new one is complete. ``metadata`` goes into the ``MLmodel`` file (e.g.
+    the run that logged it). The engine's model writer for the command line."""
     out = check_model_target(path)
 
     def build(new: Path) -> None:
         with tempfile.TemporaryDirectory(dir=new.parent) as tmp:
-            files = pipeline.save_files(Path(tmp) / "pipeline")
-            write_plugin_list(pipeline, files)
+            files = write_model_files(pipeline, Path(tmp) / "pipeline")
             mlflow.pyfunc.save_model(
                 str(new),
                 python_model=str(Path(__file__).with_name("pyfunc_entry.py")),

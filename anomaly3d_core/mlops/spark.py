@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,10 @@ import pandas as pd
 from anomaly3d_core.errors import Anomaly3DError, DataError
 from anomaly3d_core.io.data import list_items
 from anomaly3d_core.io.files import list_inputs, output_stems
+from anomaly3d_core.mlops.models import is_model_uri
 from anomaly3d_core.mlops.pyfunc_model import FILES_ENV, THREADS_ENV
 from anomaly3d_core.mlops.rows import text
 from anomaly3d_core.mlops.schema import RESPONSE_COLUMNS, path_column, request_columns
-from anomaly3d_core.mlops.tracking import is_model_uri
 from anomaly3d_core.runner import ScoredBatch, record_rows
 
 TABLE_SUFFIXES = (".csv", ".parquet")
@@ -174,12 +175,28 @@ def score_with_spark(
 ) -> ScoredBatch:
     """``anomaly3d score --engine spark``: score the scans ``spec`` names, maps and ``scores.csv`` in
     ``out``. Runs in ``spark`` or the active session, else in a new one on ``master``, stopped after."""
-    if not is_model_uri(model) and not (Path(model) / "MLmodel").is_file():
-        raise Anomaly3DError(
-            f"--model {model}: not an MLflow model folder (no MLmodel file); give a folder written by fit "
-            "or an MLflow URI (models:/NAME@ALIAS)"
-        )
-    uri = model if is_model_uri(model) else os.path.abspath(model)
+    with tempfile.TemporaryDirectory(prefix="anomaly3d-spark-model-") as tmp:
+        uri = model if is_model_uri(model) else os.path.abspath(mlflow_folder(Path(model), Path(tmp)))
+        return _score(uri, spec, out, master, spark)
+
+
+def mlflow_folder(model: Path, tmp: Path) -> Path:
+    """``model`` itself when it is an MLflow model folder; a plain one (``Detector.save``) wrapped as
+    one in ``tmp``, since Spark's workers load the model through MLflow."""
+    if (model / "MLmodel").is_file():
+        return model
+    if (model / "config.yaml").is_file() or (model / "ensemble.json").is_file():
+        from anomaly3d_core.mlops.serving import save_pyfunc
+        from anomaly3d_core.persistence import load_detector
+
+        return save_pyfunc(load_detector(model), tmp / "model")
+    raise Anomaly3DError(
+        f"--model {model}: not a model folder (no MLmodel or config.yaml file); give a folder written by fit "
+        "or an MLflow URI (models:/NAME@ALIAS)"
+    )
+
+
+def _score(uri: str, spec: str, out: Path, master: str, spark: Any) -> ScoredBatch:
     table, refused = request_table(spec, out, model_sequences(uri))
     require_pyspark()
     from pyspark.sql import SparkSession

@@ -11,7 +11,6 @@ Each trial's model goes to ``OUT/trials/<study>/NNNN``. The study's best (``best
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -20,6 +19,7 @@ import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,24 +31,25 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from anomaly3d_core.config import PipelineConfig, apply_overrides, build_config
 from anomaly3d_core.demo.synthetic import inject_anomalies
 from anomaly3d_core.detector import Detector
+from anomaly3d_core.engine import Engine
 from anomaly3d_core.errors import ConfigError, DataError, did_you_mean
+from anomaly3d_core.evaluator import find_mask
 from anomaly3d_core.io.data import list_items
 from anomaly3d_core.io.files import atomic_write, load_volume, replace_tree
 from anomaly3d_core.io.subjects import Subject
+from anomaly3d_core.mlops.models import log_model, parse_register
 from anomaly3d_core.mlops.naming import data_folder, set_name
+from anomaly3d_core.mlops.tracker import mlflow_model_writer
 from anomaly3d_core.mlops.tracking import (
     METRIC_ALIASES,
     command_run,
     config_label,
     log_datasets,
     log_metrics,
-    log_model,
     mlflow_run,
-    parse_register,
     run_tags,
 )
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
-from anomaly3d_core.runner import find_mask
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("pixel_ap", "pixel_auc", *METRIC_ALIASES)  # voxel_ap / voxel_auroc: the older names
@@ -197,17 +198,32 @@ def trials_dir(out: Path, study_name: str) -> Path:
     return out / "trials" / safe
 
 
-def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
-    """The ``anomaly3d tune`` command."""
+@dataclass
+class TuneRequest:
+    """What one ``anomaly3d tune`` worker does: the scans, the study and where the best goes."""
+
+    train: str | None = None
+    val: str | None = None
+    val_masks: str | None = None
+    out: str = "tuning_output"
+    study_name: str = "anomaly3d"
+    storage: str | None = None
+    n_trials: int | None = None
+    timeout: float | None = None
+    write_best: bool = False
+    register: str | None = None
+    config: str | None = None  # the config file's path, for run names
+
+
+def run_tuning(config: PipelineConfig, args: TuneRequest) -> int:
+    """The ``anomaly3d tune`` command: one worker of the study ``args.study_name``."""
 
     space = parse_search_space(config)
     if config.tuning.metric not in OBJECTIVES:
         raise ConfigError("tuning.metric: " + did_you_mean(config.tuning.metric, OBJECTIVES, "metric"))
     metric = METRIC_ALIASES.get(config.tuning.metric, config.tuning.metric)
     register = (
-        parse_register(
-            getattr(args, "register", None) or config.tracking.register_as or f"anomaly3d-{args.study_name}"
-        )
+        parse_register(args.register or config.tracking.register_as or f"anomaly3d-{args.study_name}")
         if config.tracking.enabled
         else None
     )
@@ -227,7 +243,7 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2),
     )
     base = config.model_dump(mode="json")
-    if getattr(args, "write_best", False):
+    if args.write_best:
         with command_run(config, f"{command}-best", config_name, tags=study_tags):
             best = write_best(study, base, config, args.study_name, out, metric, register)
         print(
@@ -287,7 +303,10 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
 
-            pipe.fit(train, callbacks=[report])
+            # the trial's run is this nested one: the engine records nothing itself, writes the model
+            Engine(writer=mlflow_model_writer).fit(
+                pipe, train, out=trials / f"{trial.number:04d}", callbacks=[report]
+            )
             scores = val.metrics(pipe)
             value = scores[metric]
             log_metrics(
@@ -298,7 +317,6 @@ def run_tuning(config: PipelineConfig, args: argparse.Namespace) -> int:
                     "volume_threshold": pipe.volume_threshold_,
                 }
             )
-            pipe.save(trials / f"{trial.number:04d}")
         return value
 
     with command_run(config, command, config_name, name, tags=study_tags):

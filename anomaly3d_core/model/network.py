@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomaly3d_core.errors import ConfigError, did_you_mean
+from anomaly3d_core.errors import Anomaly3DError, ConfigError, did_you_mean
 from anomaly3d_core.interfaces import Autoencoder, FeatureExtractor
 from anomaly3d_core.model.embedding import FeatureEmbedding
-from anomaly3d_core.model.polarity import combine_channels, is_plain, signed_residual
+from anomaly3d_core.model.polarity import channel_signs, combine_channels, is_plain, signed_residual
 
 
 def gaussian_kernel(size: tuple[int, int, int], sigma_scale: float = 0.25) -> torch.Tensor:
@@ -337,3 +338,57 @@ def as_batch(array: np.ndarray) -> torch.Tensor:
 
 def feature_units(voxels: tuple[int, int, int], stride: int) -> tuple[int, int, int]:
     return tuple(max(1, round(v / stride)) for v in voxels)  # type: ignore[return-value]
+
+
+def build_extractor(cfg: Any, reg: Any, sequences: list[str]) -> FeatureExtractor:
+    """The configured extractor with one input channel per sequence (``in_channels`` derived)."""
+    cls = reg.get("extractors", cfg.extractor.type)
+    want = max(1, len(sequences))
+    args = dict(cfg.extractor.args)
+    if "in_channels" in cls.Params.model_fields and "in_channels" not in cfg.extractor.args:
+        args["in_channels"] = want
+    extractor = cls(args)
+    if extractor.in_channels != want:
+        given = "" if "in_channels" in cls.Params.model_fields else " and has no in_channels parameter"
+        raise ConfigError(
+            f"extractor '{cfg.extractor.type}' takes {extractor.in_channels} input channel(s){given}, but "
+            f"data.sequences gives {want} ({', '.join(sequences) or 'one file per scan'}); leave "
+            "extractor.args.in_channels out (it is derived) or choose an extractor with in_channels"
+        )
+    return extractor
+
+
+def build_network(cfg: Any, reg: Any, sequences: list[str]) -> AnomalyNet:
+    """A fresh, untrained network for a pipeline config (``sequences``: the data's sequences, reference first)."""
+    extractor = build_extractor(cfg, reg, sequences)
+    if cfg.extractor.checkpoint:
+        AnomalyNet.load_checkpoint(extractor, cfg.extractor.checkpoint)
+    layers = AnomalyNet.check_layers(extractor, cfg.extractor.layers)
+    channels = sum(extractor.layer_channels[name] for name in layers)
+    if cfg.embedding.input_channels is not None and cfg.embedding.input_channels != channels:
+        raise ConfigError(
+            f"embedding.input_channels: {cfg.embedding.input_channels}, but extractor '{cfg.extractor.type}' "
+            f"gives {channels} channels on layers {list(layers)}; leave it out (it is derived) or set {channels}"
+        )
+    stride = min(extractor.layer_strides[name] for name in layers)
+    embedding = FeatureEmbedding.from_config(
+        cfg.embedding, channels, feature_units(cfg.patches.patch_size, stride), cfg.patches.scales
+    )
+    vector_dim = embedding.output_dim + (3 if cfg.embedding.positional_weight else 0)
+    try:
+        autoencoder = reg.get("autoencoders", cfg.autoencoder.type)(vector_dim, cfg.autoencoder.args)
+    except ValueError as exc:
+        raise Anomaly3DError(str(exc)) from None
+    autoencoder.spatial_shape = embedding.spatial_shape
+    return AnomalyNet(
+        extractor,
+        layers,
+        embedding,
+        autoencoder,
+        cfg.patches.patch_size,
+        cfg.patches.stride,
+        cfg.embedding.positional_weight,
+        cfg.patches.score_mode,
+        channel_signs(cfg.patches.residual_sign, sequences, extractor.in_channels),
+        cfg.patches.channel_combine,
+    )

@@ -125,7 +125,7 @@ def group_report(
 ) -> str:
     """The group page's HTML. ``rows`` are ``scores.csv`` rows; ``hrefs`` link subject names to their
     reports; ``evaluation`` holds ``metrics``, ``subjects`` and ``lesions`` (see
-    :func:`~anomaly3d_core.runner.evaluate_files`); ``figures`` are ``(data URI, caption)`` pairs."""
+    :func:`~anomaly3d_core.evaluator.evaluate_files`); ``figures`` are ``(data URI, caption)`` pairs."""
     hrefs = dict(hrefs or {})
     threshold = _number(model.get("scan threshold"))
     flagged = [r for r in rows if _flag(r)]

@@ -28,7 +28,10 @@ def model_facts(detector: Any, model_uri: str = "") -> dict[str, Any]:
     """How the model was made, as the report states it: its source, components, training data
     and calibrated thresholds (what the detector and its config say; nothing is looked up)."""
     config = getattr(detector, "config", None)
-    members = list(getattr(config, "members", None) or ([config] if config is not None else []))
+    if config is None:
+        members = []
+    else:  # an ensemble's members, asked through the config's surface
+        members = list(config.members) if config.is_ensemble else [config]
     first = members[0] if members else None
     facts: dict[str, Any] = {"model": model_uri or "(in memory)"}
     if first is not None:

@@ -97,10 +97,10 @@ class ReportWriter:
 
 
 def _lineage(model_uri: str) -> dict[str, str]:
-    """The MLflow run and logged model behind a model folder, when its MLmodel says them."""
+    """The MLflow run and logged model behind a model folder, when its MLmodel (or metadata.json) says them."""
     if not model_uri or not Path(model_uri).is_dir():
         return {}
-    from anomaly3d_core.mlops.tracking import read_lineage
+    from anomaly3d_core.provenance import read_lineage
 
     found = read_lineage(model_uri)
     labels = {
