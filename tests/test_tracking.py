@@ -204,10 +204,11 @@ def test_metric_names_line_up_across_commands(record):
     assert (
         shared <= final["demo defaults on demo/train"] and shared <= final["evaluate defaults on demo/test"]
     )
-    # volume_threshold is infinite with the fit's 1 calibration scan (alpha 0.05 unreachable): not logged
+    # with the fit's 1 calibration scan alpha 0.05 is unreachable: volume_threshold is the uncalibrated one
     assert final["fit defaults on demo/train"] == {
         "fit_seconds",
         "threshold",
+        "volume_threshold",
         "n_train_volumes",
         "n_val_volumes",
         "n_calibration",
