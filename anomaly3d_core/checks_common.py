@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from anomaly3d_core.interfaces import (
+    FAMILY_BASES,
     Params,
     api_version_problem,
     family_of,
@@ -84,8 +85,7 @@ def check_declaration(cls: type) -> None:
         family_of(cls),
         cls,
         check,
-        "it subclasses none of FeatureExtractor, Autoencoder, ThresholdMethod, VolumeLoader, Segmenter "
-        "(anomaly3d_core.interfaces)",
+        f"it subclasses none of {', '.join(b.__name__ for b in FAMILY_BASES.values())} (anomaly3d_core.interfaces)",
     )
     name = getattr(cls, "name", None)
     _ensure(

@@ -299,16 +299,14 @@ class PipelineConfig(Section):
         return flatten(self.model_dump(mode="json"))
 
     def plugin_specs(self) -> list[tuple[str, str]]:
-        """``(family, name)`` of every plugin this config names (the loader when one is named)."""
+        """``(family, name)`` of every plugin this config names (the loader when one is named, extra steps)."""
         specs = [
             ("extractors", self.extractor.type),
             ("autoencoders", self.autoencoder.type),
             ("thresholds", self.threshold.type),
             ("thresholds", self.threshold.volume.method.type),
         ]
-        if self.data.loader != "auto":
-            specs.append(("loaders", self.data.loader))
-        return specs
+        return specs + self.data.plugin_specs()
 
 
 # component section -> its family: the sections whose ``type`` picks a plugin with its own ``args``
@@ -394,6 +392,7 @@ def validate_plugins(config: PipelineConfig, registry: Any = None) -> PipelineCo
         ("thresholds", "threshold", config.threshold),
         ("thresholds", "threshold.volume.method", config.threshold.volume.method),
     ]
+    specs += [("steps", f"data.preprocessing.steps.{i}", s) for i, s in enumerate(config.data.preprocessing.steps)]
     for family, key, spec in specs:
         try:
             cls = registry.get(family, spec.type)

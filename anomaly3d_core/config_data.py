@@ -21,6 +21,21 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+#: The built-in steps in chain order (``anomaly3d_core.preprocess.steps``): where an extra step can go.
+BUILTIN_STEP_NAMES = ("register", "reorient", "resample", "foreground", "normalize", "crop", "pad")
+
+
+class StepSpec(Section):
+    """An extra preprocessing step: a registered ``steps`` plugin, its ``args``, and the built-in step
+    it runs after."""
+
+    type: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    after: Literal[BUILTIN_STEP_NAMES] = Field(  # type: ignore[valid-type]
+        "resample", description="the built-in step this one follows (several after one: in the order listed)"
+    )
+
+
 class PreprocessingConfig(Section):
     reorient: bool = True
     target_spacing: tuple[float, float, float] | None = (2.0, 2.0, 2.0)
@@ -41,6 +56,12 @@ class PreprocessingConfig(Section):
         description="after the affine registration, a coarse deformable step (BSpline, Mattes MI at 4 mm, "
         "control points every 32 mm) aligns each scan's anatomy closer to the template; maps still come "
         "back on each scan's own grid through its inverse",
+    )
+
+    steps: list[StepSpec] = Field(
+        default_factory=list,
+        description="extra steps from plugins ({type, args, after}), chained after the built-in step named "
+        "by after; the built-ins run in the order of BUILTIN_STEP_NAMES, set by the keys above",
     )
 
     _triple = field_validator("target_shape", mode="before")(_triple)
@@ -121,6 +142,11 @@ class DataConfig(Section):
                     f"reference_sequence: '{self.reference_sequence}' is not one of sequences {names}"
                 )
         return self
+
+    def plugin_specs(self) -> list[tuple[str, str]]:
+        """``(family, name)`` of the plugins reading and preprocessing name: a named loader, extra steps."""
+        specs = [("loaders", self.loader)] if self.loader != "auto" else []
+        return specs + [("steps", step.type) for step in self.preprocessing.steps]
 
     @property
     def channels(self) -> list[str]:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from anomaly3d_core.interfaces import (
         Autoencoder,
         FeatureExtractor,
+        PreprocessingStep,
         Segmenter,
         ThresholdMethod,
         VolumeLoader,
@@ -67,6 +68,15 @@ def anomaly3d_register_segmenters() -> list[type[Segmenter]]:
 
     Each maps ``(B, C, D, H, W)`` scans to per-voxel logits ``(B, 1, D, H, W)``; the
     synthetic-anomaly detector trains one to find what is foreign.
+    """
+
+
+@hookspec
+def anomaly3d_register_steps() -> list[type[PreprocessingStep]]:
+    """Return preprocessing-step classes (subclasses of ``interfaces.PreprocessingStep``).
+
+    Each maps a scan on one grid to the next (``__call__(state) -> state``) and maps a score map
+    back (``invert``); configs add one by name to ``data.preprocessing.steps``.
     """
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -339,6 +340,73 @@ class Segmenter(Component, nn.Module):
         """Per-voxel logits ``(B, 1, D, H, W)``."""
 
 
+@dataclass(frozen=True)
+class StepState:
+    """What flows through the preprocessing chain: one scan on its current grid.
+
+    ``array`` is ``(X, Y, Z)`` float32, or channel-last ``(X, Y, Z, C)`` for a subject's sequences;
+    ``affine`` maps its voxels to RAS+ millimetres; ``volume`` is the input as read. ``mask`` is an
+    optional label map carried along on the same grid (nearest neighbour); ``foreground`` is set by
+    the ``foreground`` step; ``space`` names the template the grid belongs to after registration
+    (``None``: the scan's own space). ``records`` holds one entry per step run so far.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    volume: Volume
+    mask: np.ndarray | None = None
+    foreground: np.ndarray | None = None
+    space: str | None = None
+    records: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+    def evolve(self, step: PreprocessingStep, record: Mapping[str, Any] | None = None, **changes: Any) -> StepState:
+        """A copy with ``changes`` and ``step``'s ``record`` (JSON values) appended: what its invert gets back."""
+        entry = {"name": step.name, "args": step.params.model_dump(mode="json"), "record": dict(record or {})}
+        return replace(self, records=(*self.records, entry), **changes)
+
+    def channels(self) -> list[np.ndarray]:
+        """The 3D array of each sequence (one for a plain scan)."""
+        return [self.array] if self.array.ndim == 3 else [self.array[..., c] for c in range(self.array.shape[3])]
+
+
+class PreprocessingStep(Component, ABC):
+    """One invertible preprocessing step, chained in order from ``data.preprocessing``.
+
+    What the core relies on:
+
+    - ``__call__(state)`` returns the next :class:`StepState`, made with ``state.evolve(self, record,
+      **changes)`` so that its record (JSON values: lists, numbers, strings) is kept in the scan's
+      :class:`~anomaly3d_core.preprocess.record.PreprocessRecord`;
+    - :meth:`invert` maps a 3D array on the step's output grid back onto its input grid, from that
+      record alone (``order`` 1: linear, 0: nearest; ``fill`` for voxels the step had cut away). A step
+      that changes intensities only keeps the default, which returns the array as it is;
+    - :meth:`grid` says, from the header alone, the grid the step makes of a ``(shape, affine)``
+      grid: the limits check the working grid before any voxel is resampled (default: unchanged);
+    - ``version``: part of the preprocessing cache key; raise it when the step's output changes.
+    """
+
+    version: ClassVar[str] = "1"
+
+    def __init__(self, params: Params | Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        self.params = self.validate_params(params, **kwargs)
+
+    @abstractmethod
+    def __call__(self, state: StepState) -> StepState:
+        """The state after this step, with this step's record appended (``state.evolve``)."""
+
+    def invert(self, array: np.ndarray, record: Mapping[str, Any], order: int = 1, fill: float = 0.0) -> np.ndarray:
+        """``array`` (on this step's output grid) on its input grid; intensity-only steps return it as is."""
+        return array
+
+    def grid(self, shape: tuple[int, int, int], affine: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
+        """The grid this step makes of ``shape``/``affine``, computed without data (default: unchanged)."""
+        return shape, affine
+
+    def key(self) -> dict[str, Any]:
+        """What identifies this step's output for the preprocessing cache: name, version, parameters."""
+        return {"name": self.name, "version": self.version, "args": self.params.model_dump(mode="json")}
+
+
 #: The base class of each family, keyed like :data:`anomaly3d_core.hookspecs.FAMILIES`.
 FAMILY_BASES: dict[str, type] = {
     "extractors": FeatureExtractor,
@@ -346,6 +414,7 @@ FAMILY_BASES: dict[str, type] = {
     "thresholds": ThresholdMethod,
     "loaders": VolumeLoader,
     "segmenters": Segmenter,
+    "steps": PreprocessingStep,
 }
 
 

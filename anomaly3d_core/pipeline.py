@@ -88,7 +88,7 @@ class AnomalyDetectionPipeline(Detector):
         self.config = build_config(merge_trees(tree, seed), registry=registry)
         self.registry = registry
         self.device = resolve_device(device or self.config.training.device)
-        self.preprocessor = Preprocessor(self.config.data.preprocessing)
+        self.preprocessor = Preprocessor(self.config.data.preprocessing, registry)
 
     # ---------------------------------------------------------------- building
     def _registry(self) -> Any:
@@ -154,12 +154,8 @@ class AnomalyDetectionPipeline(Detector):
                 f"{volume.channels} sequence(s) per voxel, but this model takes {want} "
                 f"({', '.join(self.channels) or 'one 3D scan'})",
             )
-        pre = self.config.data.preprocessing
-        if pre.register_to == "none":  # registration resamples onto the template's fixed grid
-            grid = limits.resampled_shape(
-                volume.shape, volume.affine, pre.target_spacing, pre.target_shape, pre.reorient
-            )
-            limits.check_grid(volume.path, grid, volume.spacing)
+        grid = self.preprocessor.working_grid(volume.shape, volume.affine)
+        limits.check_grid(volume.path, grid, volume.spacing)
         return self.preprocessor(volume, mask)
 
     # ---------------------------------------------------------------- fitting
@@ -317,7 +313,8 @@ class AnomalyDetectionPipeline(Detector):
 
     def _prepare_cached(self, item: VolumeLike) -> Prepared:
         """:meth:`prepare`, through the on-disk cache for files (see :mod:`anomaly3d_core.io.cache`)."""
-        return cache.prepared(item, self.prepare, self.config.data, self.channels)
+        found = cache.prepared(item, self.prepare, self.config.data, self.channels, self.preprocessor.key())
+        return self.preprocessor.adopt(found)
 
     def _split(self, prepared: list[Prepared], gen: torch.Generator) -> tuple[list[Prepared], list[Prepared]]:
         n_val = int(round(len(prepared) * self.config.training.val_fraction))

@@ -456,12 +456,8 @@ class Registry:
 
 
 def base_label(base: type) -> str:
-    return {
-        "FeatureExtractor": "feature extractor",
-        "Autoencoder": "autoencoder",
-        "ThresholdMethod": "threshold method",
-        "VolumeLoader": "volume loader",
-    }.get(base.__name__, base.__name__)
+    """``FeatureExtractor`` -> ``feature extractor``: a family's base class in words."""
+    return re.sub(r"(?<!^)(?=[A-Z])", " ", base.__name__).lower()
 
 
 def _abstract_methods(cls: type) -> list[str]:

@@ -179,9 +179,7 @@ class SyntheticConfig(Section):
             ("thresholds", self.threshold.type),
             ("thresholds", self.threshold.volume.method.type),
         ]
-        if self.data.loader != "auto":
-            specs.append(("loaders", self.data.loader))
-        return specs
+        return specs + self.data.plugin_specs()
 
 
 def build_synthetic_config(
@@ -251,7 +249,7 @@ class SyntheticAnomalyDetector(AnomalyDetectionPipeline):
         self.config = config
         self.registry = registry
         self.device = resolve_device(device or config.training.device)
-        self.preprocessor = Preprocessor(config.data.preprocessing)
+        self.preprocessor = Preprocessor(config.data.preprocessing, registry)
 
     def build_network(self) -> torch.nn.Module:
         """A fresh, untrained network: one input channel per sequence."""

@@ -53,9 +53,11 @@ from anomaly3d_core.checks_segmenters import (
     check_segmenter_forward,
     check_segmenter_state,
 )
+from anomaly3d_core.checks_steps import check_step_call, check_step_grid, check_step_invert
 from anomaly3d_core.interfaces import (
     Autoencoder,
     FeatureExtractor,
+    PreprocessingStep,
     Segmenter,
     ThresholdMethod,
     VolumeLoader,
@@ -82,6 +84,9 @@ __all__ = [
     "check_segmenter_fit",
     "check_segmenter_forward",
     "check_segmenter_state",
+    "check_step_call",
+    "check_step_grid",
+    "check_step_invert",
     "check_threshold",
     "checks_for",
     "parametrize_with_checks",
@@ -105,6 +110,7 @@ _CHECKS: dict[type, list[Check]] = {
     ThresholdMethod: [check_threshold],
     VolumeLoader: [check_loader_declaration, check_loader_example, check_loader_rejects_garbage],
     Segmenter: [check_segmenter_forward, check_segmenter_fit, check_segmenter_state],
+    PreprocessingStep: [check_step_call, check_step_invert, check_step_grid],
 }
 
 

@@ -27,7 +27,7 @@ from anomaly3d_core.io.subjects import Subject, as_subject
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.preprocess.preprocessing import Prepared, PreprocessRecord
 
-VERSION = "3"  # 3: multi-resolution registration (registered volumes differ)
+VERSION = "4"  # 4: keyed by the preprocessing chain; 3: multi-resolution registration
 DEFAULT_MAX_MB = 4096
 
 
@@ -146,9 +146,12 @@ def store(key: str, prepared: Prepared) -> None:
         pass  # a read-only or full disk only costs speed
 
 
-def prepared(item: Any, prepare: Callable[[Any], Prepared], data: Any, channels: list[str]) -> Prepared:
+def prepared(
+    item: Any, prepare: Callable[[Any], Prepared], data: Any, channels: list[str], chain: list[dict[str, Any]]
+) -> Prepared:
     """``prepare(item)``, through the cache when ``data.cache`` is on and the item's files exist
-    (a file, or a subject's files); keyed by the files and the reading and preprocessing settings."""
+    (a file, or a subject's files); keyed by the files, the reading settings and the preprocessing
+    ``chain`` (``Preprocessor.key()``: each step's name, version and parameters)."""
     files = (
         [as_subject(item).files.get(s) for s in channels] if isinstance(item, Subject | Mapping) else [item]
     )
@@ -157,7 +160,7 @@ def prepared(item: Any, prepare: Callable[[Any], Prepared], data: Any, channels:
     settings = {
         "loader": data.loader,
         "loader_args": data.loader_args,
-        "preprocessing": data.preprocessing.model_dump(mode="json"),
+        "preprocessing": chain,
     }
     if isinstance(item, Subject | Mapping):
         settings |= {"sequences": channels, "coregister": data.coregister}

@@ -14,8 +14,9 @@ grid after resampling
 =========================  ============================  ==========================================
 
 Loaders check a file's header against the first two before any voxel data is read (and stop
-decompressing at the size the header declares); the pipeline checks the resampled grid before it
-is allocated. :func:`override` sets limits for a block of Python code (tests, notebooks).
+decompressing at the size the header declares); the pipeline checks the working grid before it is
+allocated, as the preprocessing chain computes it from the header
+(:meth:`~anomaly3d_core.preprocess.preprocessing.Preprocessor.working_grid`: each step's ``grid``). :func:`override` sets limits for a block of Python code (tests, notebooks).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from anomaly3d_core.errors import ConfigError, DataError
 
@@ -125,37 +125,6 @@ def check_array(path: str | Path | None, shape: Sequence[int]) -> None:
             path,
             f"{_shape_text(shape)} = {voxels:,} voxels, above the limit of {lim.max_voxels:,} ({ENV['max_voxels']})",
         )
-
-
-def resampled_shape(
-    shape: Sequence[int],
-    affine: np.ndarray,
-    target_spacing: Sequence[float] | None,
-    target_shape: Sequence[int] | None,
-    reorient: bool = True,
-) -> tuple[int, ...]:
-    """The grid that preprocessing would resample ``shape`` (with ``affine``) to, computed without resampling.
-
-    The same rule as :class:`~anomaly3d_core.preprocess.preprocessing.Preprocessor`: the axes are
-    first put in RAS+ order, then each gets ``round(n * spacing / target)`` voxels (at least 1).
-    """
-    if target_shape is not None:
-        return tuple(int(s) for s in target_shape)
-    if target_spacing is None:
-        return tuple(int(s) for s in shape)
-    affine = np.asarray(affine, dtype=np.float64)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    order = list(range(3))
-    if reorient:
-        import nibabel.orientations as ornt
-
-        axes = ornt.io_orientation(affine)[:, 0]  # output axis of each input axis
-        if not np.isnan(axes).any():
-            order = [int(np.where(axes == out)[0][0]) for out in range(3)]
-    return tuple(
-        max(1, int(round(float(shape[i]) * float(spacing[i]) / float(t))))
-        for i, t in zip(order, target_spacing, strict=True)
-    )
 
 
 def check_grid(path: str | Path | None, grid: Sequence[int], spacing: Sequence[float] | None = None) -> None:

@@ -25,18 +25,7 @@ def mask_to_native(mask: np.ndarray, prep: Prepared) -> np.ndarray:
 def native_prepared(volume: Volume, foreground: str) -> Prepared:
     """The input itself as a 'prepared' scan: for detectors (ensembles) that work on the native grid."""
     shape = tuple(int(s) for s in volume.shape)
-    zeros = (0, 0, 0)
-    record = PreprocessRecord(
-        original_shape=shape,  # type: ignore[arg-type]
-        original_affine=np.asarray(volume.affine).tolist(),
-        to_canonical=[[0, 1], [1, 1], [2, 1]],
-        canonical_shape=shape,  # type: ignore[arg-type]
-        resampled_shape=shape,  # type: ignore[arg-type]
-        crop_start=zeros,
-        crop_stop=shape,  # type: ignore[arg-type]
-        pad_before=zeros,
-        pad_after=zeros,
-    )
+    record = PreprocessRecord(shape, np.asarray(volume.affine).tolist(), [])  # type: ignore[arg-type]  # no step
     array = np.asarray(volume.array, dtype=np.float32)
     fg = foreground_mask(volume.channel(0), foreground)
     return Prepared(
