@@ -46,12 +46,19 @@ def _run(cls: type, step: PreprocessingStep, state: StepState) -> StepState:
         "__call__ must return the next StepState with one record appended: return state.evolve(self, record, ...)",
     )
     entry = out.records[-1]
-    _ensure(entry["name"] == cls.name, cls, check, f"the record appended is '{entry['name']}', not this step's")
+    _ensure(
+        entry["name"] == cls.name, cls, check, f"the record appended is '{entry['name']}', not this step's"
+    )
     try:
         again = json.loads(json.dumps(entry))
     except (TypeError, ValueError) as exc:
         again = {"error": str(exc)}
-    _ensure(again == entry, cls, check, f"its record must hold JSON values only (lists, numbers, strings): {again}")
+    _ensure(
+        again == entry,
+        cls,
+        check,
+        f"its record must hold JSON values only (lists, numbers, strings): {again}",
+    )
     grid = out.array.shape[:3]
     _ensure(out.array.ndim == state.array.ndim, cls, check, "the array must keep its channels (channel-last)")
     _ensure(np.isfinite(out.array).all(), cls, check, "the array has non-finite values")

@@ -392,7 +392,9 @@ def validate_plugins(config: PipelineConfig, registry: Any = None) -> PipelineCo
         ("thresholds", "threshold", config.threshold),
         ("thresholds", "threshold.volume.method", config.threshold.volume.method),
     ]
-    specs += [("steps", f"data.preprocessing.steps.{i}", s) for i, s in enumerate(config.data.preprocessing.steps)]
+    specs += [
+        ("steps", f"data.preprocessing.steps.{i}", s) for i, s in enumerate(config.data.preprocessing.steps)
+    ]
     for family, key, spec in specs:
         try:
             cls = registry.get(family, spec.type)

@@ -359,14 +359,18 @@ class StepState:
     space: str | None = None
     records: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
-    def evolve(self, step: PreprocessingStep, record: Mapping[str, Any] | None = None, **changes: Any) -> StepState:
+    def evolve(
+        self, step: PreprocessingStep, record: Mapping[str, Any] | None = None, **changes: Any
+    ) -> StepState:
         """A copy with ``changes`` and ``step``'s ``record`` (JSON values) appended: what its invert gets back."""
         entry = {"name": step.name, "args": step.params.model_dump(mode="json"), "record": dict(record or {})}
         return replace(self, records=(*self.records, entry), **changes)
 
     def channels(self) -> list[np.ndarray]:
         """The 3D array of each sequence (one for a plain scan)."""
-        return [self.array] if self.array.ndim == 3 else [self.array[..., c] for c in range(self.array.shape[3])]
+        return (
+            [self.array] if self.array.ndim == 3 else [self.array[..., c] for c in range(self.array.shape[3])]
+        )
 
 
 class PreprocessingStep(Component, ABC):
@@ -394,11 +398,15 @@ class PreprocessingStep(Component, ABC):
     def __call__(self, state: StepState) -> StepState:
         """The state after this step, with this step's record appended (``state.evolve``)."""
 
-    def invert(self, array: np.ndarray, record: Mapping[str, Any], order: int = 1, fill: float = 0.0) -> np.ndarray:
+    def invert(
+        self, array: np.ndarray, record: Mapping[str, Any], order: int = 1, fill: float = 0.0
+    ) -> np.ndarray:
         """``array`` (on this step's output grid) on its input grid; intensity-only steps return it as is."""
         return array
 
-    def grid(self, shape: tuple[int, int, int], affine: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
+    def grid(
+        self, shape: tuple[int, int, int], affine: np.ndarray
+    ) -> tuple[tuple[int, int, int], np.ndarray]:
         """The grid this step makes of ``shape``/``affine``, computed without data (default: unchanged)."""
         return shape, affine
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-
 from anomaly3d_core.errors import ConfigError, DataError
 
 ENV = {

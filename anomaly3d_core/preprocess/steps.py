@@ -70,7 +70,9 @@ class Register(PreprocessingStep):
             arr = np.stack([arr, *others], axis=-1)
         mask = state.mask
         if mask is not None:
-            mask = registration_module.register_mask(mask, state.affine, ref, fit.params, deformation=deformation)
+            mask = registration_module.register_mask(
+                mask, state.affine, ref, fit.params, deformation=deformation
+            )
         record: dict[str, Any] = {
             "shape_in": _ints(state.array.shape[:3]),
             "affine_in": np.asarray(state.affine).tolist(),
@@ -83,7 +85,9 @@ class Register(PreprocessingStep):
             record["registration_displacement_mm"] = fit.displacement_mm
         return state.evolve(self, record, array=arr, affine=ref.affine.copy(), mask=mask, space=target)
 
-    def invert(self, array: np.ndarray, record: Mapping[str, Any], order: int = 1, fill: float = 0.0) -> np.ndarray:
+    def invert(
+        self, array: np.ndarray, record: Mapping[str, Any], order: int = 1, fill: float = 0.0
+    ) -> np.ndarray:
         if not record.get("registration"):
             return array
         return registration_module.to_native(
@@ -127,7 +131,11 @@ class Reorient(PreprocessingStep):
         if transform is None:
             return state.evolve(self, {"transform": IDENTITY})
         shape = state.array.shape[:3]
-        mask = None if state.mask is None else np.ascontiguousarray(ornt.apply_orientation(state.mask, transform))
+        mask = (
+            None
+            if state.mask is None
+            else np.ascontiguousarray(ornt.apply_orientation(state.mask, transform))
+        )
         return state.evolve(
             self,
             {"transform": np.asarray(transform).tolist(), "affine_in": np.asarray(state.affine).tolist()},
@@ -136,10 +144,14 @@ class Reorient(PreprocessingStep):
             mask=mask,
         )
 
-    def invert(self, array: np.ndarray, record: Mapping[str, Any], order: int = 1, fill: float = 0.0) -> np.ndarray:
+    def invert(
+        self, array: np.ndarray, record: Mapping[str, Any], order: int = 1, fill: float = 0.0
+    ) -> np.ndarray:
         if np.array_equal(record["transform"], IDENTITY):
             return array
-        back = ornt.ornt_transform(ornt.axcodes2ornt("RAS"), ornt.io_orientation(np.asarray(record["affine_in"])))
+        back = ornt.ornt_transform(
+            ornt.axcodes2ornt("RAS"), ornt.io_orientation(np.asarray(record["affine_in"]))
+        )
         return ornt.apply_orientation(array, back)
 
     def grid(self, shape: Shape, affine: np.ndarray) -> tuple[Shape, np.ndarray]:
@@ -174,7 +186,8 @@ class Resample(PreprocessingStep):
         else:
             spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
             new = tuple(  # type: ignore[assignment]
-                max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, p.target_spacing, strict=True)
+                max(1, int(round(n * s / t)))
+                for n, s, t in zip(shape, spacing, p.target_spacing, strict=True)
             )
         return new, (affine if new == tuple(shape) else resized_affine(affine, shape, new))
 
@@ -190,7 +203,9 @@ class Resample(PreprocessingStep):
         array = each_channel(lambda a: resize(a, new, order=1), state.array)
         return state.evolve(self, record, array=array, affine=affine, mask=mask)
 
-    def invert(self, array: np.ndarray, record: Mapping[str, Any], order: int = 1, fill: float = 0.0) -> np.ndarray:
+    def invert(
+        self, array: np.ndarray, record: Mapping[str, Any], order: int = 1, fill: float = 0.0
+    ) -> np.ndarray:
         return resize(array, tuple(record["shape_in"]), order=order)
 
 
@@ -225,7 +240,9 @@ class Normalize(PreprocessingStep):
     def __call__(self, state: StepState) -> StepState:
         fg = _foreground(state)
         p = self.params
-        return state.evolve(self, array=each_channel(lambda a: normalize(a, fg, p.method, p.clip_percentile), state.array))
+        return state.evolve(
+            self, array=each_channel(lambda a: normalize(a, fg, p.method, p.clip_percentile), state.array)
+        )
 
 
 def _foreground(state: StepState) -> np.ndarray:
@@ -264,7 +281,9 @@ class Crop(PreprocessingStep):
             affine=state.affine @ shift,
         )
 
-    def invert(self, array: np.ndarray, record: Mapping[str, Any], order: int = 1, fill: float = 0.0) -> np.ndarray:
+    def invert(
+        self, array: np.ndarray, record: Mapping[str, Any], order: int = 1, fill: float = 0.0
+    ) -> np.ndarray:
         full = np.full(tuple(record["shape_in"]), fill, dtype=np.float32)
         full[tuple(slice(a, b) for a, b in zip(record["start"], record["stop"], strict=True))] = array
         return full
@@ -306,10 +325,20 @@ class Pad(PreprocessingStep):
             affine=state.affine @ shift,
         )
 
-    def invert(self, array: np.ndarray, record: Mapping[str, Any], order: int = 1, fill: float = 0.0) -> np.ndarray:
+    def invert(
+        self, array: np.ndarray, record: Mapping[str, Any], order: int = 1, fill: float = 0.0
+    ) -> np.ndarray:
         stop = [s - a for s, a in zip(array.shape, record["after"], strict=True)]
         return array[tuple(slice(b, e) for b, e in zip(record["before"], stop, strict=True))]
 
 
 #: The built-in steps, in chain order.
-BUILTIN_STEPS: tuple[type[PreprocessingStep], ...] = (Register, Reorient, Resample, Foreground, Normalize, Crop, Pad)
+BUILTIN_STEPS: tuple[type[PreprocessingStep], ...] = (
+    Register,
+    Reorient,
+    Resample,
+    Foreground,
+    Normalize,
+    Crop,
+    Pad,
+)
