@@ -21,7 +21,11 @@ SEED_BUILTINS = {
     "thresholds": {"percentile", "sigma", "mad", "iqr", "otsu", "triangle", "yen"},
     "loaders": {"nifti", "numpy", "dicom", "itk"},
 }
-BUILTINS = {**SEED_BUILTINS, "segmenters": {"unet"}}  # the synthetic-anomaly detector's networks
+BUILTINS = {
+    **SEED_BUILTINS,
+    "segmenters": {"unet"},  # the synthetic-anomaly detector's networks
+    "steps": {"register", "reorient", "resample", "foreground", "normalize", "crop", "pad"},
+}
 
 
 def test_builtins_registered_through_entry_points():

@@ -20,17 +20,8 @@ from torch import nn
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, did_you_mean
 from anomaly3d_core.interfaces import Autoencoder, FeatureExtractor
 from anomaly3d_core.model.embedding import FeatureEmbedding
+from anomaly3d_core.model.grid import gaussian_kernel, patch_grid
 from anomaly3d_core.model.polarity import channel_signs, combine_channels, is_plain, signed_residual
-
-
-def gaussian_kernel(size: tuple[int, int, int], sigma_scale: float = 0.25) -> torch.Tensor:
-    """Separable Gaussian window, ``sigma = size * sigma_scale``, peak 1."""
-    axes = []
-    for n in size:
-        x = torch.arange(n, dtype=torch.float32) - (n - 1) / 2
-        axes.append(torch.exp(-0.5 * (x / max(n * sigma_scale, 1e-3)) ** 2))
-    k = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    return k / k.max()
 
 
 class AnomalyNet(nn.Module):
@@ -143,19 +134,9 @@ class AnomalyNet(nn.Module):
         return max(1, patches // (grid[1] * grid[2]))
 
     def grid_patches(self, feat: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """All patches on the strided grid as a view ``(n0, n1, n2, C, p, p, p)``; pads so the grid covers the map."""
-        p, s = self.patch_f, self.stride_f
-        big = self.embedding.input_size  # == p unless multi-scale: then a context patch centred on p
-        front = [(b - q) // 2 for b, q in zip(big, p, strict=True)]
-        back = []
-        for n, pk, sk, bk, fk in zip(feat.shape[2:], p, s, big, front, strict=True):
-            covered = max(n, pk)
-            back.append((-(covered - pk)) % sk + (covered - n) + bk - pk - fk)
-        if any(front) or any(back):
-            feat = F.pad(feat, (front[2], back[2], front[1], back[1], front[0], back[0]), mode="replicate")
-        view = feat[0].unfold(1, big[0], s[0]).unfold(2, big[1], s[1]).unfold(3, big[2], s[2])
-        grid = tuple(view.shape[1:4])
-        return view.permute(1, 2, 3, 0, 4, 5, 6), grid  # type: ignore[return-value]
+        """All patches of the feature map on the strided grid as a view ``(n0, n1, n2, C, p, p, p)``
+        (:func:`~anomaly3d_core.model.grid.patch_grid`; multi-scale: the context patch centred on each)."""
+        return patch_grid(feat, self.patch_f, self.stride_f, self.embedding.input_size)
 
     @property
     def vector_dim(self) -> int:

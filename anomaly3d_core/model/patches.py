@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from anomaly3d_core.model.network import gaussian_kernel
+from anomaly3d_core.model.grid import gaussian_kernel, patch_grid
 
 
 @dataclass
@@ -48,30 +48,17 @@ def extract_patches_3d(
     st = _triple(stride)
     out = []
     for size in sizes:
-        pads = [
-            max(n, p) - n + (-(max(n, p) - p)) % s for n, p, s in zip(volume.shape, size, st, strict=True)
-        ]
-        padded = np.pad(volume, [(0, p) for p in pads], mode="edge")
-        view = (
-            torch.from_numpy(np.ascontiguousarray(padded))
-            .unfold(0, size[0], st[0])
-            .unfold(1, size[1], st[1])
-            .unfold(2, size[2], st[2])
-        )
-        grid = view.shape[:3]
+        bool_volume = volume.dtype == bool  # replicate padding needs numbers
+        x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.uint8 if bool_volume else None))
+        view, grid = patch_grid(x[None, None], size, st)
         coords = np.stack(
             np.meshgrid(*[np.arange(g) * s for g, s in zip(grid, st, strict=True)], indexing="ij"), -1
         ).reshape(-1, 3)
         patches = view.reshape(-1, *size).numpy()
+        patches = patches.astype(bool) if bool_volume else patches
         if mask is not None and min_foreground > 0:
-            m = np.pad(mask.astype(np.float32), [(0, p) for p in pads])
-            frac = (
-                torch.from_numpy(m)
-                .unfold(0, size[0], st[0])
-                .unfold(1, size[1], st[1])
-                .unfold(2, size[2], st[2])
-                .mean(dim=(3, 4, 5))
-            )
+            m = torch.from_numpy(mask.astype(np.float32))[None, None]
+            frac = patch_grid(m, size, st, mode="constant")[0][:, :, :, 0].mean(dim=(3, 4, 5))
             keep = frac.reshape(-1).numpy() >= min_foreground
             patches, coords = patches[keep], coords[keep]
         out.append(PatchSet(patches, coords, size, st, tuple(volume.shape)))  # type: ignore[arg-type]
