@@ -18,7 +18,8 @@ from anomaly3d_core.io.files import atomic_write, load_volume, output_path, outp
 from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.preprocess.registration import registration_quality
 from anomaly3d_core.progress import progress
-from anomaly3d_core.runner import decision_columns, report_writer, subject_columns
+from anomaly3d_core.runner import report_writer, subject_columns
+from anomaly3d_core.scores import decision_columns
 
 SUMMARY_KEYS = (
     "pixel_ap",

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from anomaly3d_core.detector import Detector, ScoreResult
-from anomaly3d_core.errors import DataError
 from anomaly3d_core.io.data import BatchFailures
 from anomaly3d_core.io.derivatives import (
     bids_uri,
@@ -46,9 +45,8 @@ from anomaly3d_core.io.files import (
 )
 from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.postprocess.lesions import write_lesion_table
-from anomaly3d_core.preprocess.registration import registration_quality
 from anomaly3d_core.progress import progress
-from anomaly3d_core.scores import SCORES_COLUMNS
+from anomaly3d_core.scores import SCORES_COLUMNS, result_row
 
 log = logging.getLogger(__name__)
 CSV_FIELDS = SCORES_COLUMNS  # the columns of scores.csv, shared with the served model
@@ -87,43 +85,8 @@ def write_result(
             result.p_map.astype(np.float32), result.volume.affine, output_path(out_dir, names["p_map"])
         )
         write_lesion_table(result.lesions, output_path(out_dir, names["lesion_table"]))
-    return {
-        "file": result.volume.path,
-        **decision_columns(result),
-        "score_map": names["score_map"],
-        "p_map": names["p_map"] if calibrated else "",
-        "mask": names["mask"],
-        "lesion_table": names["lesion_table"] if calibrated else "",
-        **{k: round(v, 4) for k, v in registration_quality(result.prepared).items()},
-    }
-
-
-def decision_columns(result: ScoreResult) -> dict[str, Any]:
-    """The scan's numbers and decision as ``scores.csv``, the sidecar and the served response name them.
-
-    A NaN or infinite volume score is an error (never a decision); an undefined p-value (a model
-    without calibration nulls) is an empty cell.
-    """
-    if not np.isfinite(result.volume_score):
-        raise DataError(
-            result.volume.path, f"volume score {result.volume_score}: not a finite number, no decision"
-        )
-
-    def num(value: float) -> float | str:
-        return round(float(value), 6) if np.isfinite(value) or np.isinf(value) else ""
-
-    return {
-        "volume_score": round(float(result.volume_score), 6),
-        "volume_threshold": num(result.volume_threshold),
-        "p_value": num(result.p_value),
-        "alpha": num(result.alpha),
-        "is_anomalous": bool(result.is_anomalous),
-        "scan_statistic": result.scan_statistic,
-        "n_calibration": int(result.n_calibration),
-        "mask_rule": result.mask_rule,
-        "voxel_threshold": round(float(result.threshold), 6),
-        "n_lesions": len(result.lesions),
-    }
+    written = ("score_map", "mask", "p_map", "lesion_table") if calibrated else ("score_map", "mask")
+    return result_row(result, {k: names[k] for k in written})
 
 
 def write_csv(

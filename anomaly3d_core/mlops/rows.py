@@ -28,8 +28,8 @@ from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.mlops.schema import RESPONSE_COLUMNS, STRING_COLUMNS, path_column
 from anomaly3d_core.mlops.serving import decode_bytes, encode_nifti, loader_for_format, read_payload
 from anomaly3d_core.postprocess.lesions import lesion_tsv
-from anomaly3d_core.preprocess.registration import QUALITY_KEYS, registration_quality
-from anomaly3d_core.runner import decision_columns, write_result
+from anomaly3d_core.runner import write_result
+from anomaly3d_core.scores import as_response, result_row
 
 
 def text(value: Any) -> str | None:
@@ -178,18 +178,15 @@ def score_row(row: dict[str, Any], index: int, detector: Detector, inline: bool 
             "mask": "" if inline else encode_nifti(result.mask.astype("float32"), volume.affine),
             "lesion_table": "" if inline or result.p_map is None else lesion_tsv(result.lesions),
         }
-    quality = registration_quality(result.prepared)
-    decision = {k: math.nan if v == "" else v for k, v in decision_columns(result).items()}
-    return {
+    cells = {
+        **as_response(result_row(result, files)),
         "file": str(volume.path),
         "subject": item.subject if isinstance(item, Subject) else "",
         "session": (item.session or "") if isinstance(item, Subject) else "",
-        **decision,
-        **files,
-        **{k: float(quality.get(k, math.nan)) for k in QUALITY_KEYS},
         "seconds": time.perf_counter() - t0,
         "error": "",
     }
+    return {k: cells[k] for k in RESPONSE_COLUMNS}
 
 
 def failed_row(row: dict[str, Any], index: int, reason: str) -> dict[str, Any]:

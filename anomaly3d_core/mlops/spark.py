@@ -13,7 +13,6 @@ with ``spark.task.cpus`` torch threads, so concurrent tasks do not oversubscribe
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from anomaly3d_core.mlops.pyfunc_model import FILES_ENV, THREADS_ENV
 from anomaly3d_core.mlops.rows import text
 from anomaly3d_core.mlops.schema import RESPONSE_COLUMNS, path_column, request_columns
 from anomaly3d_core.runner import ScoredBatch, record_rows
+from anomaly3d_core.scores import FILE_COLUMNS, as_csv_cells
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 INSTALL_HINT = "pip install 'anomaly3d[spark]' (pyspark, and Java 17 or newer on the PATH or in JAVA_HOME)"
@@ -226,22 +226,12 @@ def _score(uri: str, spec: str, out: Path, master: str, spark: Any) -> ScoredBat
 
 
 def csv_row(result: dict[str, Any], out: Path) -> dict[str, Any]:
-    """A response row as ``scores.csv`` writes it: numbers rounded as on one machine, map names
-    relative to ``out`` when they lie under it, empty cells for scans that were not registered."""
-    row = dict(result)
-    for key in ("volume_score", "volume_threshold", "p_value", "alpha", "voxel_threshold"):
-        if isinstance(row[key], float) and math.isfinite(row[key]):
-            row[key] = round(row[key], 6)
-    for key in ("n_calibration", "n_lesions"):
-        row[key] = int(row[key])
-    for key in ("score_map", "p_map", "mask", "lesion_table"):
+    """A response row as ``scores.csv`` writes it (:func:`~anomaly3d_core.scores.as_csv_cells`: the numbers
+    as the row builder rounded them), with map names relative to ``out`` when they lie under it."""
+    row = as_csv_cells(result)
+    for key in FILE_COLUMNS:
         if not row[key]:
             continue
         rel = os.path.relpath(row[key], out) if "://" not in row[key] else ".."
         row[key] = rel if not rel.startswith("..") else row[key]
-    for key in RESPONSE_COLUMNS:
-        if isinstance(row[key], float) and row[key] != row[key]:
-            row[key] = ""
-        elif key.startswith("registration_"):
-            row[key] = round(row[key], 4)
     return row
