@@ -1,4 +1,4 @@
-"""The engine: the flows *fit → record → save*, *score → write* and *evaluate*, in one place.
+"""The engine: the flows *fit → record → save*, *score → write*, *evaluate* and *tune*, in one place.
 
 Like anomalib's ``Engine``, a flow takes a detector, its inputs and where its outputs go, runs
 them and returns what it made; the command line, the demo, tuning and the benchmark scripts call
@@ -11,6 +11,9 @@ it. Side effects come in through two injected objects:
   :meth:`Detector.save <anomaly3d_core.detector.Detector.save>`, a plain folder; the command line
   gives ``anomaly3d_core.mlops.serving.save_pyfunc``, an MLflow model folder).
 
+The tune flow drives a search through a third, a :class:`Study` (``anomaly3d_core.mlops.tuning.OptunaStudy``
+wraps Optuna), so the engine imports no search library either.
+
 Flows started inside :meth:`Engine.run` record into that one run (``demo``: fit, score and
 evaluate as one run); on their own each opens its own.
 """
@@ -21,7 +24,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from anomaly3d_core.detector import Detector
 from anomaly3d_core.evaluator import evaluate_files
@@ -40,6 +43,19 @@ Item = Path | Subject
 def plain_writer(detector: Detector, folder: Path, metadata: dict[str, Any] | None) -> Path:
     """The default model writer: :meth:`Detector.save`, a plain model folder."""
     return detector.save(folder, metadata)
+
+
+class Study(Protocol):
+    """A hyper-parameter search as :meth:`Engine.tune` drives it."""
+
+    def optimize(self, objective: Callable[[Any], float], n_trials: int, timeout: float | None) -> None:
+        """Call ``objective(trial)`` for up to ``n_trials`` trials (or ``timeout`` seconds)."""
+
+    def suggest(self, trial: Any) -> tuple[int, list[str]]:
+        """The trial's number and its settings as ``--set`` overrides (``dotted.key=value``)."""
+
+    def report(self, trial: Any, value: float, step: int) -> None:
+        """An intermediate value of the trial; raises the search's own exception to stop (prune) it."""
 
 
 @dataclass
@@ -220,6 +236,58 @@ class Engine:
             self.tracker.log_metrics(recorded, model_id=model_id, dataset=dataset)
             self.tracker.log_artifact(out, "evaluation")
         return Evaluation(metrics, failures)
+
+    # ------------------------------------------------------------------ tune
+    def tune(
+        self,
+        study: Study,
+        build: Callable[[list[str]], Detector],
+        train: Sequence[Item],
+        validate: Callable[[Detector], dict[str, float]],
+        out: str | Path,
+        *,
+        metric: str,
+        n_trials: int,
+        report_every: int = 5,
+        timeout: float | None = None,
+        tags: Callable[[Any], Mapping[str, str]] | None = None,
+        datasets: Sequence[Any] = (),
+    ) -> dict[int, float]:
+        """Run trials of ``study``: each builds a detector from its suggested overrides (``build``), fits
+        it on ``train`` into ``out/NNNN`` (written by this engine's writer, recorded in its own trial run
+        with ``tags(config)`` and ``datasets``), reports ``validate(detector)[metric]`` every
+        ``report_every`` epochs (the study may stop the trial there) and returns that metric at the end.
+        Returns the value of each trial this call finished, by trial number."""
+        out, values = Path(out), {}
+        quiet = Engine(
+            writer=self.writer
+        )  # the trial's run is the tracker's trial run: fit records nothing itself
+
+        def objective(trial: Any) -> float:
+            number, overrides = study.suggest(trial)
+            detector = build(overrides)
+            labels = {**(tags(detector.config) if tags else {}), "optuna.trial": str(number)}
+            with self.tracker.trial(number, detector.config, labels, datasets):
+
+                def report(epoch: int, losses: dict[str, float]) -> None:
+                    if (epoch + 1) % report_every:
+                        return
+                    value = validate(detector)[metric]
+                    self.tracker.log_metrics(
+                        {"val_loss": losses["val_loss"], f"val_{metric}": value}, step=epoch
+                    )
+                    study.report(trial, value, epoch)
+
+                quiet.fit(detector, train, out=out / f"{number:04d}", callbacks=[report])
+                scores = validate(detector)
+                self.tracker.log_metrics(
+                    {**scores, "fit_seconds": detector.fit_seconds_, **model_metrics(detector)}
+                )
+            values[number] = scores[metric]
+            return scores[metric]
+
+        study.optimize(objective, n_trials, timeout)
+        return values
 
     def model_lineage(self, folder: str | Path, config: Any) -> dict[str, str]:
         """The run and logged model behind a model folder, completed from the tracking store."""

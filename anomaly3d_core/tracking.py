@@ -31,6 +31,12 @@ class Tracker(Protocol):
         """A run of ``command`` with ``config`` (logged as its parameters); yields the run, or
         ``None`` when nothing is recorded."""
 
+    def trial(
+        self, number: int, config: Any, tags: Mapping[str, str], datasets: Sequence[Any] = ()
+    ) -> contextlib.AbstractContextManager[Any]:
+        """A run nested in the active one for trial ``number`` of a search (``Engine.tune``), with
+        ``config`` as its parameters and ``datasets`` (opaque to the engine) as its inputs."""
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Parameters of the active run."""
 
@@ -91,6 +97,12 @@ class NullTracker:
         label: str,
         dataset: str | None = None,
         tags: Mapping[str, str] | None = None,
+    ) -> Iterator[None]:
+        yield None
+
+    @contextlib.contextmanager
+    def trial(
+        self, number: int, config: Any, tags: Mapping[str, str], datasets: Sequence[Any] = ()
     ) -> Iterator[None]:
         yield None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from conftest import FAST
 
+from anomaly3d_core.config import build_config
 from anomaly3d_core.engine import Engine
 from anomaly3d_core.io.files import list_inputs
 from anomaly3d_core.persistence import build_detector, load_detector, read_lineage
@@ -21,6 +22,7 @@ from anomaly3d_core.tracking import NullTracker, Tracker
 WHOLE_FLOW = """
 import sys
 from pathlib import Path
+from anomaly3d_core.config import build_config
 from anomaly3d_core.config import build_config
 from anomaly3d_core.engine import Engine
 from anomaly3d_core.io.files import list_inputs
@@ -203,3 +205,77 @@ def test_a_model_folder_keeps_the_detectors_settings_only(fitted, tmp_path):
     assert "tracking" not in tree and "tuning" not in tree and "training" in tree
     assert load_detector(tmp_path / "m").config.tracking == TrackingConfig()  # defaults: the run sets them
     assert not fitted.is_ensemble and fitted.reference() is fitted and not fitted.config.is_ensemble
+
+
+class Stop(Exception):
+    """The fake search's own 'prune this trial'."""
+
+
+class FakeStudy:
+    """A search without Optuna: fixed overrides per trial; trial 1 is stopped at its first report."""
+
+    def __init__(self, settings: list[list[str]]) -> None:
+        self.settings, self.reports, self.values = settings, [], {}
+
+    def optimize(self, objective, n_trials, timeout):
+        for number in range(n_trials):
+            try:
+                self.values[number] = objective(number)
+            except Stop:
+                self.values[number] = "pruned"
+
+    def suggest(self, trial):
+        return trial, self.settings[trial]
+
+    def report(self, trial, value, step):
+        self.reports.append((trial, step))
+        if trial == 1:
+            raise Stop
+
+
+class TrialRecorder(Recorder):
+    @contextlib.contextmanager
+    def trial(self, number, config, tags, datasets=()):
+        self.calls.append(("trial", number, config.training.num_epochs, dict(tags), tuple(datasets)))
+        yield "trial-run"
+        self.calls.append(("end trial", number))
+
+
+def test_the_tune_flow_runs_trials_from_a_factory_and_stops_what_the_study_stops(demo_dir, tmp_path):
+    """Engine.tune needs no Optuna: each trial builds its detector from the suggested overrides, fits
+    into its own folder inside its own trial run, reports to the study (which may stop it) and is
+    scored by the validation callable."""
+    rec, train = TrialRecorder(), list_inputs(demo_dir / "train")
+    study = FakeStudy([["training.num_epochs=2"], ["training.num_epochs=4"], ["training.num_epochs=3"]])
+
+    def build(overrides):
+        return build_detector(build_config(FAST, overrides))
+
+    def validate(detector):
+        return {"pixel_ap": float(detector.config.training.num_epochs)}
+
+    values = Engine(rec).tune(
+        study,
+        build,
+        train,
+        validate,
+        tmp_path / "trials",
+        metric="pixel_ap",
+        n_trials=3,
+        report_every=2,
+        tags=lambda cfg: {"tag": "x"},
+        datasets=["train-set"],
+    )
+    assert values == {0: 2.0, 2: 3.0} and study.values[1] == "pruned"
+    assert study.reports == [(0, 1), (1, 1), (2, 1)]  # every report_every epochs
+    trials = [c for c in rec.calls if c[0] == "trial"]
+    assert trials == [
+        ("trial", n, e, {"tag": "x", "optuna.trial": str(n)}, ("train-set",))
+        for n, e in ((0, 2), (1, 4), (2, 3))
+    ]
+    assert ("metrics", ("fit_seconds", "pixel_ap", "threshold", "volume_threshold"), None, None) in rec.calls
+    assert not any(c[0] == "run" for c in rec.calls)  # a trial's fit records into the trial run only
+    assert (tmp_path / "trials" / "0000" / "config.yaml").is_file() and (
+        tmp_path / "trials" / "0002"
+    ).is_dir()
+    assert not (tmp_path / "trials" / "0001" / "config.yaml").exists()  # stopped before it was written

@@ -40,6 +40,14 @@ class MLflowTracker:
         with tracking.command_run(config, command, label, dataset, tags, overrides=self.overrides) as run:
             yield run
 
+    @contextlib.contextmanager
+    def trial(
+        self, number: int, config: Any, tags: Mapping[str, str], datasets: Sequence[Any] = ()
+    ) -> Iterator[Any]:
+        with tracking.mlflow_run(config, f"trial-{number}", nested=True, tags=tags) as run:
+            tracking.log_datasets(datasets)
+            yield run
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         import mlflow
 

@@ -39,14 +39,13 @@ from anomaly3d_core.io.files import atomic_write, load_volume, replace_tree
 from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.mlops.models import log_model, parse_register
 from anomaly3d_core.mlops.naming import data_folder, set_name
-from anomaly3d_core.mlops.tracker import mlflow_model_writer
+from anomaly3d_core.mlops.tracker import mlflow_model_writer, tracker_for
 from anomaly3d_core.mlops.tracking import (
     METRIC_ALIASES,
     command_run,
     config_label,
     log_datasets,
     log_metrics,
-    mlflow_run,
     run_tags,
 )
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
@@ -282,46 +281,24 @@ def run_tuning(config: PipelineConfig, args: TuneRequest) -> int:
         )
         sets.append((held_set, "validation", {"anomalies": val.source}))
 
-    def objective(trial: optuna.Trial) -> float:
-        if trial.number >= n_trials:
-            trial.set_user_attr("overflow", True)
-            trial.study.stop()
-            raise optuna.TrialPruned("study already has the requested number of trials")
-        overrides = suggest(trial, space)
-        cfg = build_config(apply_overrides(copy.deepcopy(base), overrides))
-        pipe = AnomalyDetectionPipeline(cfg)
-        tags = {**run_tags(cfg, "tune", config_name, name), **study_tags, "optuna.trial": str(trial.number)}
-        with mlflow_run(cfg, f"trial-{trial.number}", nested=True, tags=tags):
-            log_datasets(sets)
-
-            def report(epoch: int, values: dict[str, float]) -> None:
-                if (epoch + 1) % config.tuning.report_every:
-                    return
-                value = val.metrics(pipe)[metric]
-                log_metrics({"val_loss": values["val_loss"], f"val_{metric}": value}, step=epoch)
-                trial.report(value, epoch)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at epoch {epoch + 1}")
-
-            # the trial's run is this nested one: the engine records nothing itself, writes the model
-            Engine(writer=mlflow_model_writer).fit(
-                pipe, train, out=trials / f"{trial.number:04d}", callbacks=[report]
-            )
-            scores = val.metrics(pipe)
-            value = scores[metric]
-            log_metrics(
-                {
-                    **scores,
-                    "fit_seconds": pipe.fit_seconds_,
-                    "threshold": pipe.threshold_,
-                    "volume_threshold": pipe.volume_threshold_,
-                }
-            )
-        return value
+    def build(overrides: list[str]) -> AnomalyDetectionPipeline:
+        return AnomalyDetectionPipeline(build_config(apply_overrides(copy.deepcopy(base), overrides)))
 
     with command_run(config, command, config_name, name, tags=study_tags):
         log_datasets(sets)
-        study.optimize(objective, n_trials=n_trials, timeout=args.timeout, catch=(DataError,))
+        Engine(tracker_for(config), mlflow_model_writer).tune(
+            OptunaStudy(study, space, n_trials),
+            build,
+            train,
+            val.metrics,
+            trials,
+            metric=metric,
+            n_trials=n_trials,
+            report_every=config.tuning.report_every,
+            timeout=args.timeout,
+            tags=lambda cfg: {**run_tags(cfg, "tune", config_name, name), **study_tags},
+            datasets=sets,
+        )
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not finished:
             raise ConfigError(
@@ -344,6 +321,30 @@ def run_tuning(config: PipelineConfig, args: TuneRequest) -> int:
             f"best config: {out / 'best_config.yaml'}; best model: {out / 'best_model'} (validation: {val.source} anomalies)"
         )
     return 0
+
+
+class OptunaStudy:
+    """An Optuna study as :meth:`Engine.tune <anomaly3d_core.engine.Engine.tune>` drives it: TPE
+    suggestions from the search space, median pruning, and at most ``n_trials`` trials in the study
+    however many workers share it."""
+
+    def __init__(self, study: optuna.Study, space: Mapping[str, Any], n_trials: int) -> None:
+        self.study, self.space, self.n_trials = study, space, n_trials
+
+    def optimize(self, objective: Any, n_trials: int, timeout: float | None) -> None:
+        self.study.optimize(objective, n_trials=n_trials, timeout=timeout, catch=(DataError,))
+
+    def suggest(self, trial: optuna.Trial) -> tuple[int, list[str]]:
+        if trial.number >= self.n_trials:  # other workers ran the study's trials already
+            trial.set_user_attr("overflow", True)
+            trial.study.stop()
+            raise optuna.TrialPruned("study already has the requested number of trials")
+        return trial.number, suggest(trial, self.space)
+
+    def report(self, trial: optuna.Trial, value: float, step: int) -> None:
+        trial.report(value, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {step + 1}")
 
 
 def finishes_last(study: optuna.Study) -> bool:
