@@ -314,3 +314,21 @@ def test_multiscale_pipeline_scores_on_the_same_grid(demo_dir):
         ).build_network()
     with pytest.raises(ConfigError, match="scales must be distinct positive integers"):
         AnomalyDetectionPipeline({**FAST, "patches": {"scales": [0]}})
+
+
+def test_one_patch_grid_for_the_network_and_extract_patches_3d():
+    """The network's patches of a raw-intensity map are extract_patches_3d's, position for position,
+    on grids that need padding at the far edges."""
+    from anomaly3d_core.model.patches import extract_patches_3d
+
+    net = AnomalyDetectionPipeline(FAST).build_network()  # identity extractor: the map is the input
+    vol = np.random.default_rng(0).random((13, 10, 9)).astype(np.float32)
+    view, grid = net.grid_patches(torch.from_numpy(vol)[None, None])
+    patches = extract_patches_3d(vol, net.patch_f, net.stride_f)
+    assert grid == (6, 4, 4) and len(patches.coords) == 6 * 4 * 4
+    assert np.array_equal(view.reshape(-1, *net.patch_f).numpy(), patches.patches)
+    # the far edge repeats the last plane: the last patch covers x = 10..13 of a 13-voxel axis
+    assert tuple(patches.coords[-1]) == (10, 6, 6)
+    assert np.array_equal(patches.patches[-1][3], patches.patches[-1][2])
+    assert np.array_equal(patches.patches[-1][2][:, :3], vol[12, 6:10, 6:9])  # z 6..9 of 9: the last repeated
+    assert np.array_equal(patches.patches[-1][2][:, 3], vol[12, 6:10, 8])
