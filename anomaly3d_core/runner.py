@@ -118,6 +118,7 @@ def decision_columns(result: ScoreResult) -> dict[str, Any]:
         "p_value": num(result.p_value),
         "alpha": num(result.alpha),
         "is_anomalous": bool(result.is_anomalous),
+        "decision_rule": result.decision_rule,
         "scan_statistic": result.scan_statistic,
         "n_calibration": int(result.n_calibration),
         "mask_rule": result.mask_rule,
