@@ -70,10 +70,10 @@ def name_sources(message: str, path: Any, overrides: Iterable[str]) -> str:
     sets = {item.split("=", 1)[0].strip(): item.strip() for item in overrides if "=" in item}
     parts = []
     for part in re.split(r"; (?=[\w.\[\]-]+: )", message):  # one problem each (format_validation_error)
-        key, _, reason = part.partition(": ")
+        key = part.partition(": ")[0]
         given = next((sets[k] for k in sets if key == k or key.startswith(k + ".")), None)
         if given is not None:
-            parts.append(f"--set {given}: {reason if key == given.split('=', 1)[0].strip() else part}")
+            parts.append(f"--set {given}: {part}")
         else:
             parts.append(f"{path}: {part}" if path and not part.startswith("--set ") else part)
     return "; ".join(parts)

@@ -247,12 +247,12 @@ def metric_legend(metrics: dict[str, Any]) -> str:
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
-    lines = [f"{'metric':<24}{'value':>10}  95% CI"]
+    lines = [f"{'metric':<42}{'value':>10}  95% CI"]
     for key in SUMMARY_KEYS:
         if key in metrics:
             ci = metrics.get(f"{key}_ci")
             ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-            lines.append(f"{key:<24}{metrics[key]:>10.4f}  {ci_text}")
+            lines.append(f"{key:<42}{metrics[key]:>10.4f}  {ci_text}")
     calibrated = any(np.isfinite(f["p_value"]) for f in metrics.get("files", [{"p_value": 0.0}]))
     for key in (f"guarantee_{k}" for k in GUARANTEE_KEYS):
         if key in metrics:
@@ -265,5 +265,5 @@ def summary_table(metrics: dict[str, Any]) -> str:
             if key == "guarantee_scan_auroc_p_value" and not calibrated:
                 shown, note = f"{'n/a':>10}", "not calibrated (the model has no calibration nulls)"
             lines.append(f"{key:<42}{shown}  {note}".rstrip())
-    lines.append(f"{'volumes':<24}{metrics['n_volumes']:>10d}")
+    lines.append(f"{'volumes':<42}{metrics['n_volumes']:>10d}")
     return "\n".join(lines) + "\n"

@@ -194,15 +194,15 @@ def score_row(row: dict[str, Any], index: int, detector: Detector, inline: bool 
 
 def failed_row(row: dict[str, Any], index: int, reason: str) -> dict[str, Any]:
     """The response row of a row that could not be scored: its own error, no numbers and no decision
-    (``is_anomalous`` and the counts null, never "normal")."""
+    (``is_anomalous`` null, never "normal"; the counts 0)."""
     name = text(row.get("path")) or text(row.get("subject")) or f"row {index}"
     return {
         **dict.fromkeys(RESPONSE_COLUMNS, math.nan),
         **dict.fromkeys(STRING_COLUMNS, ""),
         "file": name,
         "is_anomalous": None,
-        "n_calibration": None,
-        "n_lesions": None,
+        "n_calibration": 0,  # long columns (MLflow's Spark UDF casts them): 0, not null
+        "n_lesions": 0,
         "error": reason,
     }
 

@@ -43,12 +43,12 @@ METRIC_HELP = {
     "guarantee_normal_scans_with_fp_cluster": "share of normal scans with any flagged cluster (mask_rule "
     "cluster promises at most alpha: family-wise)",
     "guarantee_fp_clusters_per_lesioned_scan": "flagged clusters touching no lesion, per lesioned scan",
-    "guarantee_lesion_sensitivity_lt0.5_cm3": "share of true lesions under 0.5 cm³ touched by the mask",
-    "guarantee_lesion_sensitivity_0.5to5_cm3": "share of true lesions of 0.5-5 cm³ touched by the mask",
-    "guarantee_lesion_sensitivity_gt5_cm3": "share of true lesions over 5 cm³ touched by the mask",
-    "guarantee_n_lesions_lt0.5_cm3": "true lesions under 0.5 cm³ (26-connected components)",
-    "guarantee_n_lesions_0.5to5_cm3": "true lesions of 0.5-5 cm³",
-    "guarantee_n_lesions_gt5_cm3": "true lesions over 5 cm³",
+    "guarantee_lesion_sensitivity_lt0.5_cm3": "share of true lesions under 0.5 cm3 touched by the mask",
+    "guarantee_lesion_sensitivity_0.5to5_cm3": "share of true lesions of 0.5-5 cm3 touched by the mask",
+    "guarantee_lesion_sensitivity_gt5_cm3": "share of true lesions over 5 cm3 touched by the mask",
+    "guarantee_n_lesions_lt0.5_cm3": "true lesions under 0.5 cm3 (26-connected components)",
+    "guarantee_n_lesions_0.5to5_cm3": "true lesions of 0.5-5 cm3",
+    "guarantee_n_lesions_gt5_cm3": "true lesions over 5 cm3",
     "guarantee_scan_auroc_p_value": "scan ROC AUC of the p-value (smaller is more anomalous); n/a: not "
     "calibrated (a model saved before calibration nulls has no p-values)",
     "guarantee_scan_auroc_top_k_mean": "scan ROC AUC of the top-1 % mean voxel score (the reference)",
