@@ -55,7 +55,9 @@ def _calibration_folder(demo_dir: Path, tmp_path: Path, n: int) -> Path:
 
 
 @pytest.mark.parametrize("n", [1, 21])
-def test_fit_warns_once_for_the_calibration_set_and_prints_the_rule_in_force(n, demo_dir, tmp_path, caplog, capsys):
+def test_fit_warns_once_for_the_calibration_set_and_prints_the_rule_in_force(
+    n, demo_dir, tmp_path, caplog, capsys
+):
     calibration = _calibration_folder(demo_dir, tmp_path, n)
     args = ["fit", "--train", str(demo_dir / "train"), "--calibration", str(calibration)]
     with caplog.at_level(logging.WARNING):
@@ -64,7 +66,9 @@ def test_fit_warns_once_for_the_calibration_set_and_prints_the_rule_in_force(n, 
     if n == 1:
         assert len(_warnings(caplog)) == 1 and _warnings(caplog)[0].startswith("1 calibration normal scan(s)")
         assert "calibrated on 1 normal scan(s), too few for alpha 0.05 (at least 19 needed)" in printed
-        assert "a scan is flagged when top_k_mean > " in printed and printed.rstrip().endswith("mask: threshold")
+        assert "a scan is flagged when top_k_mean > " in printed and printed.rstrip().endswith(
+            "mask: threshold"
+        )
         assert "max_cluster_mass" not in printed and "p-value <= alpha" not in printed
     else:
         assert _warnings(caplog) == []  # the 3-scan validation split is not the calibration used
@@ -105,7 +109,9 @@ def test_uncalibrated_rows_say_so_in_every_output(fitted, saved_model, demo_dir,
     served = score_row({"path": str(scans[0])}, 0, fitted)
     assert served["decision_rule"] == UNCALIBRATED_RULE
     assert csv_row(served, tmp_path)["decision_rule"] == UNCALIBRATED_RULE  # the Spark route's row
-    code = main(["score", "--model", str(saved_model), "--input", str(scans[0]), "--out", str(tmp_path / "c")])
+    code = main(
+        ["score", "--model", str(saved_model), "--input", str(scans[0]), "--out", str(tmp_path / "c")]
+    )
     err = capsys.readouterr().err
     assert code == 0 and err.count("decisions are uncalibrated") == 1
     assert f"decisions are uncalibrated ({UNCALIBRATED_RULE}" in err
@@ -159,7 +165,9 @@ def _guarantees(p_values: list[float]) -> dict:
     truths[2][2:4, 2:4, 2:4] = truths[3][1:7, 1:7, 1:7] = True
     masks = [t.copy() for t in truths]
     masks[0][0, 0, 0] = True  # a false cluster on a normal scan
-    found = guarantee_metrics(truths, masks, [True, False, True, True], p_values, [0.1, 0.2, 0.9, 0.8], [10.0] * 4, 0.05)
+    found = guarantee_metrics(
+        truths, masks, [True, False, True, True], p_values, [0.1, 0.2, 0.9, 0.8], [10.0] * 4, 0.05
+    )
     return {f"guarantee_{k}": v for k, v in found.items()} | {"n_volumes": 4}
 
 
@@ -168,10 +176,16 @@ def test_summary_lists_every_guarantee_with_its_meaning():
 
     metrics = _guarantees([0.5, 0.4, 0.01, 0.02])
     table = summary_table(metrics)
-    for key in ("normal_scans_with_fp_cluster", "lesion_sensitivity_lt0.5_cm3", "lesion_sensitivity_0.5to5_cm3"):
+    for key in (
+        "normal_scans_with_fp_cluster",
+        "lesion_sensitivity_lt0.5_cm3",
+        "lesion_sensitivity_0.5to5_cm3",
+    ):
         assert f"guarantee_{key}" in table
     assert "guarantee_normal_scans_with_fp_cluster" in table and "0.5000" in table
-    assert "guarantee_lesion_sensitivity_gt5_cm3" in table and table.count("(1 lesions)") == 2  # 0.08, 2.16 cm³
+    assert (
+        "guarantee_lesion_sensitivity_gt5_cm3" in table and table.count("(1 lesions)") == 2
+    )  # 0.08, 2.16 cm³
     legend = dict(line.split(": ", 1) for line in metric_legend(metrics).splitlines())
     figures = [k for k in metrics if k.startswith("guarantee_") and not k.endswith("_ci")]
     assert sorted(k for k in legend if k.startswith("guarantee_")) == sorted(figures)
@@ -202,10 +216,24 @@ def test_lesion_table_p_values_keep_significant_digits():
 def test_a_bad_set_value_is_blamed_on_the_set_not_the_file(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("training:\n  num_epochs: 2\n")
-    code = main(["fit", "--config", str(config), "--train", str(tmp_path), "--out", str(tmp_path / "m"),
-                 "--set", "threshold.alpha=2"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--train",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "m"),
+            "--set",
+            "threshold.alpha=2",
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == 2 and "config error: --set threshold.alpha=2: threshold.alpha: Input should be less than 1" in err
+    assert (
+        code == 2
+        and "config error: --set threshold.alpha=2: threshold.alpha: Input should be less than 1" in err
+    )
     assert str(config) not in err
     config.write_text("training:\n  num_epoch: 2\n")  # the file's own mistake still names the file
     assert main(["fit", "--config", str(config), "--train", str(tmp_path), "--out", str(tmp_path / "m")]) == 2

@@ -113,7 +113,9 @@ def _corrupt_nifti(tmp_path):
 
 def _tiny_brain() -> np.ndarray:
     """A brain at about 1e-38 (near 32-bit floating point's smallest normal) with a block three times brighter."""
-    arr = np.where(blob_volume() > 0, 1e-38 * (1 + 0.1 * np.random.default_rng(0).random(blob_volume().shape)), 0)
+    arr = np.where(
+        blob_volume() > 0, 1e-38 * (1 + 0.1 * np.random.default_rng(0).random(blob_volume().shape)), 0
+    )
     arr[10:14, 10:14, 8:12] = 3e-38
     return arr.astype(np.float32)
 
@@ -145,7 +147,9 @@ BAD_INPUTS = {
         r"const.nii.gz: constant volume",
     ),
     "constant brain on zero background": (
-        lambda d: write_nifti(np.where(blob_volume() > 0, 700.0, 0.0).astype(np.float32), np.eye(4), d, "flat"),
+        lambda d: write_nifti(
+            np.where(blob_volume() > 0, 700.0, 0.0).astype(np.float32), np.eye(4), d, "flat"
+        ),
         r"flat.nii.gz: constant foreground intensity \(every non-zero voxel is 700\): no tissue contrast",
     ),
     "tiny intensities with a brighter block": (

@@ -306,13 +306,24 @@ def test_bids_app_fits_with_held_out_calibration_subjects(
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(SEQS))
     model = tmp_path / "model"
-    args = ["bids", str(bids_data / "train"), str(tmp_path / "unused"), "group", "--fit", "--config", str(config)]
+    args = [
+        "bids",
+        str(bids_data / "train"),
+        str(tmp_path / "unused"),
+        "group",
+        "--fit",
+        "--config",
+        str(config),
+    ]
     assert main([*args, "--model", str(model), "--calibration", str(tmp_path / "cal")]) == 0
     assert "calibrated on 2 normal scan(s), too few for alpha 0.05" in capsys.readouterr().out
     assert load_detector(model).postprocessor_.n_calibration == 2
     participant = ["bids", str(bids_data / "test"), str(tmp_path / "d"), "participant", "--model", str(model)]
     assert main([*participant, "--calibration", str(tmp_path / "cal")]) == 2
-    assert "--calibration calibrates a model while fitting it: use it with group --fit" in capsys.readouterr().err
+    assert (
+        "--calibration calibrates a model while fitting it: use it with group --fit"
+        in capsys.readouterr().err
+    )
 
 
 def test_python_api_with_subject_mappings(bids_data: Path) -> None:

@@ -90,7 +90,9 @@ def guarantee_metrics(
         "fp_clusters_per_lesioned_scan": float(fp_clusters_arr[lesioned].mean())
         if n_lesioned
         else float("nan"),
-        "scan_auroc_p_value": _auroc(lesioned.astype(int), -p_arr) if np.isfinite(p_arr).all() else float("nan"),
+        "scan_auroc_p_value": _auroc(lesioned.astype(int), -p_arr)
+        if np.isfinite(p_arr).all()
+        else float("nan"),
         "scan_auroc_top_k_mean": _auroc(lesioned.astype(int), np.asarray(top_k_means, np.float64)),
     }
     for name, (lo, hi) in SIZE_BINS_CM3.items():
