@@ -4,7 +4,8 @@
   default) of the raw dataset ``BIDS_DIR`` with ``--model`` and writes a BIDS-Derivatives dataset
   into ``OUTPUT_DIR`` (:mod:`anomaly3d_core.io.derivatives`) with a report per subject;
 - ``group`` writes the group report ``OUTPUT_DIR/report.html`` over every subject scored there, or,
-  with ``--fit``, trains a model on the chosen subjects (normal scans) and writes it to ``--model``.
+  with ``--fit``, trains a model on the chosen subjects (normal scans) and writes it to ``--model``,
+  calibrated on ``--calibration`` (held-out normal subjects) when given.
 
 Labels are given without their ``sub-``/``ses-`` prefix (``01``), as BIDS Apps take them; the
 prefixed form is accepted too.
@@ -63,6 +64,12 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
     )
     p.add_argument("--fit", action="store_true", help="group level: train a model on the chosen subjects")
     p.add_argument("--config", help="pipeline YAML for --fit (must name data.sequences)")
+    p.add_argument(
+        "--calibration",
+        help="with --fit: held-out normal subjects used only to calibrate the p-values (a BIDS dataset, a "
+        "manifest or a folder of <subject>_<sequence> files, as for fit --calibration); at least "
+        "ceil(1/alpha)-1 of them (19 for alpha 0.05)",
+    )
     common(p)
 
 
@@ -110,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     group report (group), or fit on them (group ``--fit``)."""
     import contextlib
 
-    from anomaly3d_core.cli_common import check_out, load_model, report
+    from anomaly3d_core.cli_common import check_out, load_model, report, warn_uncalibrated
     from anomaly3d_core.engine import Engine
     from anomaly3d_core.mlops.models import is_model_uri
 
@@ -123,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--fit is a group-level step: anomaly3d bids BIDS_DIR OUTPUT_DIR group --fit --model OUT"
         )
+    if args.calibration:
+        raise ConfigError("--calibration calibrates a model while fitting it: use it with group --fit")
     check_out(str(out))
     with contextlib.ExitStack() as stack:
         pipe, _ = load_model(args, stack)
@@ -131,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             return _group(pipe, out, uri)
         found = _subjects(bids_dir, pipe.channels, args)
         batch = Engine().score(pipe, found.items, out, bids_root=bids_dir, model_uri=uri)
+    warn_uncalibrated(pipe)
     flagged = sum(bool(r["is_anomalous"]) for r in batch.rows)
     print(f"scored {len(batch.rows)} subject(s), {flagged} flagged anomalous; BIDS-Derivatives in {out}")
     return report(batch.failures, "scoring", found.errors)
@@ -155,7 +165,7 @@ def _group(pipe: Any, out: Path, uri: str) -> int:
 
 def _fit(args: argparse.Namespace, bids_dir: Path) -> int:
     """Train on the chosen subjects and write the model to ``--model`` (as ``anomaly3d fit`` does)."""
-    from anomaly3d_core.cli_common import cli_engine, config_name, read_config, report
+    from anomaly3d_core.cli_common import cli_engine, config_name, inputs, read_config, report
     from anomaly3d_core.engine import Engine
     from anomaly3d_core.mlops.models import is_model_uri
     from anomaly3d_core.mlops.naming import set_name
@@ -166,6 +176,7 @@ def _fit(args: argparse.Namespace, bids_dir: Path) -> int:
     config = read_config(args)
     found = _subjects(bids_dir, reference_config(config).data.channels, args)
     Engine.check_fit_target(args.model)
+    calibration = inputs(args.calibration, config).items if args.calibration else None
     fitted = cli_engine(config, args).fit(
         build_detector(config),
         found.items,
@@ -173,9 +184,11 @@ def _fit(args: argparse.Namespace, bids_dir: Path) -> int:
         label=config_name(args.config),
         train_name=set_name(bids_dir),
         command="bids-fit",
+        calibration=calibration,
     )
     pipe = fitted.detector
     print(
         f"model written to {fitted.folder} ({pipe.n_train_volumes_} training subjects); threshold {pipe.threshold_:.4g}"
     )
+    print(pipe.postprocessor_.rule_summary())
     return report(fitted.failures, "fit", found.errors)

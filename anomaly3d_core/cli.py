@@ -30,6 +30,7 @@ from anomaly3d_core.cli_common import (
     read_config,
     registration,
     report,
+    warn_uncalibrated,
 )
 from anomaly3d_core.cli_demo import cmd_demo, cmd_demo_data
 from anomaly3d_core.cli_parser import (
@@ -76,11 +77,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"model written to {fitted.folder} ({pipe.n_train_volumes_} training, {pipe.n_val_volumes_} validation volumes, "
         f"{len(pipe.history_['train_loss'])} epochs, {pipe.fit_seconds_:.1f} s); voxel threshold {pipe.threshold_:.4g}"
     )
-    post = pipe.postprocessor_
-    print(
-        f"calibrated on {post.n_calibration} normal scan(s): a scan is flagged when its p-value <= alpha "
-        f"{post.config.alpha:g} ({post.config.scan_statistic} > {post.scan_threshold:.4g}); mask: {post.config.mask_rule}"
-    )
+    print(pipe.postprocessor_.rule_summary())  # the rules in force (uncalibrated with too few normals)
     print_registered(register)
     return report(fitted.failures, "fit", found.errors)
 
@@ -97,6 +94,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         found = inputs(args.input, pipe)
         uri = args.model if is_model_uri(args.model) else str(Path(args.model).resolve())
         batch = Engine().score(pipe, found.items, out, bids_root=found.bids_root, model_uri=uri)
+    warn_uncalibrated(pipe)
     flagged = sum(bool(r["is_anomalous"]) for r in batch.rows)
     where = "a BIDS-Derivatives dataset" if found.bids_root is not None else "maps and scores.csv"
     print(f"scored {len(batch.rows)} volume(s), {flagged} flagged anomalous; {where} in {args.out}")

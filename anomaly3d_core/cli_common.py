@@ -50,6 +50,19 @@ def load_model(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[A
     return pipe, folder
 
 
+def warn_uncalibrated(detector: Any) -> None:
+    """One line on stderr when the model's scan decisions are uncalibrated (too few calibration normals
+    for alpha; a model saved before calibration nulls has warned on loading)."""
+    post = detector.postprocessor_
+    if post.n_calibration and not post.decisions_calibrated:
+        print(
+            f"warning: decisions are uncalibrated ({post.decision_rule}, no stated error rate): the model "
+            f"was calibrated on {post.n_calibration} normal scan(s), too few for alpha {post.config.alpha:g}; "
+            "see decision_rule in scores.csv",
+            file=sys.stderr,
+        )
+
+
 def cli_engine(config: Any, args: argparse.Namespace) -> Any:
     """The engine as the command line runs it: MLflow tracking as the config says (runs named with
     the ``--set`` overrides), MLflow model folders."""

@@ -27,6 +27,7 @@ from anomaly3d_core.config_tree import (  # noqa: F401  (re-exported: the config
     flatten,
     format_validation_error,
     merge_trees,
+    name_sources,
     parse_value,
     seed_component_sections,
 )
@@ -454,4 +455,4 @@ def load_config(
     try:
         return build_config(tree, overrides, registry)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        raise ConfigError(name_sources(str(exc), path, overrides)) from None

@@ -6,6 +6,7 @@ Nothing here knows the config's sections (:mod:`anomaly3d_core.config` does).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -61,6 +62,21 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], prefix
             msg = f"{e['msg']} (got {e.get('input')!r})"
         lines.append(f"{path}: {msg}")
     return "; ".join(lines)
+
+
+def name_sources(message: str, path: Any, overrides: Iterable[str]) -> str:
+    """``message`` (``key: reason; key: reason``) with each problem named by where it came from: the
+    ``--set key=value`` that set its key (or a section above it), else the config file ``path``."""
+    sets = {item.split("=", 1)[0].strip(): item.strip() for item in overrides if "=" in item}
+    parts = []
+    for part in re.split(r"; (?=[\w.\[\]-]+: )", message):  # one problem each (format_validation_error)
+        key = part.partition(": ")[0]
+        given = next((sets[k] for k in sets if key == k or key.startswith(k + ".")), None)
+        if given is not None:
+            parts.append(f"--set {given}: {part}")
+        else:
+            parts.append(f"{path}: {part}" if path and not part.startswith("--set ") else part)
+    return "; ".join(parts)
 
 
 def parse_value(text: str) -> Any:

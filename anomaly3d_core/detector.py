@@ -33,7 +33,7 @@ from anomaly3d_core.model.training import EpochCallback
 from anomaly3d_core.postprocess.lesions import lesion_table
 from anomaly3d_core.postprocess.native import mask_to_native, to_native
 from anomaly3d_core.postprocess.postprocessor import PostProcessor
-from anomaly3d_core.postprocess.verdict import Verdict
+from anomaly3d_core.postprocess.verdict import UNCALIBRATED_RULE, Verdict
 from anomaly3d_core.preprocess.preprocessing import Prepared, Preprocessor
 
 
@@ -56,8 +56,9 @@ class ScoreResult:
     """One scored scan; ``score_map``, ``mask`` and ``p_map`` lie on the input's own grid.
 
     ``threshold`` is the calibrated *voxel* score threshold (also ``voxel_threshold``); the scan's
-    decision is ``is_anomalous = p_value <= alpha``, the same as ``volume_score > volume_threshold``,
-    where ``volume_score`` is the statistic named by ``scan_statistic``. ``mask`` is made by
+    decision is made by ``decision_rule``: ``p_value <= alpha`` (the same as ``volume_score >
+    volume_threshold``, where ``volume_score`` is the statistic named by ``scan_statistic``), or
+    ``volume_score > volume_threshold (uncalibrated)`` with too few calibration normals for ``alpha``. ``mask`` is made by
     ``mask_rule`` (``cluster``, ``fdr`` or ``threshold``); ``lesions`` has one row per flagged cluster
     (:mod:`anomaly3d_core.postprocess.lesions`). A model saved before calibration nulls gives
     ``p_value`` NaN and decides on its legacy volume threshold.
@@ -81,6 +82,7 @@ class ScoreResult:
     n_calibration: int = 0
     p_map: np.ndarray | None = None
     lesions: list[dict[str, Any]] = field(default_factory=list)
+    decision_rule: str = UNCALIBRATED_RULE
 
     @property
     def voxel_threshold(self) -> float:
@@ -242,6 +244,7 @@ class Detector(ABC):
             v.n_calibration,
             p_map,
             lesions,
+            v.decision_rule,
         )
 
     @staticmethod

@@ -33,6 +33,7 @@ from anomaly3d_core.io.files import check_model_target, write_lock
 from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.model.training import EpochCallback
 from anomaly3d_core.persistence import LINEAGE_KEY, read_lineage
+from anomaly3d_core.postprocess.calibration import last_calibration_warns
 from anomaly3d_core.runner import ScoredBatch, score_files
 from anomaly3d_core.tracking import NullTracker, Tracker
 
@@ -150,9 +151,10 @@ class Engine:
                 before()
             callback = self.tracker.epoch_callback() if run is not None else None
             every = [*callbacks, callback] if callback else list(callbacks)
-            detector.fit(train, val, callbacks=every, show_progress=show_progress)
-            if calibration:
-                detector.calibrate(calibration)
+            with last_calibration_warns():  # a warning only for the calibration set finally used
+                detector.fit(train, val, callbacks=every, show_progress=show_progress)
+                if calibration:
+                    detector.calibrate(calibration)
             lineage: dict[str, str] = {}
             if run is not None:
                 self.tracker.log_fit_datasets(detector, train, val, train_name or "", val_name)

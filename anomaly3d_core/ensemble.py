@@ -42,6 +42,7 @@ from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.model.training import EpochCallback
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+from anomaly3d_core.postprocess.calibration import last_calibration_warns
 from anomaly3d_core.postprocess.native import native_prepared, to_native
 from anomaly3d_core.postprocess.postprocessor import PostProcessor
 from anomaly3d_core.preprocess.preprocessing import Prepared
@@ -161,15 +162,16 @@ class EnsemblePipeline(Detector):
         show_progress: bool | None = None,
     ) -> EnsemblePipeline:
         t0 = time.perf_counter()
-        for member in self.members:
-            member.fit(volumes, val_volumes, callbacks=callbacks, show_progress=show_progress)
-        first = self.members[0]
-        self.failures_ = first.failures_
-        self.history_ = first.history_
-        self.n_train_volumes_, self.n_val_volumes_ = first.n_train_volumes_, first.n_val_volumes_
-        self.val_volumes_ = first.val_volumes_  # calibrated on the first member's held-out normals
-        self.postprocessor_ = PostProcessor(self.config.threshold, self.registry)
-        self.calibrate(self.val_volumes_)
+        with last_calibration_warns():  # the members' own calibrations are not the ensemble's
+            for member in self.members:
+                member.fit(volumes, val_volumes, callbacks=callbacks, show_progress=show_progress)
+            first = self.members[0]
+            self.failures_ = first.failures_
+            self.history_ = first.history_
+            self.n_train_volumes_, self.n_val_volumes_ = first.n_train_volumes_, first.n_val_volumes_
+            self.val_volumes_ = first.val_volumes_  # calibrated on the first member's held-out normals
+            self.postprocessor_ = PostProcessor(self.config.threshold, self.registry)
+            self.calibrate(self.val_volumes_)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 

@@ -41,7 +41,11 @@ GUARANTEE_KEYS = (
     "lesioned_flagged_fraction",
     "voxel_fdr_lesioned",
     "fp_clusters_per_normal_scan",
+    "normal_scans_with_fp_cluster",
     "fp_clusters_per_lesioned_scan",
+    "lesion_sensitivity_lt0.5_cm3",
+    "lesion_sensitivity_0.5to5_cm3",
+    "lesion_sensitivity_gt5_cm3",
     "scan_auroc_p_value",
     "scan_auroc_top_k_mean",
 )
@@ -244,16 +248,23 @@ def metric_legend(metrics: dict[str, Any]) -> str:
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
-    lines = [f"{'metric':<24}{'value':>10}  95% CI"]
+    lines = [f"{'metric':<42}{'value':>10}  95% CI"]
     for key in SUMMARY_KEYS:
         if key in metrics:
             ci = metrics.get(f"{key}_ci")
             ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-            lines.append(f"{key:<24}{metrics[key]:>10.4f}  {ci_text}")
-    for key in GUARANTEE_KEYS:
-        if f"guarantee_{key}" in metrics:
-            ci = metrics.get(f"guarantee_{key}_ci")
-            ci_text = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-            lines.append(f"{key:<32}{metrics[f'guarantee_{key}']:>10.4f}  {ci_text}")
-    lines.append(f"{'volumes':<24}{metrics['n_volumes']:>10d}")
+            lines.append(f"{key:<42}{metrics[key]:>10.4f}  {ci_text}")
+    calibrated = any(np.isfinite(f["p_value"]) for f in metrics.get("files", [{"p_value": 0.0}]))
+    for key in (f"guarantee_{k}" for k in GUARANTEE_KEYS):
+        if key in metrics:
+            ci = metrics.get(f"{key}_ci")
+            note = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+            if key.startswith("guarantee_lesion_sensitivity_"):
+                note = f"({metrics.get(key.replace('_lesion_sensitivity_', '_n_lesions_'), 0)} lesions)"
+            value = metrics[key]
+            shown = f"{value:>10.4f}" if np.isfinite(value) else f"{'n/a':>10}"
+            if key == "guarantee_scan_auroc_p_value" and not calibrated:
+                shown, note = f"{'n/a':>10}", "not calibrated (the model has no calibration nulls)"
+            lines.append(f"{key:<42}{shown}  {note}".rstrip())
+    lines.append(f"{'volumes':<42}{metrics['n_volumes']:>10d}")
     return "\n".join(lines) + "\n"

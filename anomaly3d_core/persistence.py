@@ -22,6 +22,7 @@ import yaml
 
 from anomaly3d_core import safe_yaml
 from anomaly3d_core.config import PipelineConfig, load_config
+from anomaly3d_core.config_tree import name_sources
 from anomaly3d_core.detector import Detector, model_files_dir
 from anomaly3d_core.ensemble import ENSEMBLE_FILE, EnsembleConfig, EnsemblePipeline, build_ensemble_config
 from anomaly3d_core.errors import Anomaly3DError, ConfigError, PluginError
@@ -82,7 +83,7 @@ def load_any_config(
             try:
                 return build(tree[kind] or {}, overrides, registry)
             except ConfigError as exc:
-                raise ConfigError(f"{path}: {exc}") from None
+                raise ConfigError(name_sources(str(exc), path, overrides)) from None
     return load_config(path, overrides, registry)
 
 

@@ -41,6 +41,7 @@ from anomaly3d_core.model.training import (
     seed_everything,
     train_autoencoder,
 )
+from anomaly3d_core.postprocess.calibration import last_calibration_warns
 from anomaly3d_core.postprocess.postprocessor import STATE_FILE, PostProcessor
 from anomaly3d_core.preprocess.augmentation import augment_from_config
 from anomaly3d_core.preprocess.preprocessing import Prepared, Preprocessor
@@ -243,9 +244,10 @@ class AnomalyDetectionPipeline(Detector):
                 if cfg.threshold.depth_normalization
                 else [self._scan_scores(p) for p in train]
             )
-        self.calibrate(val)
-        if folds and not val_volumes:
-            self._crossfit_calibrate(normals, folds, gen)
+        with last_calibration_warns():  # cross-fitting replaces the validation split's calibration
+            self.calibrate(val)
+            if folds and not val_volumes:
+                self._crossfit_calibrate(normals, folds, gen)
         self.n_train_volumes_, self.n_val_volumes_ = len(train), len(val)
         self.val_volumes_ = [p.source for p in val]
         self.fit_seconds_ = time.perf_counter() - t0

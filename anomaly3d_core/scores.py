@@ -22,10 +22,11 @@ SCORES_COLUMNS = (
     "subject",  # subject and session: for inputs with several sequences
     "session",
     "volume_score",  # the scan statistic named in scan_statistic
-    "volume_threshold",  # is_anomalous == (volume_score > volume_threshold) == (p_value <= alpha)
+    "volume_threshold",  # decision_rule p_value <= alpha: the same as volume_score > volume_threshold
     "p_value",  # conformal, against the calibration normals; empty for a model without calibration nulls
     "alpha",
     "is_anomalous",
+    "decision_rule",  # what decided is_anomalous: "p_value <= alpha" or "volume_score > volume_threshold (uncalibrated)"
     "scan_statistic",
     "n_calibration",  # how many normal scans calibrated the p-values
     "mask_rule",  # cluster (family-wise at alpha), fdr (Benjamini-Hochberg at threshold.fdr_q) or threshold
@@ -63,6 +64,7 @@ def decision_columns(result: ScoreResult) -> dict[str, Any]:
         "p_value": num(result.p_value),
         "alpha": num(result.alpha),
         "is_anomalous": bool(result.is_anomalous),
+        "decision_rule": result.decision_rule,
         "scan_statistic": result.scan_statistic,
         "n_calibration": int(result.n_calibration),
         "mask_rule": result.mask_rule,

@@ -93,7 +93,9 @@ def test_fit_score_evaluate_with_a_bad_file(demo_dir, tmp_path, capsys):
     assert (model / "MLmodel").is_file()
     printed = capsys.readouterr().out
     assert "data: 4 scan(s) on 1 grid(s), voxel size 4x4x4 mm, axis order RAS: all in MNI152" in printed
-    assert "calibrated on 4 normal scan(s): a scan is flagged when its p-value <= alpha 0.05" in printed
+    # 4 calibration scans are too few for alpha 0.05: the rule in force is the uncalibrated one
+    assert "calibrated on 4 normal scan(s), too few for alpha 0.05 (at least 19 needed)" in printed
+    assert "a scan is flagged when top_k_mean > " in printed and "mask: threshold" in printed
     inputs = tmp_path / "inputs"
     shutil.copytree(demo_dir / "test", inputs)
     (inputs / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")

@@ -111,6 +111,15 @@ def _corrupt_nifti(tmp_path):
     return bad
 
 
+def _tiny_brain() -> np.ndarray:
+    """A brain at about 1e-38 (near 32-bit floating point's smallest normal) with a block three times brighter."""
+    arr = np.where(
+        blob_volume() > 0, 1e-38 * (1 + 0.1 * np.random.default_rng(0).random(blob_volume().shape)), 0
+    )
+    arr[10:14, 10:14, 8:12] = 3e-38
+    return arr.astype(np.float32)
+
+
 BAD_INPUTS = {
     "truncated NIfTI": (_corrupt_nifti, r"truncated.nii.gz: .*(corrupt|truncated)"),
     "unsupported extension": (
@@ -136,6 +145,16 @@ BAD_INPUTS = {
     "constant volume": (
         lambda d: write_nifti(np.full((6, 6, 6), 3.0, np.float32), np.eye(4), d, "const"),
         r"const.nii.gz: constant volume",
+    ),
+    "constant brain on zero background": (
+        lambda d: write_nifti(
+            np.where(blob_volume() > 0, 700.0, 0.0).astype(np.float32), np.eye(4), d, "flat"
+        ),
+        r"flat.nii.gz: constant foreground intensity \(every non-zero voxel is 700\): no tissue contrast",
+    ),
+    "tiny intensities with a brighter block": (
+        lambda d: write_nifti(_tiny_brain(), np.eye(4), d, "tiny"),
+        r"tiny.nii.gz: intensities reach at most 3e-38, below 1e-15: so small that normalisation is meaningless",
     ),
     "empty volume": (
         lambda d: (np.save(d / "empty.npy", np.zeros((0, 4, 4))), d / "empty.npy")[1],

@@ -293,6 +293,39 @@ def test_bids_app_outputs_are_indexed_by_pybids(bids_data: Path, cli_model: Path
     assert main(["bids", str(raw), str(out), "participant", "--participant-label", "99", *common]) == 1
 
 
+def test_bids_app_fits_with_held_out_calibration_subjects(
+    bids_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """group --fit --calibration: the p-values come from the calibration subjects (a BIDS dataset)."""
+    import yaml
+
+    from anomaly3d_core.cli import main
+    from anomaly3d_core.persistence import load_detector
+
+    write_bids(tmp_path / "cal", 2, first_seed=20)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(SEQS))
+    model = tmp_path / "model"
+    args = [
+        "bids",
+        str(bids_data / "train"),
+        str(tmp_path / "unused"),
+        "group",
+        "--fit",
+        "--config",
+        str(config),
+    ]
+    assert main([*args, "--model", str(model), "--calibration", str(tmp_path / "cal")]) == 0
+    assert "calibrated on 2 normal scan(s), too few for alpha 0.05" in capsys.readouterr().out
+    assert load_detector(model).postprocessor_.n_calibration == 2
+    participant = ["bids", str(bids_data / "test"), str(tmp_path / "d"), "participant", "--model", str(model)]
+    assert main([*participant, "--calibration", str(tmp_path / "cal")]) == 2
+    assert (
+        "--calibration calibrates a model while fitting it: use it with group --fit"
+        in capsys.readouterr().err
+    )
+
+
 def test_python_api_with_subject_mappings(bids_data: Path) -> None:
     from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 

@@ -79,6 +79,15 @@ def test_spark_udf_recipe_scores_paths_like_the_cli(spark, saved_model, demo_dir
     )
     rows = df.withColumn("r", udf(struct("path", "out_dir"))).select("id", "r.*").toPandas().set_index("id")
     assert rows.loc[len(scans), "error"] == "file not found"
+    assert rows.loc[0, "decision_rule"] == "volume_score > volume_threshold (uncalibrated)"
+    # through score_dataframe a failed row has no decision (null), never "normal"
+    from anomaly3d_core.mlops.spark import score_dataframe
+
+    done = score_dataframe(spark, str(saved_model), df.filter("id >= 2")).toPandas().set_index("id")
+    failed = done.loc[len(scans)]
+    assert failed["error"] == "file not found" and failed["is_anomalous"] is None
+    assert np.isnan(failed["p_value"]) and np.isnan(failed["n_lesions"])
+    assert done.loc[2, "is_anomalous"] in (True, False) and done.loc[2, "n_lesions"] >= 0
     assert "NIfTI" in rows.loc[len(scans) + 1, "error"] and np.isnan(rows.loc[len(scans) + 1, "volume_score"])
     cli = {r["file"]: r for r in _csv(cli_maps / "scores.csv")}
     for i, scan in enumerate(scans):

@@ -6,7 +6,8 @@
   over scans of false voxels / flagged voxels, 0 when nothing is flagged: what Benjamini–Hochberg
   bounds by q) and false-positive clusters (clusters touching no lesion) per scan;
 - lesion-wise sensitivity by lesion size (< 0.5 cm³, 0.5–5, > 5 cm³; 26-neighbour components);
-- the scan AUROC of the p-value (smaller is more anomalous) next to that of the top-k-mean score.
+- the scan AUROC of the p-value (smaller is more anomalous) next to that of the top-k-mean score;
+  NaN ("not calibrated") when a scan has no p-value (a model saved before calibration nulls).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def guarantee_metrics(
             fdp.append(float((m & ~t).sum()) / max(int(m.sum()), 1))
             hits += lesion_hits(t, m, mm3)
     fp_clusters_arr = np.array(fp_clusters)
+    p_arr = np.asarray(p_values, np.float64)
     k = int(flagged[~lesioned].sum())
     out: dict[str, Any] = {
         "alpha": alpha,
@@ -88,7 +90,9 @@ def guarantee_metrics(
         "fp_clusters_per_lesioned_scan": float(fp_clusters_arr[lesioned].mean())
         if n_lesioned
         else float("nan"),
-        "scan_auroc_p_value": _auroc(lesioned.astype(int), -np.asarray(p_values, np.float64)),
+        "scan_auroc_p_value": _auroc(lesioned.astype(int), -p_arr)
+        if np.isfinite(p_arr).all()
+        else float("nan"),
         "scan_auroc_top_k_mean": _auroc(lesioned.astype(int), np.asarray(top_k_means, np.float64)),
     }
     for name, (lo, hi) in SIZE_BINS_CM3.items():
@@ -107,7 +111,7 @@ def result_guarantees(
         truths,
         [r.mask for r in results],
         [r.is_anomalous for r in results],
-        [r.p_value if np.isfinite(r.p_value) else 1.0 for r in results],
+        [r.p_value for r in results],  # NaN without calibration nulls: no p-value AUROC
         top_k,
         [float(abs(np.linalg.det(np.asarray(r.volume.affine)[:3, :3]))) for r in results],
         results[0].alpha,

@@ -50,9 +50,16 @@ COLUMN_DESCRIPTIONS: dict[str, dict[str, Any]] = {
     },
     "alpha": {"Description": "significance level of the decision (threshold.alpha)"},
     "is_anomalous": {
-        "Description": "the model's decision: p_value <= alpha (a model without calibration nulls: volume_score "
-        "above its volume threshold)",
+        "Description": "the model's decision, made by decision_rule",
         "Levels": {"True": "flagged anomalous", "False": "normal"},
+    },
+    "decision_rule": {
+        "Description": "the rule that decided is_anomalous",
+        "Levels": {
+            "p_value <= alpha": "calibrated: a healthy scan is flagged with probability at most alpha",
+            "volume_score > volume_threshold (uncalibrated)": "too few calibration normals for alpha (or a "
+            "model without calibration nulls): no stated error rate",
+        },
     },
     "scan_statistic": {"Description": "what volume_score is: largest_cluster_mass or top_k_mean"},
     "n_calibration": {"Description": "number of normal scans the p-values were calibrated on"},
@@ -149,6 +156,7 @@ def write_sidecar(path: Path, row: Mapping[str, Any], model_uri: str, sources: l
         "PValue": _json_number(row["p_value"]),
         "Alpha": _json_number(row["alpha"]),
         "IsAnomalous": bool(row["is_anomalous"]),
+        "DecisionRule": row["decision_rule"],
         "NCalibrationScans": row["n_calibration"],
         "MaskRule": row["mask_rule"],
         "VoxelThreshold": row["voxel_threshold"],

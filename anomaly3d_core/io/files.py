@@ -73,6 +73,9 @@ def find_loader(path: str | Path, name: str = "auto", registry: Any = None) -> A
 
 MIN_VOXEL_MM = 0.01  # a smaller voxel is a broken header (or wrong units), not a scan
 MAX_INTENSITY = 1e12  # far beyond any scanner's values; their sums overflow 32-bit floats (3.4e38)
+#: the other end: far below any scanner's values (ADC in m²/s is ~1e-9); squares of values under ~1e-19
+#: underflow 32-bit floats (smallest normal 1.2e-38), so spreads and normalisation lose their meaning
+MIN_INTENSITY = 1e-15
 
 
 def check_volume(volume: Volume, allow_constant: bool = False) -> Volume:
@@ -106,8 +109,8 @@ def check_volume(volume: Volume, allow_constant: bool = False) -> Volume:
             f"intensities reach {max(abs(lo), abs(hi)):.3g}, beyond {MAX_INTENSITY:g}: at the edge of 32-bit "
             "floating point, where resampling and normalisation overflow; rescale the scan's intensities",
         )
-    if lo == hi and not allow_constant:
-        raise DataError(volume.path, f"constant volume (every voxel is {lo:g}); nothing to analyse")
+    if not allow_constant:
+        _check_contrast(volume.path, arr, lo, hi)
     if not np.all(np.isfinite(volume.affine)) or abs(np.linalg.det(volume.affine[:3, :3])) < 1e-12:
         raise DataError(volume.path, "affine is singular or not finite; the file's geometry is broken")
     spacing = np.sqrt((np.asarray(volume.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
@@ -119,6 +122,27 @@ def check_volume(volume: Volume, allow_constant: bool = False) -> Volume:
         )
     volume.array = arr
     return volume
+
+
+def _check_contrast(path: Any, arr: np.ndarray, lo: float, hi: float) -> None:
+    """Refuse a scan without tissue contrast to analyse: constant, a constant foreground on a constant
+    background (two intensities), or intensities so small that normalisation underflows."""
+    if lo == hi:
+        raise DataError(path, f"constant volume (every voxel is {lo:g}); nothing to analyse")
+    peak = max(abs(lo), abs(hi))
+    if peak < MIN_INTENSITY:
+        raise DataError(
+            path,
+            f"intensities reach at most {peak:.3g}, below {MIN_INTENSITY:g}: so small that normalisation is "
+            "meaningless (their squares underflow 32-bit floating point); rescale the scan's intensities",
+        )
+    if np.all((arr == lo) | (arr == hi)):
+        what = (
+            f"constant foreground intensity (every non-zero voxel is {hi if lo == 0 else lo:g})"
+            if 0.0 in (lo, hi)
+            else f"only two intensities ({lo:g} and {hi:g})"
+        )
+        raise DataError(path, f"{what}: no tissue contrast (a mask, not a scan?); nothing to analyse")
 
 
 def load_volume(

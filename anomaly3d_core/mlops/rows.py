@@ -176,7 +176,7 @@ def score_row(row: dict[str, Any], index: int, detector: Detector, inline: bool 
             "score_map": encode_nifti(result.score_map, volume.affine),
             "p_map": "" if inline or result.p_map is None else encode_nifti(result.p_map, volume.affine),
             "mask": "" if inline else encode_nifti(result.mask.astype("float32"), volume.affine),
-            "lesion_table": "" if inline or result.p_map is None else lesion_tsv(result.lesions),
+            "lesion_table": "" if result.p_map is None else lesion_tsv(result.lesions),
         }
     cells = {
         **as_response(result_row(result, files)),
@@ -190,14 +190,15 @@ def score_row(row: dict[str, Any], index: int, detector: Detector, inline: bool 
 
 
 def failed_row(row: dict[str, Any], index: int, reason: str) -> dict[str, Any]:
-    """The response row of a row that could not be scored: its own error, no numbers."""
+    """The response row of a row that could not be scored: its own error, no numbers and no decision
+    (``is_anomalous`` null, never "normal"; the counts 0)."""
     name = text(row.get("path")) or text(row.get("subject")) or f"row {index}"
     return {
         **dict.fromkeys(RESPONSE_COLUMNS, math.nan),
         **dict.fromkeys(STRING_COLUMNS, ""),
         "file": name,
-        "is_anomalous": False,
-        "n_calibration": 0,
+        "is_anomalous": None,
+        "n_calibration": 0,  # long columns (MLflow's Spark UDF casts them): 0, not null
         "n_lesions": 0,
         "error": reason,
     }

@@ -17,15 +17,22 @@ from anomaly3d_core.scores import SCORES_COLUMNS
 
 REQUEST_COLUMNS = ("volume", "path", "format", "out_dir")
 RESPONSE_COLUMNS = (*SCORES_COLUMNS, "seconds", "error")  # error: "" when the row was scored
-#: a request of base64 scans
+#: a request of base64 scans: the decision and how it was made, the score map (base64 ``.nii.gz``) and
+#: the lesion table (the TSV's text; empty for a model without calibration nulls)
 INLINE_COLUMNS = (
     "volume_score",
     "volume_threshold",
     "p_value",
     "alpha",
     "is_anomalous",
+    "decision_rule",
+    "scan_statistic",
+    "n_calibration",
+    "mask_rule",
     "voxel_threshold",
+    "n_lesions",
     "score_map",
+    "lesion_table",
 )
 STRING_COLUMNS = (
     "file",
@@ -33,6 +40,7 @@ STRING_COLUMNS = (
     "session",
     "scan_statistic",
     "mask_rule",
+    "decision_rule",
     "score_map",
     "p_map",
     "mask",

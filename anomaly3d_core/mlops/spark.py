@@ -32,6 +32,7 @@ from anomaly3d_core.runner import ScoredBatch, record_rows
 from anomaly3d_core.scores import FILE_COLUMNS, as_csv_cells
 
 TABLE_SUFFIXES = (".csv", ".parquet")
+NULLED_WHEN_FAILED = ("is_anomalous", "n_calibration", "n_lesions")
 INSTALL_HINT = "pip install 'anomaly3d[spark]' (pyspark, and Java 17 or newer on the PATH or in JAVA_HOME)"
 
 
@@ -112,7 +113,17 @@ def score_dataframe(spark: Any, model_uri: str, df: Any) -> Any:
         df, inputs = df.withColumn("out_dir", lit(None).cast("string")), [*inputs, "out_dir"]
     kept = [c for c in df.columns if c not in RESPONSE_COLUMNS and c != "_anomaly3d"]
     scored = df.withColumn("_anomaly3d", udf(struct(*inputs)))
-    return scored.select(*kept, *[col(f"_anomaly3d.{c}").alias(c) for c in RESPONSE_COLUMNS])
+    failed = col("_anomaly3d.error") != ""
+    return scored.select(*kept, *[_result_column(c, failed) for c in RESPONSE_COLUMNS])
+
+
+def _result_column(name: str, failed: Any) -> Any:
+    """A response column; a failed row's decision and counts null (MLflow's UDF casts a null boolean to
+    false and a null long to an error, so the model answers false and 0, and they are nulled here)."""
+    from pyspark.sql.functions import col, when
+
+    value = col(f"_anomaly3d.{name}")
+    return (when(~failed, value) if name in NULLED_WHEN_FAILED else value).alias(name)
 
 
 def model_sequences(model_uri: str) -> list[str]:

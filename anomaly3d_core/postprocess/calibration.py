@@ -20,8 +20,11 @@ normals, or the held-out folds of a cross-fit), and nothing else:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +72,39 @@ def calibration_warning(n: int, alpha: float) -> str | None:
         f"threshold, no stated error rate); use at least {need} held-out normal scans (anomaly3d fit "
         "--calibration DIR, or detector.calibrate(scans)) or a larger alpha"
     )
+
+
+#: Inside :func:`last_calibration_warns`: the warning (or ``None``) of each calibration so far.
+_HELD: ContextVar[list[str | None] | None] = ContextVar("anomaly3d_held_calibration_warnings", default=None)
+
+
+def warn_calibration(n: int, alpha: float) -> None:
+    """Log :func:`calibration_warning` of a calibration on ``n`` scans, or hold it inside
+    :func:`last_calibration_warns` (where a later calibration replaces it)."""
+    warning = calibration_warning(n, alpha)
+    held = _HELD.get()
+    if held is not None:
+        held.append(warning)
+    elif warning:
+        log.warning(warning)
+
+
+@contextlib.contextmanager
+def last_calibration_warns() -> Iterator[None]:
+    """Within the block (a fit that calibrates on its validation split, then on ``--calibration``, or
+    a cross-fit, or an ensemble's members), only the last calibration's warning is logged, once, at
+    the end: the calibration set actually used. Nested blocks defer to the outermost."""
+    if _HELD.get() is not None:
+        yield
+        return
+    token = _HELD.set([])
+    try:
+        yield
+        held = _HELD.get() or [None]
+    finally:
+        _HELD.reset(token)
+    if held[-1]:
+        log.warning(held[-1])
 
 
 def conformal_p(statistic: float, null: np.ndarray) -> float:

@@ -99,13 +99,16 @@ def lesion_tsv(rows: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(LESION_COLUMNS), delimiter="\t", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _cell(v) for k, v in row.items()})
+        writer.writerow({k: _cell(k, v) for k, v in row.items()})
     return buf.getvalue()
 
 
-def _cell(value: Any) -> Any:
+def _cell(key: str, value: Any) -> Any:
+    """p-values with 4 significant digits (a tiny one never prints as 0), other numbers to 6 decimals."""
     if isinstance(value, float):
-        return round(value, 6) if math.isfinite(value) else "n/a"
+        if not math.isfinite(value):
+            return "n/a"
+        return f"{value:.4g}" if key.endswith("_p") else round(value, 6)
     return value
 
 

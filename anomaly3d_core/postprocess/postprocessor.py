@@ -24,12 +24,18 @@ from anomaly3d_core.postprocess import thresholding
 from anomaly3d_core.postprocess.calibration import (
     SCAN_STATISTICS,
     CalibrationNull,
-    calibration_warning,
     conformal_p,
     min_calibration_scans,
     require_finite,
+    warn_calibration,
 )
-from anomaly3d_core.postprocess.verdict import Verdict, calibrated_verdict, conformal_threshold
+from anomaly3d_core.postprocess.verdict import (
+    CALIBRATED_RULE,
+    UNCALIBRATED_RULE,
+    Verdict,
+    calibrated_verdict,
+    conformal_threshold,
+)
 
 STATE_FILE, NORMATIVE_FILE, CALIBRATION_FILE = "state.json", "normative.npz", "calibration.npz"
 log = logging.getLogger(__name__)
@@ -156,10 +162,51 @@ class PostProcessor:
     @property
     def scan_threshold(self) -> float:
         """The volume score above which a scan is flagged: conformal at ``alpha``, or the legacy threshold."""
-        null: CalibrationNull | None = getattr(self, "null_", None)
-        if null is None or self.n_calibration < min_calibration_scans(self.config.alpha):
+        if not self.decisions_calibrated:
             return self.volume_threshold_
-        return conformal_threshold(null.null_stats_[self.config.scan_statistic], self.config.alpha)
+        return conformal_threshold(self.null_.null_stats_[self.config.scan_statistic], self.config.alpha)
+
+    @property
+    def decisions_calibrated(self) -> bool:
+        """Whether scans are decided by their conformal p-value: calibration nulls of enough normals for ``alpha``."""
+        return getattr(self, "null_", None) is not None and self.n_calibration >= min_calibration_scans(
+            self.config.alpha
+        )
+
+    @property
+    def decision_rule(self) -> str:
+        """The rule that decides ``is_anomalous`` (:data:`.verdict.CALIBRATED_RULE` or ``UNCALIBRATED_RULE``)."""
+        return CALIBRATED_RULE if self.decisions_calibrated else UNCALIBRATED_RULE
+
+    @property
+    def mask_rule(self) -> str:
+        """The mask rule in force: ``threshold.mask_rule``, except that uncalibrated decisions replace the
+        cluster mask (its p-values cannot reach ``alpha`` either) and, without nulls, any rule by ``threshold``."""
+        if self.decisions_calibrated:
+            return self.config.mask_rule
+        if getattr(self, "null_", None) is None or self.config.mask_rule == "cluster":
+            return "threshold"
+        return self.config.mask_rule  # BH needs only the pooled voxel null
+
+    @property
+    def scan_statistic(self) -> str:
+        """What ``volume_score`` is: ``threshold.scan_statistic``, or ``top_k_mean`` for uncalibrated decisions."""
+        return self.config.scan_statistic if self.decisions_calibrated else "top_k_mean"
+
+    def rule_summary(self) -> str:
+        """One line saying how many normals calibrated the model and the scan and mask rules in force."""
+        alpha, n = self.config.alpha, self.n_calibration
+        rule = f"{self.scan_statistic} > {self.scan_threshold:.4g}"
+        if self.decisions_calibrated:
+            return (
+                f"calibrated on {n} normal scan(s): a scan is flagged when its p-value <= alpha {alpha:g} "
+                f"({rule}); mask: {self.mask_rule}"
+            )
+        return (
+            f"calibrated on {n} normal scan(s), too few for alpha {alpha:g} (at least "
+            f"{min_calibration_scans(alpha)} needed): a scan is flagged when {rule} (uncalibrated volume "
+            f"threshold, no stated error rate); mask: {self.mask_rule}"
+        )
 
     @property
     def n_calibration(self) -> int:
@@ -205,18 +252,15 @@ class PostProcessor:
                 threshold, legacy_mask, top_k, self.volume_threshold_, legacy_anomalous, "top_k_mean"
             )
         bands = depth_band(foreground, spacing)
-        if self.n_calibration >= min_calibration_scans(self.config.alpha):
+        if self.decisions_calibrated:
             return calibrated_verdict(
                 null, self.config, scores, foreground, bands, spacing, threshold, legacy_mask
             )
         # too few calibration normals for alpha (fit warned): p-values are reported, but the scan
-        # decision is the uncalibrated threshold's and a cluster mask (whose p-values could not reach
-        # alpha either) the threshold mask, with no stated error rate (mask_rule says so); BH needs
-        # only the pooled voxel null and stays
-        rule = "threshold" if self.config.mask_rule == "cluster" else self.config.mask_rule
+        # decision is the uncalibrated threshold's, and the mask :attr:`mask_rule`'s
         v = calibrated_verdict(
             null,
-            self.config.model_copy(update={"mask_rule": rule}),
+            self.config.model_copy(update={"mask_rule": self.mask_rule}),
             scores,
             foreground,
             bands,
@@ -226,7 +270,7 @@ class PostProcessor:
         )
         v.volume_score, v.volume_threshold, v.scan_statistic = top_k, self.volume_threshold_, "top_k_mean"
         v.p_value = conformal_p(top_k, null.null_stats_["top_k_mean"])
-        v.is_anomalous = legacy_anomalous
+        v.is_anomalous, v.decision_rule = legacy_anomalous, UNCALIBRATED_RULE
         return v
 
     # ------------------------------------------------------------------ persistence
@@ -291,9 +335,7 @@ def fit_null(
     bands = [depth_band(fg, sp) for fg, sp in zip(foregrounds, spacings, strict=True)]
     null = CalibrationNull(config.cluster_forming_p, config.volume.top_k_fraction)
     null.fit(maps, foregrounds, bands, spacings)
-    warning = calibration_warning(len(maps), config.alpha)
-    if warning:
-        log.warning(warning)
+    warn_calibration(len(maps), config.alpha)
     return null
 
 

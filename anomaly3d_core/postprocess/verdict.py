@@ -11,15 +11,20 @@ from scipy import ndimage
 from anomaly3d_core.config import ThresholdConfig
 from anomaly3d_core.postprocess.calibration import CalibrationNull, Clusters, bh_mask, conformal_p, top_k_mean
 
+#: The two rules that decide ``is_anomalous``, as every result row names them (``decision_rule``).
+CALIBRATED_RULE = "p_value <= alpha"
+UNCALIBRATED_RULE = "volume_score > volume_threshold (uncalibrated)"
+
 
 @dataclass
 class Verdict:
     """Everything decided about one scan on the working grid.
 
-    ``volume_score`` is the scan statistic named by ``scan_statistic``; ``is_anomalous`` is
-    ``p_value <= alpha``, the same as ``volume_score > volume_threshold``. ``voxel_threshold`` is the
-    calibrated score threshold of the ``threshold`` mask rule, whatever rule made ``mask``. Models
-    saved before calibration nulls give ``p_value`` NaN and the legacy volume-threshold decision.
+    ``volume_score`` is the scan statistic named by ``scan_statistic``; ``decision_rule`` says what
+    decided ``is_anomalous``: :data:`CALIBRATED_RULE` (``p_value <= alpha``, the same as ``volume_score >
+    volume_threshold``) or, for a model saved before calibration nulls (``p_value`` NaN) or calibrated on
+    too few normals for ``alpha``, :data:`UNCALIBRATED_RULE`. ``voxel_threshold`` is the calibrated
+    score threshold of the ``threshold`` mask rule, whatever rule made ``mask``.
     """
 
     voxel_threshold: float
@@ -35,6 +40,7 @@ class Verdict:
     p_map: np.ndarray | None = None
     labels: np.ndarray | None = None  # the mask's clusters (0 = none), numbered from 1
     cluster_p: np.ndarray | None = None  # per label (index label - 1); NaN unless mask_rule is cluster
+    decision_rule: str = UNCALIBRATED_RULE
 
     @property
     def error_rate(self) -> str:
@@ -98,4 +104,5 @@ def calibrated_verdict(
         p_map,
         labels,
         cluster_p,
+        CALIBRATED_RULE,
     )

@@ -30,6 +30,28 @@ METRIC_HELP = {
     "volume_auroc": "scan-level ROC AUC of the scan scores (lesion or not)",
     "volume_accuracy": "share of scans whose decision (score above the scan threshold) matches the truth",
     "volume_f1": "F1 of the scan decisions, lesion scans as positives",
+    # the measured guarantees (README, Decisions with stated error rates: The guarantees measured)
+    "guarantee_alpha": "the level alpha of the scan decisions and the cluster mask (threshold.alpha)",
+    "guarantee_n_normal_scans": "scans without any lesion voxel, on which the false-alarm figures are measured",
+    "guarantee_n_lesioned_scans": "scans with lesion voxels, on which power and FDR are measured",
+    "guarantee_normal_flagged_fraction": "share of normal scans flagged, with its Clopper-Pearson 95 % interval: "
+    "alpha promises at most alpha (on average over calibration sets) when decision_rule is p_value <= alpha",
+    "guarantee_lesioned_flagged_fraction": "share of lesioned scans flagged (power at alpha; no promise)",
+    "guarantee_voxel_fdr_lesioned": "mean over lesioned scans of false voxels / flagged voxels of the mask "
+    "(Benjamini-Hochberg's mask_rule fdr promises at most q)",
+    "guarantee_fp_clusters_per_normal_scan": "flagged clusters per normal scan (all are false)",
+    "guarantee_normal_scans_with_fp_cluster": "share of normal scans with any flagged cluster (mask_rule "
+    "cluster promises at most alpha: family-wise)",
+    "guarantee_fp_clusters_per_lesioned_scan": "flagged clusters touching no lesion, per lesioned scan",
+    "guarantee_lesion_sensitivity_lt0.5_cm3": "share of true lesions under 0.5 cm3 touched by the mask",
+    "guarantee_lesion_sensitivity_0.5to5_cm3": "share of true lesions of 0.5-5 cm3 touched by the mask",
+    "guarantee_lesion_sensitivity_gt5_cm3": "share of true lesions over 5 cm3 touched by the mask",
+    "guarantee_n_lesions_lt0.5_cm3": "true lesions under 0.5 cm3 (26-connected components)",
+    "guarantee_n_lesions_0.5to5_cm3": "true lesions of 0.5-5 cm3",
+    "guarantee_n_lesions_gt5_cm3": "true lesions over 5 cm3",
+    "guarantee_scan_auroc_p_value": "scan ROC AUC of the p-value (smaller is more anomalous); n/a: not "
+    "calibrated (a model saved before calibration nulls has no p-values)",
+    "guarantee_scan_auroc_top_k_mean": "scan ROC AUC of the top-1 % mean voxel score (the reference)",
 }
 SIZE_BINS_ML = (0.0, 0.5, 2.0, 10.0, float("inf"))
 
