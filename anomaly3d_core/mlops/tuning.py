@@ -265,7 +265,7 @@ def run_tuning(config: PipelineConfig, args: TuneRequest) -> int:
         list_items(args.val, channels).items if args.val else None,
         Path(args.val_masks) if args.val_masks else None,
         config.training.seed,
-        AnomalyDetectionPipeline(config).read,
+        AnomalyDetectionPipeline(config).read_aligned,
     )
     trials = trials_dir(out, args.study_name)
     name = set_name(data_folder(args.train))
