@@ -88,7 +88,9 @@ class AnomalyDetectionPipeline(Detector):
         self.config = build_config(merge_trees(tree, seed), registry=registry)
         self.registry = registry
         self.device = resolve_device(device or self.config.training.device)
-        self.preprocessor = Preprocessor(self.config.data.preprocessing, registry, self.config.data.coregister)
+        self.preprocessor = Preprocessor(
+            self.config.data.preprocessing, registry, self.config.data.coregister
+        )
 
     # ---------------------------------------------------------------- building
     def _registry(self) -> Any:
@@ -108,7 +110,6 @@ class AnomalyDetectionPipeline(Detector):
     def read(self, item: str | Path | Subject | Mapping[str, Any]) -> Volume:
         """Read one scan (a file) or one subject's sequences (each on its own grid: the first preprocessing
         step, ``coregister``, puts them on the reference grid; :meth:`read_aligned` does it here)."""
-        data = self.config.data
         if isinstance(item, Subject | Mapping):
             if not self.channels:
                 raise DataError(

@@ -177,7 +177,9 @@ def test_coregistration_is_the_first_step_of_the_chain() -> None:
     assert Preprocessor.invert(np.ones(prep.shape, np.float32), prep.record).shape == t1.shape
     # a scan on one grid passes with an empty record; data.coregister is part of the cache key
     assert Preprocessor(PreprocessingConfig(target_spacing=None))(ref).record.steps[0]["record"] == {}
-    keys = [AnomalyDetectionPipeline({**SEQS, "data": {**SEQS["data"], "coregister": c}}) for c in (True, "auto")]
+    keys = [
+        AnomalyDetectionPipeline({**SEQS, "data": {**SEQS["data"], "coregister": c}}) for c in (True, "auto")
+    ]
     assert keys[0].preprocessor.key()[0]["args"] == {"coregister": True}
     assert keys[0].preprocessor.key() != keys[1].preprocessor.key()
     aligned = keys[0].read_aligned({"T1w": ref, "FLAIR": other})

@@ -106,7 +106,9 @@ def _flat(record: PreprocessRecord) -> dict:
 def test_a_record_of_before_the_chain_still_inverts_bit_for_bit(reorient):
     prep = Preprocessor(PreprocessingConfig(reorient=reorient))(_volume(seed=7))
     old = PreprocessRecord.from_dict(json.loads(json.dumps(_flat(prep.record))))
-    assert [e["name"] for e in old.steps] == BUILTIN[1:]  # no co-registration entry: it inverts as the identity
+    assert [e["name"] for e in old.steps] == BUILTIN[
+        1:
+    ]  # no co-registration entry: it inverts as the identity
     scores = np.random.default_rng(0).random(prep.shape).astype(np.float32)
     for order in (0, 1):
         np.testing.assert_array_equal(

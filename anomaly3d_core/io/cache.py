@@ -27,7 +27,7 @@ from anomaly3d_core.io.subjects import Subject, as_subject
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.preprocess.preprocessing import Prepared, PreprocessRecord
 
-VERSION = "5"  # 5: co-registration a step of the chain; 4: keyed by the chain; 3: multi-resolution registration
+VERSION = "5"  # 5: co-registration in the chain; 4: keyed by the chain; 3: multi-resolution registration
 DEFAULT_MAX_MB = 4096
 
 

@@ -202,6 +202,8 @@ def align(volume: Volume, coregister: bool | str = "auto") -> tuple[Volume, dict
     if not isinstance(volume, SubjectScans):
         return volume, {}
     names = list(volume.sequences)
-    stacked = stack_sequences(volume.sequences, names, coregister, str(volume.meta.get("subject", volume.path)))
+    stacked = stack_sequences(
+        volume.sequences, names, coregister, str(volume.meta.get("subject", volume.path))
+    )
     stacked.path = volume.path
     return stacked, stacked.meta["coregistration"]
