@@ -20,9 +20,10 @@ def main(before: Path, after: Path) -> float:
     for kind in ("tpl", "nat", "ms"):
         if not all((d / f"{kind}_scores").is_dir() for d in (before, after)):
             continue
-        for f in sorted((before / f"{kind}_scores").glob("*.nii.gz")):
+        root = before / f"{kind}_scores"
+        for f in sorted(root.rglob("*.nii.gz")):  # several sequences: a BIDS-Derivatives tree
             x = np.asarray(nib.load(f).dataobj, dtype=np.float64)
-            y = np.asarray(nib.load(after / f"{kind}_scores" / f.name).dataobj, dtype=np.float64)
+            y = np.asarray(nib.load(after / f"{kind}_scores" / f.relative_to(root)).dataobj, dtype=np.float64)
             worst = max(worst, float(np.max(np.abs(x - y))) if x.shape == y.shape else float("inf"))
             n += 1
         rows = [
