@@ -35,7 +35,7 @@ from anomaly3d_core.engine import Engine
 from anomaly3d_core.errors import ConfigError, DataError, did_you_mean
 from anomaly3d_core.evaluator import find_mask
 from anomaly3d_core.io.data import list_items
-from anomaly3d_core.io.files import atomic_write, load_volume, replace_tree
+from anomaly3d_core.io.files import atomic_write, load_volume, replace_tree, write_lock
 from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.mlops.models import log_model, parse_register
 from anomaly3d_core.mlops.naming import data_folder, set_name
@@ -367,6 +367,22 @@ def write_best(
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not finished:
         raise ConfigError(f"study '{study_name}' has no finished trial yet; nothing to write")
+    # Two workers that finish together may both be the last: the second waits for the first's write
+    # (its lock on best_model would otherwise refuse it at once) and then finds it done.
+    with write_lock(out / "best.json", "study's best", blocking=True):
+        return _write_best(study, base, config, study_name, out, metric, register)
+
+
+def _write_best(
+    study: optuna.Study,
+    base: dict[str, Any],
+    config: PipelineConfig,
+    study_name: str,
+    out: Path,
+    metric: str,
+    register: tuple[str, str] | None,
+) -> optuna.trial.FrozenTrial:
+    """:func:`write_best` under its lock."""
     best = study.best_trial
     record = {"study": study_name, "trial": best.number, "value": best.value, "metric": metric}
     marker = out / "best.json"
