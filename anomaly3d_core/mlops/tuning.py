@@ -370,41 +370,28 @@ def write_best(
     # Two workers that finish together may both be the last: the second waits for the first's write
     # (its lock on best_model would otherwise refuse it at once) and then finds it done.
     with write_lock(out / "best.json", "study's best", blocking=True):
-        return _write_best(study, base, config, study_name, out, metric, register)
-
-
-def _write_best(
-    study: optuna.Study,
-    base: dict[str, Any],
-    config: PipelineConfig,
-    study_name: str,
-    out: Path,
-    metric: str,
-    register: tuple[str, str] | None,
-) -> optuna.trial.FrozenTrial:
-    """:func:`write_best` under its lock."""
-    best = study.best_trial
-    record = {"study": study_name, "trial": best.number, "value": best.value, "metric": metric}
-    marker = out / "best.json"
-    try:
-        if json.loads(marker.read_text()) == record and (out / "best_model" / "MLmodel").is_file():
-            return best  # already written for this very trial
-    except (OSError, ValueError):
-        pass
-    best_cfg = build_config(
-        apply_overrides(
-            copy.deepcopy(base), [f"{k}={json.dumps(v)}" for k, v in _decoded(best.params).items()]
+        best = study.best_trial
+        record = {"study": study_name, "trial": best.number, "value": best.value, "metric": metric}
+        marker = out / "best.json"
+        try:
+            if json.loads(marker.read_text()) == record and (out / "best_model" / "MLmodel").is_file():
+                return best  # already written for this very trial
+        except (OSError, ValueError):
+            pass
+        best_cfg = build_config(
+            apply_overrides(
+                copy.deepcopy(base), [f"{k}={json.dumps(v)}" for k, v in _decoded(best.params).items()]
+            )
         )
-    )
-    atomic_write(out / "best_config.yaml", lambda tmp: Path(tmp).write_text(best_cfg.to_yaml()))
-    log_metrics({metric: best.value, "best_trial": best.number})
-    model_dir = trials_dir(out, study_name) / f"{best.number:04d}"
-    if model_dir.is_dir():
-        replace_tree(out / "best_model", lambda new: shutil.copytree(model_dir, new), "best model")
-        if config.tracking.enabled:
-            log_model(AnomalyDetectionPipeline.load(model_dir), register)
-    atomic_write(marker, lambda tmp: Path(tmp).write_text(json.dumps(record)))
-    return best
+        atomic_write(out / "best_config.yaml", lambda tmp: Path(tmp).write_text(best_cfg.to_yaml()))
+        log_metrics({metric: best.value, "best_trial": best.number})
+        model_dir = trials_dir(out, study_name) / f"{best.number:04d}"
+        if model_dir.is_dir():
+            replace_tree(out / "best_model", lambda new: shutil.copytree(model_dir, new), "best model")
+            if config.tracking.enabled:
+                log_model(AnomalyDetectionPipeline.load(model_dir), register)
+        atomic_write(marker, lambda tmp: Path(tmp).write_text(json.dumps(record)))
+        return best
 
 
 def _decoded(params: Mapping[str, Any]) -> dict[str, Any]:
