@@ -4,6 +4,8 @@
 # their fixed seeds and score their test scans, with the code found first on PYTHONPATH (a checkout
 # of the code before or after a change). Compare two runs with experiments/compare_scores.py.
 #   experiments/bit_identity.sh OUT_DIR [CODE_ROOT]      (data is made once in $DATA, default /tmp/anomaly3d_bitid_data)
+# Run it from outside any checkout (e.g. from CODE_ROOT itself): `python -m` puts the current folder
+# ahead of PYTHONPATH, so a run started inside another checkout would test that checkout's code.
 set -e
 OUT=$1; ROOT=${2:-}
 HERE=$(cd "$(dirname "$0")" && pwd)
