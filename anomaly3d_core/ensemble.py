@@ -46,6 +46,7 @@ from anomaly3d_core.postprocess.calibration import last_calibration_warns
 from anomaly3d_core.postprocess.native import native_prepared, to_native
 from anomaly3d_core.postprocess.postprocessor import PostProcessor
 from anomaly3d_core.preprocess.preprocessing import Prepared
+from anomaly3d_core.preprocess.sequences import align
 
 ENSEMBLE_FILE = "ensemble.json"
 
@@ -197,8 +198,10 @@ class EnsemblePipeline(Detector):
             member.set_reading(overrides)
 
     def prepare(self, item: VolumeLike) -> Prepared:
-        """The ensemble works on the input's own grid; each member prepares the scan its own way."""
+        """The ensemble works on the input's own grid (a subject's sequences on the reference grid);
+        each member prepares the scan its own way."""
         volume = self.read(item) if isinstance(item, str | Path | Subject | Mapping) else as_volume(item)
+        volume, _ = align(volume, self.members[0].config.data.coregister)
         return native_prepared(volume, self.foreground_method)
 
     def score_prepared(self, prep: Prepared) -> np.ndarray:

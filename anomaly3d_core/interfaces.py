@@ -345,7 +345,8 @@ class StepState:
     """What flows through the preprocessing chain: one scan on its current grid.
 
     ``array`` is ``(X, Y, Z)`` float32, or channel-last ``(X, Y, Z, C)`` for a subject's sequences;
-    ``affine`` maps its voxels to RAS+ millimetres; ``volume`` is the input as read. ``mask`` is an
+    ``affine`` maps its voxels to RAS+ millimetres; ``volume`` is the input as read (from the
+    ``coregister`` step on, a subject's sequences stacked on the reference grid). ``mask`` is an
     optional label map carried along on the same grid (nearest neighbour); ``foreground`` is set by
     the ``foreground`` step; ``space`` names the template the grid belongs to after registration
     (``None``: the scan's own space). ``records`` holds one entry per step run so far.

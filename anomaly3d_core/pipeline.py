@@ -45,7 +45,7 @@ from anomaly3d_core.postprocess.calibration import last_calibration_warns
 from anomaly3d_core.postprocess.postprocessor import STATE_FILE, PostProcessor
 from anomaly3d_core.preprocess.augmentation import augment_from_config
 from anomaly3d_core.preprocess.preprocessing import Prepared, Preprocessor
-from anomaly3d_core.preprocess.sequences import read_subject
+from anomaly3d_core.preprocess.sequences import align, read_subject
 from anomaly3d_core.registry import get_registry
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,9 @@ class AnomalyDetectionPipeline(Detector):
         self.config = build_config(merge_trees(tree, seed), registry=registry)
         self.registry = registry
         self.device = resolve_device(device or self.config.training.device)
-        self.preprocessor = Preprocessor(self.config.data.preprocessing, registry)
+        self.preprocessor = Preprocessor(
+            self.config.data.preprocessing, registry, self.config.data.coregister
+        )
 
     # ---------------------------------------------------------------- building
     def _registry(self) -> Any:
@@ -107,8 +109,8 @@ class AnomalyDetectionPipeline(Detector):
         return self.config.data.channels
 
     def read(self, item: str | Path | Subject | Mapping[str, Any]) -> Volume:
-        """Read one scan (a file) or one subject's sequences (put on one grid) with this pipeline's settings."""
-        data = self.config.data
+        """Read one scan (a file) or one subject's sequences (each on its own grid: the first preprocessing
+        step, ``coregister``, puts them on the reference grid; :meth:`read_aligned` does it here)."""
         if isinstance(item, Subject | Mapping):
             if not self.channels:
                 raise DataError(
@@ -116,7 +118,7 @@ class AnomalyDetectionPipeline(Detector):
                     "a subject with sequences needs data.sequences in the config (e.g. [T1w, FLAIR]); this model "
                     "reads one file per scan",
                 )
-            return read_subject(as_subject(item), self.channels, self._read_one, data.coregister)
+            return read_subject(as_subject(item), self.channels, self._read_one)
         if len(self.channels) > 1:
             raise DataError(
                 item,
@@ -124,6 +126,10 @@ class AnomalyDetectionPipeline(Detector):
                 f"a BIDS dataset, a subject,sequence,path manifest or {{'{self.channels[0]}': path, ...}}",
             )
         return self._read_one(item)
+
+    def read_aligned(self, item: str | Path | Subject | Mapping[str, Any]) -> Volume:
+        """:meth:`read`, a subject's sequences then co-registered onto the reference grid as preprocessing does."""
+        return align(self.read(item), self.config.data.coregister)[0]
 
     def _read_one(self, item: VolumeLike) -> Volume:
         return self.read_file(item) if isinstance(item, str | Path) else as_volume(item)

@@ -249,7 +249,7 @@ class SyntheticAnomalyDetector(AnomalyDetectionPipeline):
         self.config = config
         self.registry = registry
         self.device = resolve_device(device or config.training.device)
-        self.preprocessor = Preprocessor(config.data.preprocessing, registry)
+        self.preprocessor = Preprocessor(config.data.preprocessing, registry, config.data.coregister)
 
     def build_network(self) -> torch.nn.Module:
         """A fresh, untrained network: one input channel per sequence."""

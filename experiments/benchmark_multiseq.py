@@ -166,13 +166,13 @@ def make_method(entry: Entry) -> tuple[Callable[[list], Any], Callable[[Any, Any
     from anomaly3d_core.io.data import as_volume
     from anomaly3d_core.io.files import load_volume
     from anomaly3d_core.io.subjects import as_subject
-    from anomaly3d_core.preprocess.sequences import read_subject
+    from anomaly3d_core.preprocess.sequences import align, read_subject
 
     def on_grid(
         item: Any,
-    ) -> Any:  # the sequences co-registered onto the T1w grid, as the pipeline reads them
+    ) -> Any:  # the sequences co-registered onto the T1w grid, as the pipeline's first step puts them
         read = lambda x: load_volume(x) if isinstance(x, str | Path) else as_volume(x)  # noqa: E731
-        return read_subject(as_subject(item), sequences, read, "auto")
+        return align(read_subject(as_subject(item), sequences, read), "auto")[0]
 
     def fit_baseline(items: list) -> Any:
         return {"flair_mad": baselines.FlairMAD}[spec](**options).fit([on_grid(i) for i in items])

@@ -1,5 +1,5 @@
 """Compare two runs of experiments/bit_identity.sh: every score map and mask (max |diff|), the
-volume scores of scores.csv and the fitted weights.
+volume scores of scores.csv and the fitted weights, for each set both runs have (tpl, nat, ms).
 
     python experiments/compare_scores.py BEFORE_DIR AFTER_DIR
 """
@@ -17,10 +17,13 @@ import torch
 
 def main(before: Path, after: Path) -> float:
     worst, n = 0.0, 0
-    for kind in ("tpl", "nat"):
-        for f in sorted((before / f"{kind}_scores").glob("*.nii.gz")):
+    for kind in ("tpl", "nat", "ms"):
+        if not all((d / f"{kind}_scores").is_dir() for d in (before, after)):
+            continue
+        root = before / f"{kind}_scores"
+        for f in sorted(root.rglob("*.nii.gz")):  # several sequences: a BIDS-Derivatives tree
             x = np.asarray(nib.load(f).dataobj, dtype=np.float64)
-            y = np.asarray(nib.load(after / f"{kind}_scores" / f.name).dataobj, dtype=np.float64)
+            y = np.asarray(nib.load(after / f"{kind}_scores" / f.relative_to(root)).dataobj, dtype=np.float64)
             worst = max(worst, float(np.max(np.abs(x - y))) if x.shape == y.shape else float("inf"))
             n += 1
         rows = [

@@ -202,7 +202,9 @@ def test_other_commands_warn_once_and_work(monkeypatch, caplog, tmp_path, saved_
 
 def test_disable_switch_on_the_command_line(monkeypatch, capsys):
     _install(monkeypatch, {"pkg-misspelt-hook": BROKEN["misspelt-hook"][0], "good-pkg": GOOD})
-    monkeypatch.delenv("ANOMALY3D_DISABLE_PLUGINS", raising=False)
+    # set (empty) through monkeypatch, so what main's -p writes into os.environ is undone afterwards:
+    # a leak would turn these packages off for every later test and the subprocesses they start
+    monkeypatch.setenv("ANOMALY3D_DISABLE_PLUGINS", "")
     assert main(["-p", "no:pkg-misspelt-hook", "plugins", "-p", "no:good-pkg"]) == 0  # before or after
     out = capsys.readouterr().out
     assert "broken plugin packages" not in out and "  max " not in out

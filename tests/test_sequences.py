@@ -146,6 +146,46 @@ def test_sequences_on_the_reference_grid(tmp_path: Path) -> None:
         stack_sequences({"T1w": ref, "FLAIR": far}, ["T1w", "FLAIR"], True, "s")
 
 
+def test_coregistration_is_the_first_step_of_the_chain() -> None:
+    """Reading leaves each sequence on its own grid; the ``coregister`` step stacks them on the
+    reference grid exactly as reading did before, records each fit and inverts as the identity."""
+    from anomaly3d_core.config import PreprocessingConfig
+    from anomaly3d_core.io.subjects import as_subject
+    from anomaly3d_core.pipeline import AnomalyDetectionPipeline
+    from anomaly3d_core.preprocess.sequences import SubjectScans, read_subject
+
+    t1, flair, affine, _ = _subject(3)
+    moved = affine.copy()
+    moved[:3, 3] += [4.0, -3.0, 2.0]
+    ref, other = Volume(t1, affine, "t1"), Volume(*_thick(flair, moved), "flair")
+    scans = read_subject(as_subject({"T1w": ref, "FLAIR": other}), ["T1w", "FLAIR"], lambda v: v)
+    assert isinstance(scans, SubjectScans) and scans.channels == 2 and scans.shape == t1.shape
+    assert scans.sequences["FLAIR"] is other  # nothing resampled while reading
+    pre = Preprocessor(PreprocessingConfig(target_spacing=None), coregister=True)
+    assert pre.working_grid(scans.shape, scans.affine) == t1.shape  # the reference grid: limits unchanged
+    prep = pre(scans)
+    entry = prep.record.steps[0]
+    assert entry["name"] == "coregister" and entry["args"] == {"coregister": True}
+    fit = entry["record"]["coregistration"]["FLAIR"]
+    assert entry["record"]["sequences"] == ["T1w", "FLAIR"]
+    assert 4.0 < fit["shift_mm"] < 7.0 and len(fit["transform"]) == 9, fit
+    before = stack_sequences({"T1w": ref, "FLAIR": other}, ["T1w", "FLAIR"], True, "subject-0")
+    np.testing.assert_array_equal(prep.source.array, before.array)  # the source: sequences stacked
+    assert prep.channels == 2 and prep.source.meta["coregistration"]["FLAIR"] == fit
+    scores = np.random.default_rng(0).random(t1.shape).astype(np.float32)
+    assert pre.steps[0].invert(scores, entry["record"]) is scores  # maps are on the reference grid
+    assert Preprocessor.invert(np.ones(prep.shape, np.float32), prep.record).shape == t1.shape
+    # a scan on one grid passes with an empty record; data.coregister is part of the cache key
+    assert Preprocessor(PreprocessingConfig(target_spacing=None))(ref).record.steps[0]["record"] == {}
+    keys = [
+        AnomalyDetectionPipeline({**SEQS, "data": {**SEQS["data"], "coregister": c}}) for c in (True, "auto")
+    ]
+    assert keys[0].preprocessor.key()[0]["args"] == {"coregister": True}
+    assert keys[0].preprocessor.key() != keys[1].preprocessor.key()
+    aligned = keys[0].read_aligned({"T1w": ref, "FLAIR": other})
+    np.testing.assert_array_equal(aligned.array, before.array)
+
+
 def test_channels_normalised_each_and_moved_together() -> None:
     from anomaly3d_core.config import AugmentationConfig
     from anomaly3d_core.preprocess.augmentation import augment_from_config

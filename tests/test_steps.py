@@ -22,7 +22,7 @@ from anomaly3d_core.registry import Registry, get_plugin_manager
 from anomaly3d_core.testing import ConformanceError, check_component
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BUILTIN = ["register", "reorient", "resample", "foreground", "normalize", "crop", "pad"]
+BUILTIN = ["coregister", "register", "reorient", "resample", "foreground", "normalize", "crop", "pad"]
 
 
 def readme_step_plugin() -> types.ModuleType:
@@ -56,9 +56,9 @@ def test_chain_follows_the_config_and_extra_steps_go_after_the_step_they_name(re
         ]
     )
     chain = build_chain(cfg, registry)
-    assert [s.name for s in chain] == BUILTIN[:3] + ["clip_intensity"] * 2 + BUILTIN[3:5] + [
+    assert [s.name for s in chain] == BUILTIN[:4] + ["clip_intensity"] * 2 + BUILTIN[4:6] + [
         "clip_intensity"
-    ] + BUILTIN[5:]
+    ] + BUILTIN[6:]
     assert [s.params.upper_percentile for s in chain if s.name == "clip_intensity"] == [90, 95, 99]
     # the built-ins take their parameters from the config's keys
     pad = build_chain(PreprocessingConfig(pad_multiple=16, normalize_method="none"))[-1]
@@ -106,7 +106,9 @@ def _flat(record: PreprocessRecord) -> dict:
 def test_a_record_of_before_the_chain_still_inverts_bit_for_bit(reorient):
     prep = Preprocessor(PreprocessingConfig(reorient=reorient))(_volume(seed=7))
     old = PreprocessRecord.from_dict(json.loads(json.dumps(_flat(prep.record))))
-    assert [e["name"] for e in old.steps] == BUILTIN
+    assert [e["name"] for e in old.steps] == BUILTIN[
+        1:
+    ]  # no co-registration entry: it inverts as the identity
     scores = np.random.default_rng(0).random(prep.shape).astype(np.float32)
     for order in (0, 1):
         np.testing.assert_array_equal(
@@ -144,14 +146,14 @@ def test_the_cache_key_comes_from_the_chain(registry):
     assert key == Preprocessor(PreprocessingConfig()).key()
     assert key != Preprocessor(PreprocessingConfig(crop_margin=2)).key()
     extra = Preprocessor(PreprocessingConfig(steps=[{"type": "clip_intensity"}]), registry).key()
-    assert [k["name"] for k in extra] == BUILTIN[:3] + ["clip_intensity"] + BUILTIN[3:]
+    assert [k["name"] for k in extra] == BUILTIN[:4] + ["clip_intensity"] + BUILTIN[4:]
 
 
 def test_step_config_errors_name_the_key_and_the_choices(registry):
     steps = "data.preprocessing.steps"
     with pytest.raises(
         ConfigError,
-        match=rf"{steps}\.0\.type: unknown step 'clip_intensty'; did you mean 'clip_intensity'\?.*available: clip_intensity, crop",
+        match=rf"{steps}\.0\.type: unknown step 'clip_intensty'; did you mean 'clip_intensity'\?.*available: clip_intensity, coregister, crop",
     ):
         build_config({"data": {"preprocessing": {"steps": [{"type": "clip_intensty"}]}}}, registry=registry)
     with pytest.raises(ConfigError, match=rf"{steps}\.0\.args\.upper_percentile"):
@@ -183,7 +185,7 @@ def test_a_plugin_step_from_readme_fits_and_scores(registry, demo_dir):
     pipe.fit(list_inputs(demo_dir / "train"), show_progress=False)
     scan = list_inputs(demo_dir / "test")[0]
     prep = pipe.prepare(scan)
-    assert [e["name"] for e in prep.record.steps] == BUILTIN[:3] + ["clip_intensity"] + BUILTIN[3:]
+    assert [e["name"] for e in prep.record.steps] == BUILTIN[:4] + ["clip_intensity"] + BUILTIN[4:]
     plain = AnomalyDetectionPipeline({**FAST, "data": {"preprocessing": {"target_spacing": 4.0}}}).prepare(
         scan
     )

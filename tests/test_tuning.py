@@ -130,6 +130,51 @@ def test_two_workers_share_one_study(tmp_path, demo_dir):
     assert version.run_id in {r.info.run_id for r in writers}
 
 
+def test_a_worker_writing_the_best_waits_for_another_that_writes_it(tmp_path):
+    """Two workers that finish together may both be the last and both write the study's best: the
+    second used to meet the first's lock on ``best_model`` and fail at once (the cause of the
+    two-worker test's failure under load, when writing takes longer); now it waits its turn."""
+    import time
+
+    from anomaly3d_core.mlops.tuning import trials_dir, write_best
+
+    config = build_config({"tracking": {"enabled": False}})
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    dist = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"training.learning_rate": 0.003},
+            distributions={"training.learning_rate": dist},
+            value=0.5,
+        )
+    )
+    out = tmp_path / "out"
+    model = trials_dir(out, "s") / "0000"
+    model.mkdir(parents=True)
+    (model / "MLmodel").write_text("a model folder\n")
+    holder = (  # another worker in write_best: it holds the study's lock and best_model's, for a while
+        "import sys, time; from pathlib import Path; from anomaly3d_core.io.files import write_lock\n"
+        "out = Path(sys.argv[1])\n"
+        "with write_lock(out / 'best.json', blocking=True), write_lock(out / 'best_model'):\n"
+        "    print('held', flush=True); time.sleep(2)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        best = write_best(study, config.model_dump(mode="json"), config, "s", out, "pixel_ap")
+        waited = time.perf_counter() - t0
+    finally:
+        proc.wait(timeout=60)
+    assert best.number == 0 and waited > 1.0
+    assert (out / "best_model" / "MLmodel").is_file() and "0.003" in (out / "best_config.yaml").read_text()
+    assert yaml.safe_load((out / "best.json").read_text())["trial"] == 0
+    # once written for this trial, a later worker finds it done and leaves it as it is
+    stamp = (out / "best_model" / "MLmodel").stat().st_mtime_ns
+    write_best(study, config.model_dump(mode="json"), config, "s", out, "pixel_ap")
+    assert (out / "best_model" / "MLmodel").stat().st_mtime_ns == stamp
+
+
 def test_synthetic_anomalies_are_visible_and_found(fitted, demo_dir):
     import numpy as np
 

@@ -27,7 +27,7 @@ from anomaly3d_core.io.subjects import Subject, as_subject
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.preprocess.preprocessing import Prepared, PreprocessRecord
 
-VERSION = "4"  # 4: keyed by the preprocessing chain; 3: multi-resolution registration
+VERSION = "5"  # 5: co-registration in the chain; 4: keyed by the chain; 3: multi-resolution registration
 DEFAULT_MAX_MB = 4096
 
 
@@ -163,7 +163,7 @@ def prepared(
         "preprocessing": chain,
     }
     if isinstance(item, Subject | Mapping):
-        settings |= {"sequences": channels, "coregister": data.coregister}
+        settings |= {"sequences": channels}  # data.coregister is the chain's first step
         key = subject_key(files, settings)
     else:
         key = content_key(item, settings)

@@ -15,8 +15,10 @@ class Volume:
     ``array`` is indexed (i, j, k) as in NIfTI; ``affine`` maps voxel indices to RAS+ millimetres.
     A subject with several sequences is one volume whose array has the sequences as a last axis
     (i, j, k, c), as a 4D NIfTI does, all on the reference sequence's grid; ``meta["sequences"]``
-    names them. ``path`` is where it was read from (``None`` for in-memory data; for a subject,
-    its reference sequence's file); ``meta`` carries loader extras such as the DICOM series UID.
+    names them (as read, before the ``coregister`` preprocessing step, each sequence is still on
+    its own grid: a :class:`~anomaly3d_core.preprocess.sequences.SubjectScans`). ``path`` is where
+    it was read from (``None`` for in-memory data; for a subject, its reference sequence's file);
+    ``meta`` carries loader extras such as the DICOM series UID.
     """
 
     array: np.ndarray

@@ -35,7 +35,7 @@ from anomaly3d_core.engine import Engine
 from anomaly3d_core.errors import ConfigError, DataError, did_you_mean
 from anomaly3d_core.evaluator import find_mask
 from anomaly3d_core.io.data import list_items
-from anomaly3d_core.io.files import atomic_write, load_volume, replace_tree
+from anomaly3d_core.io.files import atomic_write, load_volume, replace_tree, write_lock
 from anomaly3d_core.io.subjects import Subject
 from anomaly3d_core.mlops.models import log_model, parse_register
 from anomaly3d_core.mlops.naming import data_folder, set_name
@@ -265,7 +265,7 @@ def run_tuning(config: PipelineConfig, args: TuneRequest) -> int:
         list_items(args.val, channels).items if args.val else None,
         Path(args.val_masks) if args.val_masks else None,
         config.training.seed,
-        AnomalyDetectionPipeline(config).read,
+        AnomalyDetectionPipeline(config).read_aligned,
     )
     trials = trials_dir(out, args.study_name)
     name = set_name(data_folder(args.train))
@@ -367,28 +367,31 @@ def write_best(
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not finished:
         raise ConfigError(f"study '{study_name}' has no finished trial yet; nothing to write")
-    best = study.best_trial
-    record = {"study": study_name, "trial": best.number, "value": best.value, "metric": metric}
-    marker = out / "best.json"
-    try:
-        if json.loads(marker.read_text()) == record and (out / "best_model" / "MLmodel").is_file():
-            return best  # already written for this very trial
-    except (OSError, ValueError):
-        pass
-    best_cfg = build_config(
-        apply_overrides(
-            copy.deepcopy(base), [f"{k}={json.dumps(v)}" for k, v in _decoded(best.params).items()]
+    # Two workers that finish together may both be the last: the second waits for the first's write
+    # (its lock on best_model would otherwise refuse it at once) and then finds it done.
+    with write_lock(out / "best.json", "study's best", blocking=True):
+        best = study.best_trial
+        record = {"study": study_name, "trial": best.number, "value": best.value, "metric": metric}
+        marker = out / "best.json"
+        try:
+            if json.loads(marker.read_text()) == record and (out / "best_model" / "MLmodel").is_file():
+                return best  # already written for this very trial
+        except (OSError, ValueError):
+            pass
+        best_cfg = build_config(
+            apply_overrides(
+                copy.deepcopy(base), [f"{k}={json.dumps(v)}" for k, v in _decoded(best.params).items()]
+            )
         )
-    )
-    atomic_write(out / "best_config.yaml", lambda tmp: Path(tmp).write_text(best_cfg.to_yaml()))
-    log_metrics({metric: best.value, "best_trial": best.number})
-    model_dir = trials_dir(out, study_name) / f"{best.number:04d}"
-    if model_dir.is_dir():
-        replace_tree(out / "best_model", lambda new: shutil.copytree(model_dir, new), "best model")
-        if config.tracking.enabled:
-            log_model(AnomalyDetectionPipeline.load(model_dir), register)
-    atomic_write(marker, lambda tmp: Path(tmp).write_text(json.dumps(record)))
-    return best
+        atomic_write(out / "best_config.yaml", lambda tmp: Path(tmp).write_text(best_cfg.to_yaml()))
+        log_metrics({metric: best.value, "best_trial": best.number})
+        model_dir = trials_dir(out, study_name) / f"{best.number:04d}"
+        if model_dir.is_dir():
+            replace_tree(out / "best_model", lambda new: shutil.copytree(model_dir, new), "best model")
+            if config.tracking.enabled:
+                log_model(AnomalyDetectionPipeline.load(model_dir), register)
+        atomic_write(marker, lambda tmp: Path(tmp).write_text(json.dumps(record)))
+        return best
 
 
 def _decoded(params: Mapping[str, Any]) -> dict[str, Any]:

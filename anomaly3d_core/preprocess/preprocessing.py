@@ -1,6 +1,7 @@
 """Preprocessing as a chain of invertible steps, so results map back to the input's grid.
 
-The chain, built from ``data.preprocessing`` (:func:`build_chain`): register to a template ->
+The chain, built from ``data.preprocessing`` and ``data.coregister`` (:func:`build_chain`): put a
+subject's sequences on the reference sequence's grid (co-register) -> register to a template ->
 reorient to RAS+ -> resample (spacing or shape) -> foreground mask -> normalise inside the
 foreground -> crop to the foreground (+ margin) -> pad to a multiple the network needs; plugin
 steps (``data.preprocessing.steps``) go after the built-in step they name. Each step
@@ -8,8 +9,9 @@ steps (``data.preprocessing.steps``) go after the built-in step they name. Each 
 the records backwards. The limits (:meth:`Preprocessor.working_grid`) and the cache key
 (:meth:`Preprocessor.key`) come from the same chain.
 
-A subject with several sequences (a volume with a channel axis last, see
-:mod:`~anomaly3d_core.preprocess.sequences`) goes through the same steps: registration and the
+A subject with several sequences (read each on its own grid, see
+:mod:`~anomaly3d_core.preprocess.sequences`) has them stacked on the reference grid as a channel
+axis last by the first step; the steps after it treat them alike: registration and the
 foreground come from the reference sequence, every sequence is normalised on its own, and the
 prepared array has the channels first, ``(C, X, Y, Z)``, as the network takes them.
 """
@@ -29,6 +31,7 @@ from anomaly3d_core.preprocess.ops import foreground_mask, normalize, resize, re
 from anomaly3d_core.preprocess.record import PreprocessRecord
 from anomaly3d_core.preprocess.steps import (
     BUILTIN_STEPS,
+    Coregister,
     Crop,
     Foreground,
     Normalize,
@@ -84,11 +87,15 @@ def _registry(registry: Any) -> Any:
     return registry
 
 
-def build_chain(config: PreprocessingConfig, registry: Any = None) -> list[PreprocessingStep]:
+def build_chain(
+    config: PreprocessingConfig, registry: Any = None, coregister: bool | str = "auto"
+) -> list[PreprocessingStep]:
     """The steps ``config`` asks for, in order: the built-ins, each followed by the extra steps that
-    name it in ``after`` (looked up in the ``steps`` family of ``registry``)."""
+    name it in ``after`` (looked up in the ``steps`` family of ``registry``). ``coregister`` is
+    ``data.coregister``, the first step's setting (it reads the data's sequences, not the grid)."""
     c = config
     builtins: list[PreprocessingStep] = [
+        Coregister(coregister=coregister),
         Register(register_to=c.register_to, deformable=c.deformable),
         Reorient(enabled=c.reorient),
         Resample(target_spacing=c.target_spacing, target_shape=c.target_shape),
@@ -116,17 +123,20 @@ def _step_for(entry: dict[str, Any], registry: Any = None) -> PreprocessingStep:
 class Preprocessor:
     """Applies a :class:`PreprocessingConfig` to volumes as a chain of steps and inverts it on score maps."""
 
-    def __init__(self, config: PreprocessingConfig | None = None, registry: Any = None) -> None:
+    def __init__(
+        self, config: PreprocessingConfig | None = None, registry: Any = None, coregister: bool | str = "auto"
+    ) -> None:
         self.config = config or PreprocessingConfig()
         self.registry = registry
+        self.coregister = coregister
         self._built: tuple[str, list[PreprocessingStep]] | None = None
 
     @property
     def steps(self) -> list[PreprocessingStep]:
         """The chain for the current config (rebuilt when the config changes)."""
-        stamp = self.config.model_dump_json()
+        stamp = self.config.model_dump_json()  # ``coregister`` is set once, at construction
         if self._built is None or self._built[0] != stamp:
-            self._built = (stamp, build_chain(self.config, self.registry))
+            self._built = (stamp, build_chain(self.config, self.registry, self.coregister))
         return self._built[1]
 
     def key(self) -> list[dict[str, Any]]:
@@ -180,7 +190,9 @@ class Preprocessor:
             [dict(e) for e in state.records],
         )
         arr = np.moveaxis(state.array, -1, 0) if state.array.ndim == 4 else state.array
-        prepared = Prepared(np.ascontiguousarray(arr, dtype=np.float32), fg, state.affine, record, volume)
+        # the source: the scan as read, its sequences on the reference grid (``coregister`` stacks them)
+        source = state.volume
+        prepared = Prepared(np.ascontiguousarray(arr, dtype=np.float32), fg, state.affine, record, source)
         prepared.target = state.mask  # type: ignore[attr-defined]
         return self.adopt(prepared)
 

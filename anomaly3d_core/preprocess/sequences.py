@@ -1,15 +1,18 @@
-"""A subject's sequences on one grid, the reference sequence's, before preprocessing.
+"""A subject's sequences: read together (:func:`read_subject`), then put on the reference grid (:func:`align`).
 
-Each other sequence is checked to cover the reference scan's head, rigidly co-registered to the
-reference (SimpleITK, Mattes mutual information, which compares different contrasts; optional)
-and resampled onto the reference grid. The result is one :class:`Volume` with the sequences as a
-last axis, reference first; each sequence is normalised on its own later, in preprocessing.
+Reading only gathers the sequences, each on its own grid, in a :class:`SubjectScans`. The first
+step of the preprocessing chain (``coregister``, :class:`~anomaly3d_core.preprocess.steps.Coregister`)
+calls :func:`align`: each other sequence is checked to cover the reference scan's head, rigidly
+co-registered to the reference (SimpleITK, Mattes mutual information, which compares different
+contrasts; optional) and resampled onto the reference grid. The result is one :class:`Volume` with
+the sequences as a last axis, reference first; each sequence is normalised on its own later.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,18 @@ MIN_OVERLAP = 0.5  # fraction of the reference scan's foreground another sequenc
 _SAMPLE_STEP = 3  # voxels between the foreground points the overlap check looks at
 COREG_MM = 4.0  # voxel size co-registration works at
 COREG_SAMPLES = 5000  # metric samples per iteration
+
+
+@dataclass
+class SubjectScans(Volume):
+    """A subject's sequences as read, each on its own grid: ``sequences`` in channel order (reference
+    first); ``array``, ``affine`` and ``path`` are the reference sequence's. :func:`align` stacks them."""
+
+    sequences: dict[str, Volume] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return max(1, len(self.sequences))
 
 
 def coverage(reference: Volume, other: Volume, step: int = _SAMPLE_STEP) -> float:
@@ -103,7 +118,7 @@ def onto_reference(
     fixed = volume_to_image(np.asarray(reference.channel(0), np.float32), reference.affine)
     moving = volume_to_image(np.asarray(other.array, np.float32), other.affine)
     tx: sitk.Transform = sitk.Euler3DTransform()
-    info = {"rotation_deg": 0.0, "shift_mm": 0.0}
+    info: dict[str, Any] = {"rotation_deg": 0.0, "shift_mm": 0.0}
     if coregister:
         try:
             fit, before, after = _rigid(fixed, moving)
@@ -118,6 +133,8 @@ def onto_reference(
                 info = {
                     "rotation_deg": round(float(angles.max()), 3),
                     "shift_mm": round(float(np.linalg.norm(fit.GetParameters()[3:])), 3),
+                    # the rigid transform (reference -> sequence points, SimpleITK's LPS): angles, shift, centre
+                    "transform": [float(v) for v in (*fit.GetParameters(), *fit.GetFixedParameters()[:3])],
                 }
     out = sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     return np.ascontiguousarray(np.transpose(sitk.GetArrayViewFromImage(out), (2, 1, 0))), info
@@ -155,12 +172,11 @@ def stack_sequences(
     return Volume(np.stack(arrays, axis=-1), ref.affine, ref.path, meta)
 
 
-def read_subject(
-    subject: Subject, channels: Sequence[str], read: Callable[[Any], Volume], coregister: bool | str = "auto"
-) -> Volume:
-    """Read every sequence of ``subject`` with ``read`` and put them on the reference grid.
+def read_subject(subject: Subject, channels: Sequence[str], read: Callable[[Any], Volume]) -> Volume:
+    """Read every sequence of ``subject`` with ``read``, each on its own grid (:func:`align` puts them on one).
 
-    A file that cannot be read is reported with its path, its sequence and the subject.
+    One sequence gives its plain volume; several a :class:`SubjectScans`. A file that cannot be read
+    is reported with its path, its sequence and the subject.
     """
     subject.check(channels)
     volumes = {}
@@ -171,6 +187,23 @@ def read_subject(
             raise DataError(
                 exc.path or subject.stem, f"{exc.reason} ({seq} of subject {subject.stem})"
             ) from None
-    volume = stack_sequences(volumes, channels, coregister, subject.stem)
-    volume.path = volume.path or subject.stem
-    return volume
+    ref = volumes[channels[0]]
+    meta = {**ref.meta, "sequences": list(channels), "subject": subject.stem}
+    if len(channels) == 1:
+        ref.meta = meta
+        ref.path = ref.path or subject.stem
+        return ref
+    return SubjectScans(ref.array, ref.affine, ref.path or subject.stem, meta, volumes)
+
+
+def align(volume: Volume, coregister: bool | str = "auto") -> tuple[Volume, dict[str, dict[str, Any]]]:
+    """``volume``'s sequences on the reference grid (see :func:`stack_sequences`) and what each fit did;
+    a volume that is not a :class:`SubjectScans` is on one grid already and comes back as it is."""
+    if not isinstance(volume, SubjectScans):
+        return volume, {}
+    names = list(volume.sequences)
+    stacked = stack_sequences(
+        volume.sequences, names, coregister, str(volume.meta.get("subject", volume.path))
+    )
+    stacked.path = volume.path
+    return stacked, stacked.meta["coregistration"]

@@ -1,6 +1,6 @@
 """The built-in preprocessing steps, in the order the chain runs them.
 
-``register`` -> ``reorient`` -> ``resample`` -> ``foreground`` -> ``normalize`` -> ``crop`` -> ``pad``:
+``coregister`` -> ``register`` -> ``reorient`` -> ``resample`` -> ``foreground`` -> ``normalize`` -> ``crop`` -> ``pad``:
 each a :class:`~anomaly3d_core.interfaces.PreprocessingStep` whose parameters are the matching
 ``data.preprocessing`` keys (:func:`anomaly3d_core.preprocess.chain.build_chain` makes them from the
 config), whose record says how to undo it, and whose :meth:`invert` maps a score map back one grid.
@@ -20,6 +20,7 @@ from anomaly3d_core.errors import DataError
 from anomaly3d_core.interfaces import Params, PreprocessingStep, StepState
 from anomaly3d_core.io.volume import Volume
 from anomaly3d_core.preprocess import registration as registration_module
+from anomaly3d_core.preprocess import sequences as sequences_module
 from anomaly3d_core.preprocess.ops import each_channel, foreground_mask, normalize, resize, resized_affine
 from anomaly3d_core.preprocess.record import IDENTITY
 from anomaly3d_core.preprocess.survey import in_template_space
@@ -29,6 +30,32 @@ Shape = tuple[int, int, int]
 
 def _ints(values: Any) -> list[int]:
     return [int(v) for v in values]
+
+
+class CoregisterParams(Params):
+    coregister: bool | Literal["auto"] = Field(
+        "auto", description="rigid fit of each sequence to the reference; auto: unless on its grid already"
+    )
+
+
+class Coregister(PreprocessingStep):
+    """A subject's sequences, read each on its own grid, co-registered and resampled onto the reference
+    sequence's grid and stacked as channels (:func:`~anomaly3d_core.preprocess.sequences.align`); a scan
+    already on one grid passes as it is. The record holds each sequence's rigid fit (``transform``) and
+    its size (``rotation_deg``, ``shift_mm``).
+
+    :meth:`invert` is the identity: the reference sequence never moves, and a score map is on the
+    reference sequence's grid, which is the grid this step starts from and ends on."""
+
+    name = "coregister"
+    Params = CoregisterParams
+
+    def __call__(self, state: StepState) -> StepState:
+        stacked, fits = sequences_module.align(state.volume, self.params.coregister)
+        if stacked is state.volume:
+            return state.evolve(self)
+        record = {"sequences": list(stacked.meta["sequences"]), "coregistration": fits}
+        return state.evolve(self, record, array=np.asarray(stacked.array, dtype=np.float32), volume=stacked)
 
 
 class RegisterParams(Params):
@@ -334,6 +361,7 @@ class Pad(PreprocessingStep):
 
 #: The built-in steps, in chain order.
 BUILTIN_STEPS: tuple[type[PreprocessingStep], ...] = (
+    Coregister,
     Register,
     Reorient,
     Resample,
