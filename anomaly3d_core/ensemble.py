@@ -1,13 +1,15 @@
-"""Ensembles: several pipelines whose scores, each normalised against its own normal-validation
+"""Ensembles: several detectors whose scores, each normalised against its own normal-validation
 statistics, are combined voxel by voxel (mean or max) on the input's grid.
 
-A YAML config with a top-level ``ensemble`` section builds one::
+A YAML config with a top-level ``ensemble`` section builds one; a member is a pipeline config, a
+synthetic-anomaly detector's (a top-level ``synthetic`` section), or a path to either::
 
     ensemble:
       combine: mean
       members:
         - {extractor: {type: identity}, autoencoder: {type: standard}}
-        - experiments/configs/brain_mri.yaml        # a path works too
+        - experiments/configs/brain_mri.yaml           # a path works too
+        - experiments/configs/brain_mri_synthetic.yaml # a synthetic-anomaly detector
       threshold: {type: percentile, args: {percentile: 99.5}}
 """
 
@@ -17,7 +19,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
@@ -47,13 +49,16 @@ from anomaly3d_core.postprocess.native import native_prepared, to_native
 from anomaly3d_core.postprocess.postprocessor import PostProcessor
 from anomaly3d_core.preprocess.preprocessing import Prepared
 from anomaly3d_core.preprocess.sequences import align
+from anomaly3d_core.synthetic import SyntheticAnomalyDetector, SyntheticConfig, build_synthetic_config
 
 ENSEMBLE_FILE = "ensemble.json"
+#: a member's config: a pipeline's (tried first, so a plain dict is one), or a synthetic detector's
+Member = Annotated[PipelineConfig | SyntheticConfig, Field(union_mode="left_to_right")]
 
 
 class EnsembleConfig(Section):
     combine: Literal["mean", "max"] = "mean"
-    members: list[PipelineConfig] = Field(min_length=2)
+    members: list[Member] = Field(min_length=2)
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -61,7 +66,12 @@ class EnsembleConfig(Section):
         return flatten(self.model_dump(mode="json"))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump({"ensemble": self.model_dump(mode="json")}, sort_keys=False)
+        tree = self.model_dump(mode="json")
+        tree["members"] = [
+            {"synthetic": dumped} if isinstance(m, SyntheticConfig) else dumped
+            for m, dumped in zip(self.members, tree["members"], strict=True)
+        ]
+        return yaml.safe_dump({"ensemble": tree}, sort_keys=False)
 
     @property
     def is_ensemble(self) -> bool:
@@ -93,8 +103,16 @@ class EnsembleConfig(Section):
                     raise ValueError(
                         f"member config {m}: not valid YAML ({exc.__class__.__name__})"
                     ) from None
-            out.append(m)
+            out.append(_synthetic_member(m) if isinstance(m, dict) and "synthetic" in m else m)
         return out
+
+
+def _synthetic_member(tree: dict[str, Any]) -> SyntheticConfig:
+    """A member given as ``{synthetic: {...}}`` (inline or from a file): a synthetic detector's config."""
+    try:
+        return SyntheticConfig.model_validate(tree["synthetic"] or {})
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, SyntheticConfig, prefix="synthetic.")) from None
 
 
 def build_ensemble_config(
@@ -105,14 +123,14 @@ def build_ensemble_config(
         cfg = EnsembleConfig.model_validate(dict(tree))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, EnsembleConfig, prefix="ensemble.")) from None
-    members = []
+    members: list[Member] = []
     for i, member in enumerate(cfg.members):
+        tree = member.model_dump(mode="json")
         try:
-            members.append(
-                build_config(
-                    apply_overrides(member.model_dump(mode="json"), overrides, registry), registry=registry
-                )
-            )
+            if isinstance(member, SyntheticConfig):
+                members.append(build_synthetic_config(tree, overrides, registry))
+            else:
+                members.append(build_config(apply_overrides(tree, overrides, registry), registry=registry))
         except ConfigError as exc:
             raise ConfigError(f"ensemble.members.{i}: {exc}") from None
     cfg.members = members
@@ -143,13 +161,30 @@ def combine_members(
     return combined.astype(np.float32), fg
 
 
+def _member(config: PipelineConfig | SyntheticConfig, device: str | None, registry: Any) -> Detector:
+    if isinstance(config, SyntheticConfig):
+        return SyntheticAnomalyDetector(config, device=device, registry=registry)
+    return AnomalyDetectionPipeline(config, device=device, registry=registry)
+
+
+def _load_member(folder: Path, device: str | None, registry: Any) -> Detector:
+    """A saved member: a synthetic detector when its ``config.yaml`` has a ``synthetic`` section."""
+    tree = safe_yaml.load_file(folder / "config.yaml") if (folder / "config.yaml").is_file() else None
+    kind = (
+        SyntheticAnomalyDetector
+        if isinstance(tree, dict) and "synthetic" in tree
+        else AnomalyDetectionPipeline
+    )
+    return kind.load_files(folder, device, registry)
+
+
 class EnsemblePipeline(Detector):
-    """Several :class:`AnomalyDetectionPipeline` members scored together on the input's grid."""
+    """Several members (pipelines or synthetic-anomaly detectors) scored together on the input's grid."""
 
     def __init__(self, config: EnsembleConfig, device: str | None = None, registry: Any = None) -> None:
         self.config = config
         self.registry = registry
-        self.members = [AnomalyDetectionPipeline(m, device=device, registry=registry) for m in config.members]
+        self.members = [_member(m, device, registry) for m in config.members]
 
     @property
     def foreground_method(self) -> str:
@@ -236,8 +271,7 @@ class EnsemblePipeline(Detector):
             raise Anomaly3DError(f"{folder}: not a saved anomaly3d ensemble (missing {ENSEMBLE_FILE})")
         meta = json.loads((folder / ENSEMBLE_FILE).read_text())
         members = [
-            AnomalyDetectionPipeline.load_files(folder / "members" / f"{i:02d}", device, registry)
-            for i in range(meta["n_members"])
+            _load_member(folder / "members" / f"{i:02d}", device, registry) for i in range(meta["n_members"])
         ]
         config = EnsembleConfig(
             combine=meta["combine"],

@@ -44,6 +44,7 @@ from bench_validation import size_cells, spearman_lines, validate  # noqa: E402
 NATIVE_CONFIG = HERE / "configs" / "brain_mri_native.yaml"
 TEMPLATE_CONFIG = HERE / "configs" / "brain_mri.yaml"
 SYNTHETIC_CONFIG = HERE / "configs" / "brain_mri_synthetic.yaml"
+NATIVE_ENSEMBLE_CONFIG = HERE / "configs" / "brain_mri_native_ensemble.yaml"
 ENTRIES: dict[str, tuple[str, Any, dict[str, Any]]] = {
     "native preset (brain_mri_native.yaml)": ("pipeline", NATIVE_CONFIG, {}),
     "native preset without score normalisation (round 1)": (
@@ -74,6 +75,11 @@ ENTRIES: dict[str, tuple[str, Any, dict[str, Any]]] = {
     ),
     "baseline: intensity MAD z-score": ("baseline", "intensity_mad", {}),
     "synthetic anomalies, U-Net (brain_mri_synthetic.yaml)": ("detector", SYNTHETIC_CONFIG, {}),
+    "ensemble: native preset + synthetic anomalies (brain_mri_native_ensemble.yaml)": (
+        "detector",
+        NATIVE_ENSEMBLE_CONFIG,
+        {},
+    ),
 }
 
 

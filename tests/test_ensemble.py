@@ -84,3 +84,40 @@ def test_ensemble_cli_fit_score_and_pyfunc(demo_dir, tmp_path):
         == 0
     )
     assert len(list((tmp_path / "s").glob("*_score.nii.gz"))) == 4
+
+
+SYNTHETIC_MEMBER = {
+    "synthetic": {
+        "data": {"preprocessing": {"target_spacing": 4.0}},
+        "network": {"args": {"channels": [4, 8]}},
+        "validation": {"max_scans": 1},
+        "training": {"iterations": 3, "crop_size": 8, "batch_size": 2, "validate_every": 3},
+        "tracking": {"enabled": False},
+    }
+}
+
+
+def test_ensemble_with_a_synthetic_detector_member(demo_dir, tmp_path):
+    from anomaly3d_core.synthetic import SyntheticAnomalyDetector, SyntheticConfig
+
+    member_file = tmp_path / "syn.yaml"
+    member_file.write_text(yaml.safe_dump(SYNTHETIC_MEMBER))
+    cfg = build_ensemble_config({"members": [MEMBERS[0], str(member_file)], "tracking": {"enabled": False}})
+    assert isinstance(cfg.members[1], SyntheticConfig) and cfg.members[1].training.iterations == 3
+    again = build_ensemble_config(
+        yaml.safe_load(cfg.to_yaml())["ensemble"]
+    )  # the YAML keeps the member's kind
+    assert isinstance(again.members[1], SyntheticConfig) and not isinstance(again.members[0], SyntheticConfig)
+    ens = EnsemblePipeline(cfg).fit(list_inputs(demo_dir / "train"), show_progress=False)
+    assert isinstance(ens.members[1], SyntheticAnomalyDetector)
+    scan = list_inputs(demo_dir / "test")[-1]
+    result = ens.score(scan)
+    r = ens.members[1].score(scan)
+    synthetic_z = np.maximum(ens.members[1].normalized(r.score_map), 0) * r.foreground
+    assert synthetic_z.max() > 0 and result.score_map.max() > 0
+    loaded = load_detector(ens.save(tmp_path / "model"))
+    assert isinstance(loaded.members[1], SyntheticAnomalyDetector)
+    np.testing.assert_allclose(loaded.score(scan).score_map, result.score_map, rtol=1e-5, atol=1e-6)
+    bad = {"synthetic": {"training": {"iteratons": 3}}}
+    with pytest.raises(ConfigError, match=r"ensemble.members.*synthetic.training.iteratons"):
+        build_ensemble_config({"members": [MEMBERS[0], bad]})
