@@ -118,25 +118,44 @@ def _synthetic_member(tree: dict[str, Any]) -> SyntheticConfig:
 def build_ensemble_config(
     tree: Mapping[str, Any], overrides: Sequence[str] = (), registry: Any = None
 ) -> EnsembleConfig:
-    """Validate an ``ensemble`` section; ``--set`` overrides apply to every member."""
+    """Validate an ``ensemble`` section; ``--set`` overrides apply to every member that has the key
+    (a pipeline's ``training.num_epochs``, a synthetic detector's ``training.iterations``), and to
+    every member when none has it, so that a typo is refused with the member's own message."""
     try:
         cfg = EnsembleConfig.model_validate(dict(tree))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, EnsembleConfig, prefix="ensemble.")) from None
+    trees = [member.model_dump(mode="json") for member in cfg.members]
+    targets = {
+        o: [i for i, t in enumerate(trees) if _has_key(t, o.split("=", 1)[0].strip())] for o in overrides
+    }
     members: list[Member] = []
-    for i, member in enumerate(cfg.members):
-        tree = member.model_dump(mode="json")
+    for i, (member, tree) in enumerate(zip(cfg.members, trees, strict=True)):
+        mine = [o for o in overrides if i in targets[o] or not targets[o]]
         try:
             if isinstance(member, SyntheticConfig):
-                members.append(build_synthetic_config(tree, overrides, registry))
+                members.append(build_synthetic_config(tree, mine, registry))
             else:
-                members.append(build_config(apply_overrides(tree, overrides, registry), registry=registry))
+                members.append(build_config(apply_overrides(tree, mine, registry), registry=registry))
         except ConfigError as exc:
             raise ConfigError(f"ensemble.members.{i}: {exc}") from None
     cfg.members = members
     thresholds = PipelineConfig(threshold=cfg.threshold)
     validate_plugins(thresholds, registry)
     return cfg
+
+
+def _has_key(tree: Mapping[str, Any], dotted: str) -> bool:
+    """Whether a member's config tree has the dotted key (any key under a free ``*args`` mapping counts)."""
+    node: Any = tree
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, Mapping):
+            return False
+        if part not in node:
+            return depth > 0 and parts[depth - 1].endswith("args")
+        node = node[part]
+    return True
 
 
 def combine_members(

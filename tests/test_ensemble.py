@@ -121,3 +121,14 @@ def test_ensemble_with_a_synthetic_detector_member(demo_dir, tmp_path):
     bad = {"synthetic": {"training": {"iteratons": 3}}}
     with pytest.raises(ConfigError, match=r"ensemble.members.*synthetic.training.iteratons"):
         build_ensemble_config({"members": [MEMBERS[0], bad]})
+
+
+def test_ensemble_overrides_go_to_the_members_that_have_the_key(tmp_path):
+    cfg = build_ensemble_config(
+        {"members": [MEMBERS[0], SYNTHETIC_MEMBER]},
+        ["training.num_epochs=2", "training.iterations=5", "data.cache=false"],
+    )
+    assert cfg.members[0].training.num_epochs == 2 and cfg.members[1].training.iterations == 5
+    assert cfg.members[0].data.cache is False and cfg.members[1].data.cache is False
+    with pytest.raises(ConfigError, match=r"ensemble.members.0: .*training.num_epoch"):
+        build_ensemble_config({"members": [MEMBERS[0], SYNTHETIC_MEMBER]}, ["training.num_epoch=2"])
