@@ -299,6 +299,15 @@ class PipelineConfig(Section):
         """Dotted-key view (``training.num_epochs``), for MLflow params."""
         return flatten(self.model_dump(mode="json"))
 
+    def components(self) -> dict[str, str]:
+        """The model's parts by role, as tags and reports name them."""
+        return {
+            "detector": "pipeline",
+            "extractor": self.extractor.type,
+            "embedding": self.embedding.embedding_method,
+            "autoencoder": self.autoencoder.type,
+        }
+
     def plugin_specs(self) -> list[tuple[str, str]]:
         """``(family, name)`` of every plugin this config names (the loader when one is named, extra steps)."""
         specs = [

@@ -80,11 +80,26 @@ def load_any_config(
                     f"move {sorted(extra)} into {where}"
                 )
             build = build_ensemble_config if kind == "ensemble" else build_synthetic_config
+            section = tree[kind] or {}
+            if kind == "ensemble":
+                section = member_paths_from(Path(path).parent, section)
             try:
-                return build(tree[kind] or {}, overrides, registry)
+                return build(section, overrides, registry)
             except ConfigError as exc:
                 raise ConfigError(name_sources(str(exc), path, overrides)) from None
     return load_config(path, overrides, registry)
+
+
+def member_paths_from(folder: Path, section: Any) -> Any:
+    """An ensemble section whose relative member paths name files next to its YAML where such a
+    file exists (otherwise relative to the folder the command runs from, as before)."""
+    if not isinstance(section, dict) or not isinstance(section.get("members"), list):
+        return section
+    members = [
+        str(folder / m) if isinstance(m, str) and not Path(m).is_absolute() and (folder / m).is_file() else m
+        for m in section["members"]
+    ]
+    return {**section, "members": members}
 
 
 def reference_config(config_or_detector: Any) -> PipelineConfig:

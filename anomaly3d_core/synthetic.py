@@ -173,6 +173,10 @@ class SyntheticConfig(Section):
     def flat(self) -> dict[str, Any]:
         return flatten(self.model_dump(mode="json"))
 
+    def components(self) -> dict[str, str]:
+        """The model's parts by role, as tags and reports name them."""
+        return {"detector": "synthetic", "segmenter": self.network.type}
+
     def plugin_specs(self) -> list[tuple[str, str]]:
         specs = [
             ("segmenters", self.network.type),

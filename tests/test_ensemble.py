@@ -132,3 +132,40 @@ def test_ensemble_overrides_go_to_the_members_that_have_the_key(tmp_path):
     assert cfg.members[0].data.cache is False and cfg.members[1].data.cache is False
     with pytest.raises(ConfigError, match=r"ensemble.members.0: .*training.num_epoch"):
         build_ensemble_config({"members": [MEMBERS[0], SYNTHETIC_MEMBER]}, ["training.num_epoch=2"])
+
+
+def test_ensemble_with_a_synthetic_member_through_the_cli(demo_dir, tmp_path):
+    """fit, score (reports included) and evaluate; member paths next to the ensemble's YAML."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "ae.yaml").write_text(yaml.safe_dump(MEMBERS[0]))
+    (folder / "syn.yaml").write_text(yaml.safe_dump(SYNTHETIC_MEMBER))
+    path = folder / "ens.yaml"
+    path.write_text(yaml.safe_dump({"ensemble": {"members": ["ae.yaml", "syn.yaml"]}}))
+    model, scores = tmp_path / "model", tmp_path / "scores"
+    sets = [
+        "--set",
+        "training.num_epochs=2",
+        "--set",
+        "training.iterations=2",
+        "--set",
+        "tracking.enabled=false",
+    ]
+    fit = ["fit", "--config", str(path), "--train", str(demo_dir / "train"), "--out", str(model), *sets]
+    assert main(fit) == 0
+    assert (
+        main(["score", "--model", str(model), "--input", str(demo_dir / "test"), "--out", str(scores)]) == 0
+    )
+    assert "synthetic" in (scores / "report.html").read_text() or any(
+        "synthetic" in f.read_text() for f in scores.rglob("*.html")
+    )
+    evaluate = [
+        "evaluate",
+        "--model",
+        str(model),
+        "--input",
+        str(demo_dir / "test"),
+        "--out",
+        str(tmp_path / "e"),
+    ]
+    assert main([*evaluate, "--masks", str(demo_dir / "test_masks")]) == 0

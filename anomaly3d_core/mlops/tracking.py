@@ -277,17 +277,19 @@ def _members(config: Any) -> list[Any]:
 
 
 def component_tags(config: Any) -> dict[str, str]:
-    """The detector kind and its component types (an ensemble joins its members' with ``+``)."""
+    """The detector kind and its component types (an ensemble joins its members' with ``+``; a
+    role a member does not have, such as a synthetic detector's extractor, counts as ``-``)."""
+    members = _members(config)
+    parts = [m.components() for m in members]
+    roles = dict.fromkeys(role for p in parts for role in p if role != "detector")
 
     def joined(get: Any) -> str:
-        values = [get(m) for m in _members(config)]
-        return "+".join(dict.fromkeys(values))
+        return "+".join(dict.fromkeys(get(m) for m in members))
 
+    detector = "ensemble" if config.is_ensemble else parts[0]["detector"]
     return {
-        f"{TAG}detector": "ensemble" if config.is_ensemble else "pipeline",
-        f"{TAG}extractor": joined(lambda m: m.extractor.type),
-        f"{TAG}embedding": joined(lambda m: m.embedding.embedding_method),
-        f"{TAG}autoencoder": joined(lambda m: m.autoencoder.type),
+        f"{TAG}detector": detector,
+        **{f"{TAG}{role}": "+".join(dict.fromkeys(p.get(role, "-") for p in parts)) for role in roles},
         f"{TAG}threshold": config.threshold.type,
         f"{TAG}normative": joined(lambda m: str(m.threshold.normative).lower()),
         f"{TAG}register_to": joined(lambda m: m.data.preprocessing.register_to),

@@ -35,9 +35,11 @@ def model_facts(detector: Any, model_uri: str = "") -> dict[str, Any]:
     first = members[0] if members else None
     facts: dict[str, Any] = {"model": model_uri or "(in memory)"}
     if first is not None:
-        facts["detector"] = f"ensemble of {len(members)}" if len(members) > 1 else "pipeline"
-        facts["extractor"] = " + ".join(dict.fromkeys(m.extractor.type for m in members))
-        facts["autoencoder"] = " + ".join(dict.fromkeys(m.autoencoder.type for m in members))
+        parts = [m.components() for m in members]
+        kinds = " + ".join(dict.fromkeys(p["detector"] for p in parts))
+        facts["detector"] = f"ensemble of {len(members)} ({kinds})" if len(members) > 1 else kinds
+        for role in dict.fromkeys(r for p in parts for r in p if r != "detector"):
+            facts[role] = " + ".join(dict.fromkeys(p.get(role, "-") for p in parts))
         facts["voxel threshold rule"] = config.threshold.type
         facts["registration"] = first.data.preprocessing.register_to
     facts["sequences"] = ", ".join(getattr(detector, "channels", []) or []) or "one"
