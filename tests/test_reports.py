@@ -220,3 +220,13 @@ def test_progress_writes_plain_lines_when_not_on_a_terminal(capsys: pytest.Captu
     assert lines[-1].startswith("scoring: 20/20, ") and "left" not in lines[-1]
     assert list(progress(range(3), desc="quiet", enabled=False)) == [0, 1, 2]
     assert capsys.readouterr().err == ""
+
+
+def test_decision_text_says_when_the_decision_is_uncalibrated():
+    from anomaly3d_core.reports.subject import decision_text
+
+    row = {"is_anomalous": "True", "volume_score": "8.9", "volume_threshold": "4.87", "p_value": "0.333"}
+    calibrated = decision_text({**row, "alpha": "0.05", "decision_rule": "p_value <= alpha"})
+    assert calibrated.endswith("(p = 0.333, alpha 0.05)")
+    rule = "volume_score > volume_threshold (uncalibrated)"
+    assert "uncalibrated decision" in decision_text({**row, "alpha": "0.05", "decision_rule": rule})

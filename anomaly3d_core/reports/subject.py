@@ -97,9 +97,11 @@ def decision_text(row: Mapping[str, Any]) -> str:
     if threshold is not None:
         text += f" {'>' if anomalous else '≤'} scan threshold {threshold:.4g}"
     p = _number(row.get("p_value"))
+    uncalibrated = "uncalibrated" in str(row.get("decision_rule", ""))
     if p is not None:
         alpha = _number(row.get("alpha"))
-        text += f" (p = {p:.3g}" + (f", alpha {alpha:g}" if alpha is not None else "") + ")"
+        text += f" (p = {p:.3g}" + (f", alpha {alpha:g}" if alpha is not None else "")
+        text += "; too few calibration scans: uncalibrated decision)" if uncalibrated else ")"
     return text
 
 
