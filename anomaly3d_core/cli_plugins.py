@@ -15,10 +15,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for family in FAMILIES:
         print(f"{family}:")
         clashes = reg.clashes(family)
-        for info in reg.infos(family):
-            name = info.qualified if info.name in clashes else info.name
+        infos = reg.infos(family)
+        names = [info.qualified if info.name in clashes else info.name for info in infos]
+        width = max([14, *(len(n) + 2 for n in names)])  # a long name never runs into the package
+        for info, name in zip(infos, names, strict=True):
+            source = f"{info.package} {info.version}"
             print(
-                f"  {name:<14}{info.package + ' ' + info.version:<24}{info.cls.__module__}.{info.cls.__qualname__}"
+                f"  {name:<{width}}{source:<{max(24, len(source) + 2)}}{info.cls.__module__}.{info.cls.__qualname__}"
             )
             if args.verbose:
                 for line in _component_details(info.cls):

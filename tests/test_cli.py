@@ -166,3 +166,16 @@ def test_mask_grid_mismatch_reported(demo_dir, saved_model, tmp_path, capsys):
     )
     assert code == 1
     assert "mask grid (5, 5, 5) differs from the scan's" in capsys.readouterr().err
+
+
+def test_plugins_keeps_a_long_name_apart_from_its_package(monkeypatch, capsys):
+    from anomaly3d_core.registry import ComponentInfo, get_registry
+
+    reg = get_registry(warn=False)
+    long = ComponentInfo("steps", "clip_intensity_upper", type(reg), "my-steps", "0.1.0")
+    original = reg.infos
+    monkeypatch.setattr(
+        reg, "infos", lambda family: [*original(family), *([long] if family == "steps" else [])]
+    )
+    assert main(["plugins"]) == 0
+    assert "  clip_intensity_upper  my-steps 0.1.0  " in capsys.readouterr().out
