@@ -163,6 +163,12 @@ def _needed_plugins(inner: Path) -> list[tuple[str, str]]:
         ):
             if isinstance(name, str) and name != "auto" and (family, name) not in needed:
                 needed.append((family, name))
+        preprocessing = sections.get("data", {}).get("preprocessing")
+        steps = preprocessing.get("steps") if isinstance(preprocessing, dict) else None
+        for step in steps if isinstance(steps, list) else []:  # extra preprocessing steps
+            name = step.get("type") if isinstance(step, dict) else None
+            if isinstance(name, str) and ("steps", name) not in needed:
+                needed.append(("steps", name))
     return needed
 
 

@@ -176,7 +176,7 @@ def test_step_config_errors_name_the_key_and_the_choices(registry):
     assert ("steps", "clip_intensity") in cfg.plugin_specs()  # a saved model records the package it needs
 
 
-def test_a_plugin_step_from_readme_fits_and_scores(registry, demo_dir):
+def test_a_plugin_step_from_readme_fits_and_scores(registry, demo_dir, tmp_path):
     from anomaly3d_core.io.files import list_inputs
     from anomaly3d_core.pipeline import AnomalyDetectionPipeline
 
@@ -193,6 +193,13 @@ def test_a_plugin_step_from_readme_fits_and_scores(registry, demo_dir):
     result = pipe.score(scan)
     assert result.score_map.shape == pipe.read(scan).shape and np.isfinite(result.score_map).all()
     assert result.score_map.max() > 0
+    from anomaly3d_core.errors import Anomaly3DError
+    from anomaly3d_core.persistence import load_detector
+
+    folder = pipe.save(tmp_path / "model")
+    assert load_detector(folder, registry=registry).score(scan).volume_score == result.volume_score
+    with pytest.raises(Anomaly3DError, match=r"needs the step plugin 'clip_intensity' from .*my-steps"):
+        load_detector(folder)  # an environment without the plugin is told what to install
 
 
 class _NoRecord(PreprocessingStep):
