@@ -156,8 +156,8 @@ def test_ensemble_with_a_synthetic_member_through_the_cli(demo_dir, tmp_path):
     assert (
         main(["score", "--model", str(model), "--input", str(demo_dir / "test"), "--out", str(scores)]) == 0
     )
-    assert "synthetic" in (scores / "report.html").read_text() or any(
-        "synthetic" in f.read_text() for f in scores.rglob("*.html")
+    assert "synthetic" in (scores / "report.html").read_text(encoding="utf-8") or any(
+        "synthetic" in f.read_text(encoding="utf-8") for f in scores.rglob("*.html")
     )
     evaluate = [
         "evaluate",
