@@ -176,18 +176,7 @@ class AnomalyDetectionPipeline(Detector):
         """Train on scans of normal subjects; bad files are skipped and listed in ``failures_``."""
         cfg = self.config
         t0 = time.perf_counter()
-        gen = seed_everything(cfg.training.seed)
-        self.failures_ = BatchFailures()
-        self.loaders_used_: list[str] = []
-        train = self._prepare_all(volumes)
-        val = self._prepare_all(val_volumes) if val_volumes else []
-        if not train:
-            raise DataError(
-                None,
-                "no usable training volumes" + (f":\n{self.failures_.report()}" if self.failures_ else ""),
-            )
-        self.postprocessor_ = PostProcessor(cfg.threshold, self._registry())
-        self.postprocessor_.check_shared_grid([p.shape for p in train + val])
+        gen, train, val = self._fit_sets(volumes, val_volumes)
         normals = list(train)  # every training normal, before the validation split (for cross-fitting)
         folds = cfg.training.calibration_folds
         if folds and not val_volumes and not 2 <= folds <= len(normals):
@@ -258,6 +247,25 @@ class AnomalyDetectionPipeline(Detector):
         self.val_volumes_ = [p.source for p in val]
         self.fit_seconds_ = time.perf_counter() - t0
         return self
+
+    def _fit_sets(
+        self, volumes: Sequence[VolumeLike], val_volumes: Sequence[VolumeLike] | None
+    ) -> tuple[torch.Generator, list[Prepared], list[Prepared]]:
+        """Seed the run, prepare the training and validation scans (bad files go to ``failures_``) and
+        start the post-processor: the opening of every ``fit`` (this family's and the synthetic one's)."""
+        gen = seed_everything(self.config.training.seed)
+        self.failures_ = BatchFailures()
+        self.loaders_used_: list[str] = []
+        train = self._prepare_all(volumes)
+        val = self._prepare_all(val_volumes) if val_volumes else []
+        if not train:
+            raise DataError(
+                None,
+                "no usable training volumes" + (f":\n{self.failures_.report()}" if self.failures_ else ""),
+            )
+        self.postprocessor_ = PostProcessor(self.config.threshold, self._registry())
+        self.postprocessor_.check_shared_grid([p.shape for p in train + val])
+        return gen, train, val
 
     def _crossfit_calibrate(self, normals: list[Prepared], folds: int, gen: torch.Generator) -> None:
         """Calibrate on every training normal, each scored by a model fitted without its fold.

@@ -41,14 +41,13 @@ from anomaly3d_core.config import (
     format_validation_error,
     validate_plugins,
 )
-from anomaly3d_core.errors import ConfigError, DataError, PluginError
-from anomaly3d_core.io.data import BatchFailures, VolumeLike
+from anomaly3d_core.errors import ConfigError, PluginError
+from anomaly3d_core.io.data import VolumeLike
 from anomaly3d_core.model import distributed
 from anomaly3d_core.model.corruption import CorruptionSpec
 from anomaly3d_core.model.segmentation import LoopSettings, segment_volume, train_segmenter, validation_set
-from anomaly3d_core.model.training import EpochCallback, resolve_device, seed_everything
+from anomaly3d_core.model.training import EpochCallback, resolve_device
 from anomaly3d_core.pipeline import AnomalyDetectionPipeline
-from anomaly3d_core.postprocess.postprocessor import PostProcessor
 from anomaly3d_core.preprocess.preprocessing import Prepared, Preprocessor
 
 log = logging.getLogger(__name__)
@@ -281,18 +280,7 @@ class SyntheticAnomalyDetector(AnomalyDetectionPipeline):
         """Train on normal scans with synthetic anomalies; calibrate on held-out normals."""
         cfg = self.config
         t0 = time.perf_counter()
-        gen = seed_everything(cfg.training.seed)
-        self.failures_ = BatchFailures()
-        self.loaders_used_: list[str] = []
-        train = self._prepare_all(volumes)
-        val = self._prepare_all(val_volumes) if val_volumes else []
-        if not train:
-            raise DataError(
-                None,
-                "no usable training volumes" + (f":\n{self.failures_.report()}" if self.failures_ else ""),
-            )
-        self.postprocessor_ = PostProcessor(cfg.threshold, self._registry())
-        self.postprocessor_.check_shared_grid([p.shape for p in train + val])
+        gen, train, val = self._fit_sets(volumes, val_volumes)
         if not val:
             train, val = self._split(train, gen)
         device = distributed.local_device() or self.device
