@@ -17,3 +17,14 @@ def merge_rows(previous: Path, fresh: list[dict[str, Any]], order: Iterable[str]
     rows = [by_name.pop(r["name"], r) for r in json.loads(previous.read_text())] + list(by_name.values())
     order = list(order)
     return sorted(rows, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+
+
+def previous_row(previous: Path, name: str, missing_ok: bool = False) -> dict[str, Any] | None:
+    """The row called ``name`` in the results JSON ``previous`` (a copy); ``None`` or an error when absent."""
+    rows = json.loads(previous.read_text()) if previous.is_file() else []
+    for row in rows:
+        if row["name"] == name:
+            return dict(row)
+    if missing_ok:
+        return None
+    raise SystemExit(f"{previous}: no row '{name}' to keep the test figures of; run it without --validation-only first")

@@ -1,6 +1,6 @@
 """The native-space benchmark: scans as a multi-site study acquires them, each on its own grid.
 
-    python experiments/benchmark_native.py [--data DIR] [--out DIR] [--only NAME ...]
+    python experiments/benchmark_native.py [--data DIR] [--out DIR] [--only NAME ...] [--validation-only]
 
 Data: ``bench_data.make_benchmark_data(DIR, space="native")`` with fixed seeds (default DIR
 ``bench_output/data/native``): 16 training normals; a tuning set with only ``tumour`` and
@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
-from bench_results import merge_rows  # noqa: E402
+from bench_results import merge_rows, previous_row  # noqa: E402
 from bench_validation import size_cells, spearman_lines, validate  # noqa: E402
 
 NATIVE_CONFIG = HERE / "configs" / "brain_mri_native.yaml"
@@ -262,6 +262,14 @@ def run_one(name: str, data: Path, validation: bool = True) -> dict[str, Any]:
     return row
 
 
+def validation_only(name: str, data: Path, previous: Path) -> dict[str, Any]:
+    """The row ``name`` of ``previous`` with its validation column recomputed (no test fit)."""
+    fit, score = make_method(ENTRIES[name])
+    row = previous_row(previous, name)
+    row["validation"] = validate(fit, lambda m, item: score(m, item)[:2], sorted((data / "train").glob("*.nii.gz")))
+    return row
+
+
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| method | validation AP | tuning-set AP | voxel AP (pooled) | voxel AUROC (pooled) | best Dice | sample AUROC "
@@ -293,14 +301,26 @@ def main() -> None:
     parser.add_argument(
         "--no-validation", action="store_true", help="skip the cross-fitted validation column"
     )
+    parser.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="recompute only the validation column of the rows (test figures kept from --out's results)",
+    )
     bench_tracking.add_arguments(parser)
     args = parser.parse_args()
     print(f"native benchmark data in {make_benchmark_data(args.data, space='native')}", flush=True)
     names = [n for n in ENTRIES if not args.only or any(o in n for o in args.only)]
+    previous = args.out / "benchmark_native.json"
+    if args.validation_only:
+        args.no_mlflow = True  # no new test figures to log
+        names = [n for n in names if previous_row(previous, n, missing_ok=True)]
     results = []
     for name in names:
         print(f"-- {name}", flush=True)
-        results.append(run_one(name, args.data, not args.no_validation))
+        if args.validation_only:
+            results.append(validation_only(name, args.data, previous))
+        else:
+            results.append(run_one(name, args.data, not args.no_validation))
         r = results[-1]
         print(
             f"   validation AP {r.get('validation', {}).get('pixel_ap', float('nan')):.3f}, "
@@ -310,8 +330,7 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     fresh_rows = list(results)
-    previous = args.out / "benchmark_native.json"
-    if args.only:  # a partial rerun updates its rows and keeps the others
+    if args.only or args.validation_only:  # a partial rerun updates its rows and keeps the others
         results = merge_rows(previous, results, ENTRIES)
     text = table(results)
     previous.write_text(json.dumps(results, indent=2) + "\n")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly3d_core.evaluation.synthetic import apply_lesions, corrupt_subject, draw_lesion, lesion_mask
+from anomaly3d_core.evaluation.synthetic import (
+    MAGNITUDE,
+    apply_lesions,
+    corrupt_subject,
+    draw_lesion,
+    lesion_mask,
+)
 from anomaly3d_core.evaluation.validation import (
     crossfit,
     crossfit_folds,
@@ -95,6 +101,17 @@ def test_synthetic_signs_follow_physics_mostly() -> None:
     assert np.mean([c["FLAIR"] > 0 for c in changes]) > 0.8
     assert np.mean([c["T1w"] < 0 for c in changes]) > 0.6
     assert np.mean([abs(c["T1w"]) < abs(c["FLAIR"]) for c in changes]) > 0.9  # fainter in T1w
+
+
+def test_synthetic_contrasts_span_faint_to_strong() -> None:
+    rng = np.random.default_rng(0)
+    head = _head()
+    for kind, (low, high) in MAGNITUDE.items():
+        sizes = np.array([abs(draw_lesion(head, ["FLAIR"], rng, kind).change["FLAIR"]) for _ in range(300)])
+        assert low <= sizes.min() and sizes.max() <= high
+        # log-uniform: as many changes below the geometric mid-point as above it
+        assert 0.4 < np.mean(sizes < np.sqrt(low * high)) < 0.6
+        assert np.mean(sizes < 1.5 * low) > 0.1 and np.mean(sizes > high / 1.5) > 0.1  # both tails
 
 
 def test_crossfit_validation_figures_rank_a_good_detector_above_a_blind_one() -> None:

@@ -6,14 +6,18 @@ lesions are defined in world coordinates (mm) and change each sequence's intensi
 the tissue it lies in* (``I' = I (1 + c p)``, ``p`` a soft ellipsoid profile), so one lesion lands at
 the same place on every sequence's own grid, with each sequence's own contrast and partial volume:
 
-* ``focus``: one small focus, 1.5-4 mm radius, faint to moderate (10-50 %);
-* ``cluster``: 3-6 small foci within 15 mm;
-* ``diffuse``: one large, very soft change, 8-16 mm radius, faint (8-25 %);
-* ``patchy``: a 5-10 mm region whose change is modulated by smooth texture (20-60 %).
+* ``focus``: one small focus, 1.5-4 mm radius (10-80 % change);
+* ``cluster``: 3-6 small foci within 15 mm (15-80 %);
+* ``diffuse``: one large, very soft change, 8-16 mm radius (8-40 %);
+* ``patchy``: a 5-10 mm region whose change is modulated by smooth texture (20-80 %).
+
+Each change is drawn log-uniformly within its kind's range, so faint lesions are as common as
+strong ones: a validation of only faint changes (the first version: at most 50 %, 30 % in T1w)
+scored every autoencoder route near zero and could not rank them.
 
 The sign per sequence follows MRI physics most of the time (FLAIR, T2w: brighter with
 probability 0.9; T1w: darker with probability 0.75; other suffixes: either) and the size of the
-change is scaled per sequence (FLAIR 1, T2w 0.9, T1w 0.6: lesions are fainter in T1w).
+change is scaled per sequence (FLAIR 1, T2w 0.9, T1w 0.75: lesions are fainter in T1w).
 The ground truth is ``p > 0.5`` on the reference grid, inside the reference's foreground.
 """
 
@@ -31,7 +35,14 @@ KINDS: tuple[str, ...] = ("focus", "cluster", "diffuse", "patchy")
 #: probability that a lesion is brighter than its tissue, per BIDS suffix (default 0.5)
 BRIGHT_PROBABILITY: dict[str, float] = {"FLAIR": 0.9, "T2w": 0.9, "T1w": 0.25}
 #: how strongly each sequence shows a change (default 1)
-SEQUENCE_GAIN: dict[str, float] = {"FLAIR": 1.0, "T2w": 0.9, "T1w": 0.6}
+SEQUENCE_GAIN: dict[str, float] = {"FLAIR": 1.0, "T2w": 0.9, "T1w": 0.75}
+#: (low, high) relative change per kind, drawn log-uniformly
+MAGNITUDE: dict[str, tuple[float, float]] = {
+    "focus": (0.1, 0.8),
+    "cluster": (0.15, 0.8),
+    "diffuse": (0.08, 0.4),
+    "patchy": (0.2, 0.8),
+}
 
 
 @dataclass
@@ -90,19 +101,17 @@ def draw_lesion(
     spacing = np.asarray(reference.spacing, dtype=float)
     depth = ndimage.distance_transform_edt(np.pad(fg, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     if kind == "focus":
-        radii = [rng.uniform(1.5, 4.0, 3)]
-        magnitude, softness = rng.uniform(0.1, 0.5), 0.2
+        radii, softness = [rng.uniform(1.5, 4.0, 3)], 0.2
     elif kind == "cluster":
-        radii = [rng.uniform(1.5, 3.0, 3) for _ in range(int(rng.integers(3, 7)))]
-        magnitude, softness = rng.uniform(0.15, 0.5), 0.2
+        radii, softness = [rng.uniform(1.5, 3.0, 3) for _ in range(int(rng.integers(3, 7)))], 0.2
     elif kind == "diffuse":
-        radii = [rng.uniform(8.0, 16.0, 3)]
-        magnitude, softness = rng.uniform(0.08, 0.25), 0.35
+        radii, softness = [rng.uniform(8.0, 16.0, 3)], 0.35
     elif kind == "patchy":
-        radii = [rng.uniform(5.0, 10.0, 3)]
-        magnitude, softness = rng.uniform(0.2, 0.6), 0.25
+        radii, softness = [rng.uniform(5.0, 10.0, 3)], 0.25
     else:
         raise ValueError(f"unknown synthetic lesion kind '{kind}'; available: {', '.join(KINDS)}")
+    low, high = MAGNITUDE[kind]
+    magnitude = float(np.exp(rng.uniform(np.log(low), np.log(high))))
     margin = float(np.max(radii[0])) + 3.0
     inside = np.argwhere(depth > margin)
     if not len(inside):
@@ -166,4 +175,4 @@ def corrupt_subject(
     return out, mask, lesions
 
 
-__all__ = ["KINDS", "Lesion", "apply_lesions", "corrupt_subject", "draw_lesion", "lesion_mask"]
+__all__ = ["KINDS", "MAGNITUDE", "Lesion", "apply_lesions", "corrupt_subject", "draw_lesion", "lesion_mask"]
