@@ -27,4 +27,6 @@ def previous_row(previous: Path, name: str, missing_ok: bool = False) -> dict[st
             return dict(row)
     if missing_ok:
         return None
-    raise SystemExit(f"{previous}: no row '{name}' to keep the test figures of; run it without --validation-only first")
+    raise SystemExit(
+        f"{previous}: no row '{name}' to keep the test figures of; run it without --validation-only first"
+    )

@@ -2,6 +2,7 @@
 two baselines, on accuracy and speed. Every figure in README's benchmark table comes from here.
 
     make bench            # or: python experiments/benchmark.py [--data DIR] [--out DIR] [--only NAME ...]
+                          #     [--no-validation | --validation-only]
 
 Data: ``bench_data.make_benchmark_data`` with fixed seeds (16 training normals; a test set of 8
 normals and 16 lesioned subjects, four lesion kinds). ``ms`` and ``haemorrhage`` were held out of
@@ -29,7 +30,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
-from bench_results import merge_rows  # noqa: E402
+from bench_results import merge_rows, previous_row  # noqa: E402
 from bench_validation import size_cells, spearman_lines, validate  # noqa: E402
 
 
@@ -211,6 +212,18 @@ def run_one(name: str, data: Path, validation: bool = True) -> dict[str, Any]:
     return result
 
 
+def validation_only(name: str, data: Path, previous: Path) -> dict[str, Any]:
+    """The row ``name`` of ``previous`` with its validation column recomputed (no test fit)."""
+    from anomaly3d_core.io.files import list_inputs
+
+    fit, score = make_method(ENTRIES[name])
+    row = previous_row(previous, name)
+    row["validation"] = validate(
+        fit, lambda m, item: _map_and_volume_score(score(m, item)), list_inputs(data / "train")
+    )
+    return row
+
+
 def table(results: list[dict[str, Any]]) -> str:
     atlas = next((r for r in results if "atlas" in r["name"]), None)
     head = (
@@ -248,14 +261,28 @@ def main() -> None:
     parser.add_argument(
         "--no-validation", action="store_true", help="skip the cross-fitted validation column"
     )
+    parser.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="recompute only the validation column of the rows (test figures kept from --out's results)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    previous = args.out / "benchmark.json"
     if args.one:
-        args.result_file.write_text(json.dumps(run_one(args.one, args.data, not args.no_validation)))
+        row = (
+            validation_only(args.one, args.data, previous)
+            if args.validation_only
+            else run_one(args.one, args.data, not args.no_validation)
+        )
+        args.result_file.write_text(json.dumps(row))
         return
     print(f"benchmark data in {make_benchmark_data(args.data)}", flush=True)
     names = [n for n in ENTRIES if not args.only or any(o in n for o in args.only)]
+    if args.validation_only:
+        args.no_mlflow = True  # no new test figures to log
+        names = [n for n in names if previous_row(previous, n, missing_ok=True)]
     results = []
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -263,7 +290,9 @@ def main() -> None:
         out = args.out / ".one.json"
         proc = subprocess.run(
             [sys.executable, __file__, "--one", name, "--data", str(args.data), "--result-file", str(out)]
-            + (["--no-validation"] if args.no_validation else []),
+            + ["--out", str(args.out)]
+            + (["--no-validation"] if args.no_validation else [])
+            + (["--validation-only"] if args.validation_only else []),
             capture_output=True,
             text=True,
         )
@@ -281,8 +310,7 @@ def main() -> None:
             flush=True,
         )
     fresh_rows = list(results)
-    previous = args.out / "benchmark.json"
-    if args.only:  # a partial rerun updates its rows and keeps the others
+    if args.only or args.validation_only:  # a partial rerun updates its rows and keeps the others
         results = merge_rows(previous, results, ENTRIES)
     text = table(results)
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,7 +1,7 @@
 """The multi-sequence benchmark: the same subjects scored from T1w alone and from T1w with FLAIR (and T2w).
 
     python experiments/benchmark_multiseq.py [--space template|native] [--data DIR] [--out DIR]
-        [--only NAME ... [--exact]] [--no-validation]
+        [--only NAME ... [--exact]] [--no-validation | --validation-only]
 
 Data: ``bench_data.make_benchmark_data(DIR, sequences=("T1w", "T2w", "FLAIR"), space=...)`` with
 fixed seeds (default DIR ``bench_output/data/multiseq`` or ``multiseq_native``), written as BIDS:
@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
-from bench_results import merge_rows  # noqa: E402
+from bench_results import merge_rows, previous_row  # noqa: E402
 from bench_validation import size_cells, spearman_lines, validate  # noqa: E402
 from benchmark_native import config_tree, metrics, read_scan  # noqa: E402
 
@@ -264,6 +264,19 @@ def run_one(name: str, data: Path, space: str, validation: bool = True) -> dict[
     return row
 
 
+def validation_only(name: str, data: Path, space: str, previous: Path) -> dict[str, Any]:
+    """The row ``name`` of ``previous`` with its validation column recomputed (no test fit)."""
+    from anomaly3d_core.io.data import list_items
+
+    entry = entries(space)[name]
+    channels = ["T1w", *[s for s in entry[1] if s != "T1w"]]
+    fit, score = make_method(entry)
+    row = previous_row(previous, name)
+    train = list_items(data / "train", channels).items
+    row["validation"] = validate(fit, lambda m, item: score(m, item)[:2], train, channels)
+    return row
+
+
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| sequences | validation AP | tuning-set AP | voxel AP (pooled) | best Dice | sample AUROC | held-out AP "
@@ -297,6 +310,11 @@ def main() -> None:
     parser.add_argument(
         "--no-validation", action="store_true", help="skip the cross-fitted validation column"
     )
+    parser.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="recompute only the validation column of the rows (test figures kept from --out's results)",
+    )
     parser.add_argument("--partial", type=Path, help="write the finished rows to this JSON after each row")
     parser.add_argument(
         "--cache",
@@ -314,10 +332,18 @@ def main() -> None:
     rows = entries(args.space)
     CACHE[0] = args.cache
     names = [n for n in rows if not args.only or any((o == n) if args.exact else (o in n) for o in args.only)]
+    suffix = "" if args.space == "template" else "_native"
+    previous = args.out / f"benchmark_multiseq{suffix}.json"
+    if args.validation_only:
+        args.no_mlflow = True  # no new test figures to log
+        names = [n for n in names if previous_row(previous, n, missing_ok=True)]
     results = []
     for name in names:
         print(f"-- {name}", flush=True)
-        results.append(run_one(name, data, args.space, not args.no_validation))
+        if args.validation_only:
+            results.append(validation_only(name, data, args.space, previous))
+        else:
+            results.append(run_one(name, data, args.space, not args.no_validation))
         r = results[-1]
         print(
             f"   validation AP {r.get('validation', {}).get('pixel_ap', float('nan')):.3f}, "
@@ -328,11 +354,9 @@ def main() -> None:
         )
         if args.partial:  # every finished row at once, so a stopped run keeps what it measured
             args.partial.write_text(json.dumps(results, indent=2) + "\n")
-    suffix = "" if args.space == "template" else "_native"
     args.out.mkdir(parents=True, exist_ok=True)
     fresh_rows = list(results)
-    previous = args.out / f"benchmark_multiseq{suffix}.json"
-    if args.only:  # a partial rerun updates its rows and keeps the others
+    if args.only or args.validation_only:  # a partial rerun updates its rows and keeps the others
         results = merge_rows(previous, results, rows)
     text = table(results)
     previous.write_text(json.dumps(results, indent=2) + "\n")

@@ -266,7 +266,9 @@ def validation_only(name: str, data: Path, previous: Path) -> dict[str, Any]:
     """The row ``name`` of ``previous`` with its validation column recomputed (no test fit)."""
     fit, score = make_method(ENTRIES[name])
     row = previous_row(previous, name)
-    row["validation"] = validate(fit, lambda m, item: score(m, item)[:2], sorted((data / "train").glob("*.nii.gz")))
+    row["validation"] = validate(
+        fit, lambda m, item: score(m, item)[:2], sorted((data / "train").glob("*.nii.gz"))
+    )
     return row
 
 
