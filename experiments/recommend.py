@@ -110,11 +110,19 @@ def table(entries: list[dict[str, Any]]) -> str:
                 f"| {e['kind']} | {c['preset']} | {c['validation_ap']:.3f} | {c['test_ap']:.3f} "
                 f"| {c['test_sample_auroc']:.3f} | {'**yes**' if c['preset'] == e['preset'] else ''} |"
             )
-    agree = sum(e["preset"] == e["test_best_preset"] for e in entries if e["preset"])
-    lines += [
-        "",
-        f"The validation's pick is also the test's best candidate for {agree} of {len(entries)} kinds of data.",
-    ]
+    lines.append("")
+    for e in entries:
+        test = {c["preset"]: c["test_ap"] for c in e["candidates"]}
+        best = e["test_best_preset"]
+        if e["preset"] is None:
+            lines.append(f"- {e['kind']}: no candidate has a validation figure yet")
+        elif e["preset"] == best:
+            lines.append(f"- {e['kind']}: the validation picks {best}, the test's best candidate too")
+        else:
+            lines.append(
+                f"- {e['kind']}: the validation picks {e['preset']} (test AP {test[e['preset']]:.3f}); "
+                f"the test's best candidate is {best} ({test[best]:.3f})"
+            )
     return "\n".join(lines)
 
 
