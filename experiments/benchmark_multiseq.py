@@ -105,6 +105,12 @@ SPACE_PRESETS = {
     "template": ["brain_mri.yaml"],
     "native": ["brain_mri_native.yaml", "brain_mri.yaml", "brain_mri_synthetic.yaml"],
 }
+#: rows beyond each space's presets: the synthetic-anomaly detector with T1w + FLAIR in template space
+#: (its native row comes from SPACE_PRESETS, whose row names carry the preset)
+EXTRA_ROWS: dict[str, dict[str, tuple[list[str], str]]] = {
+    "template": {"T1w + FLAIR, brain_mri_synthetic.yaml": (["T1w", "FLAIR"], "brain_mri_synthetic.yaml")},
+    "native": {},
+}
 #: ``--cache``: fits read preprocessed (registered) training scans from the cache (scoring never does)
 CACHE = [False]
 #: an entry: (kind, sequences, preset or baseline name, overrides or options)
@@ -123,6 +129,8 @@ def entries(space: str) -> dict[str, Entry]:
             variants |= DEFORMABLE
         for name, (seqs, overrides) in variants.items():
             rows[f"{name}, {preset}" if len(presets) > 1 else name] = ("pipeline", seqs, preset, overrides)
+    for name, (seqs, preset) in EXTRA_ROWS[space].items():
+        rows[name] = ("pipeline", seqs, preset, {})
     return {**rows, **BASELINES}
 
 

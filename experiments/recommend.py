@@ -47,17 +47,19 @@ CANDIDATES: dict[str, tuple[str, dict[str, str]]] = {
     ),
     "template, T1w + FLAIR": (
         "benchmark_multiseq.json",
-        {  # one preset, three variants of its residual signs (the validation chose the preset's)
-            "T1w + FLAIR": "brain_mri_multiseq.yaml, both signs",
-            "T1w + FLAIR, FLAIR bright": "brain_mri_multiseq.yaml",
-            "T1w + FLAIR, T1w dark, FLAIR bright": "brain_mri_multiseq.yaml, T1w dark",
-            "T1w + FLAIR, FLAIR bright, max": "brain_mri_multiseq.yaml, channel max",
+        {  # the preset and variants of its residual signs (the validation chose the preset's)
+            "T1w + FLAIR, T1w dark, FLAIR bright": "brain_mri_multiseq.yaml",
+            "T1w + FLAIR": "brain_mri_multiseq.yaml, both signs in both",
+            "T1w + FLAIR, FLAIR bright": "brain_mri_multiseq.yaml, T1w both signs",
+            "T1w + FLAIR, T1w dark, FLAIR bright, max": "brain_mri_multiseq.yaml, channel max",
+            "T1w + FLAIR, brain_mri_synthetic.yaml": "brain_mri_synthetic_multiseq.yaml",
         },
     ),
     "native, T1w + FLAIR": (
         "benchmark_multiseq_native.json",
         {
-            "T1w + FLAIR, FLAIR bright, brain_mri.yaml": "brain_mri_multiseq.yaml",
+            "T1w + FLAIR, T1w dark, FLAIR bright, brain_mri.yaml": "brain_mri_multiseq.yaml",
+            "T1w + FLAIR, FLAIR bright, brain_mri.yaml": "brain_mri_multiseq.yaml, T1w both signs",
             "T1w + FLAIR, brain_mri_native.yaml": "brain_mri_native.yaml",
             "T1w + FLAIR, brain_mri_synthetic.yaml": "brain_mri_synthetic_multiseq.yaml",
         },

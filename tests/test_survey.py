@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 from conftest import oblique_affine
 
 from anomaly3d_core.io.files import list_inputs
 from anomaly3d_core.preprocess.registration import mni152_reference
-from anomaly3d_core.preprocess.survey import in_template_space, survey
+from anomaly3d_core.preprocess.survey import RECOMMENDED, in_template_space, survey
 
 
 def test_template_grids_and_native_grids_are_told_apart(demo_dir, tmp_path):
@@ -36,15 +39,23 @@ def test_template_grids_and_native_grids_are_told_apart(demo_dir, tmp_path):
     assert "registers each one" in mixed.advice(True, "auto")
     assert "brain_mri.yaml adds normative scoring" in mixed.advice(False, "none")
     # the recommended preset follows the kind of data: space and sequences (README, Which preset)
-    assert mixed.advice(True, "auto").endswith(
-        "Recommended for one sequence in native space: "
-        "experiments/configs/brain_mri_native.yaml (benchmark voxel AP 0.46, against 0.16 for registration to MNI152)."
-    )
-    assert "one sequence in template space: experiments/configs/brain_mri.yaml" in demo.advice(True, "none")
-    for found in (demo, mixed):
-        assert "T1w + FLAIR subjects: experiments/configs/brain_mri_multiseq.yaml" in found.advice(
-            True, "auto", ["T1w", "FLAIR"]
-        )
+    for found, space in ((demo, "template"), (mixed, "native")):
+        for sequences, label in (([], "one sequence"), (["T1w", "FLAIR"], "T1w + FLAIR")):
+            preset = RECOMMENDED[f"{space}, {label}"][0]
+            assert f"Recommended for {space}, {label}: experiments/configs/{preset} (" in found.advice(
+                True, "auto", sequences
+            )
+
+
+def test_recommended_presets_are_the_validation_picks_of_the_committed_benchmarks():
+    """``fit``'s advice names, per kind of data, the preset ``experiments/recommend.py`` picks by
+    validation AP from the results in ``experiments/results`` (no test figure takes part)."""
+    results = Path(__file__).resolve().parents[1] / "experiments" / "results"
+    picks = {e["kind"]: e["preset"] for e in json.loads((results / "recommendation.json").read_text())}
+    assert set(picks) == set(RECOMMENDED)
+    for kind, (preset, _) in RECOMMENDED.items():
+        assert (configs := results.parent / "configs" / preset).is_file(), configs
+        assert picks[kind] == preset, f"{kind}: advice names {preset}, the validation picked {picks[kind]}"
 
 
 def test_register_to_auto_registers_only_scans_outside_template_space(demo_dir):

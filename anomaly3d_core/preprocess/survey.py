@@ -22,6 +22,25 @@ from anomaly3d_core.io.volume import Volume
 #: How far (mm) a scan's field of view may lie from the template's and still count as template space.
 TEMPLATE_TOLERANCE_MM = 6.0
 
+#: The preset per kind of data: the candidate with the best cross-fitted validation AP on the
+#: project's benchmarks (``experiments/recommend.py``, README *Which preset*), and its test figures.
+RECOMMENDED: dict[str, tuple[str, str]] = {
+    "template, one sequence": (
+        "brain_mri_synthetic.yaml",
+        "benchmark voxel AP 0.54; brain_mri.yaml scores 0.63 there and fits in seconds, "
+        "but ranks third on the validation",
+    ),
+    "native, one sequence": (
+        "brain_mri_synthetic.yaml",
+        "benchmark voxel AP 0.48, sample AUROC 0.81; brain_mri_native.yaml 0.46, 0.72",
+    ),
+    "template, T1w + FLAIR": ("brain_mri_multiseq.yaml", "benchmark voxel AP 0.89"),
+    "native, T1w + FLAIR": (
+        "brain_mri_synthetic_multiseq.yaml",
+        "benchmark voxel AP 0.83, sample AUROC 1.00; brain_mri_multiseq.yaml 0.84, 0.75",
+    ),
+}
+
 
 def _world_box(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
     """Lower and upper world corners (RAS mm) of a grid's voxel centres."""
@@ -84,18 +103,12 @@ class GridSurvey:
         return f"{self._config_advice(normative, register_to)} {self.recommendation(sequences)}"
 
     def recommendation(self, sequences: Sequence[str] = ()) -> str:
-        """The preset the benchmarks recommend for this kind of data: space and sequences."""
-        if "FLAIR" in sequences:
-            return (
-                "Recommended for T1w + FLAIR subjects: experiments/configs/brain_mri_multiseq.yaml "
-                "(benchmark voxel AP 0.86 native, 0.91 template)."
-            )
-        if self.template_space:
-            return "Recommended for one sequence in template space: experiments/configs/brain_mri.yaml."
-        return (
-            "Recommended for one sequence in native space: experiments/configs/brain_mri_native.yaml "
-            "(benchmark voxel AP 0.46, against 0.16 for registration to MNI152)."
+        """The preset the benchmarks' validation picks for this kind of data: space and sequences."""
+        kind = f"{'template' if self.template_space else 'native'}, " + (
+            "T1w + FLAIR" if "FLAIR" in sequences else "one sequence"
         )
+        preset, figures = RECOMMENDED[kind]
+        return f"Recommended for {kind}: experiments/configs/{preset} ({figures})."
 
     def _config_advice(self, normative: bool, register_to: str) -> str:
         what = self.describe()
