@@ -272,8 +272,9 @@ def run_one(name: str, data: Path, space: str, validation: bool = True) -> dict[
     return row
 
 
-def validation_only(name: str, data: Path, space: str, previous: Path) -> dict[str, Any]:
-    """The row ``name`` of ``previous`` with its validation column recomputed (no test fit)."""
+def validation_only(name: str, data: Path, space: str, previous: Path, seed: int = 0) -> dict[str, Any]:
+    """The row ``name`` of ``previous`` with its validation column recomputed (no test fit); ``seed``
+    draws other folds and other lesions (how stable a choice is)."""
     from anomaly3d_core.io.data import list_items
 
     entry = entries(space)[name]
@@ -281,7 +282,7 @@ def validation_only(name: str, data: Path, space: str, previous: Path) -> dict[s
     fit, score = make_method(entry)
     row = previous_row(previous, name)
     train = list_items(data / "train", channels).items
-    row["validation"] = validate(fit, lambda m, item: score(m, item)[:2], train, channels)
+    row["validation"] = validate(fit, lambda m, item: score(m, item)[:2], train, channels, seed=seed)
     return row
 
 
@@ -323,6 +324,12 @@ def main() -> None:
         action="store_true",
         help="recompute only the validation column of the rows (test figures kept from --out's results)",
     )
+    parser.add_argument(
+        "--validation-seed",
+        type=int,
+        default=0,
+        help="with --validation-only: another draw of folds and lesions (default 0, the tables' own)",
+    )
     parser.add_argument("--partial", type=Path, help="write the finished rows to this JSON after each row")
     parser.add_argument(
         "--cache",
@@ -349,7 +356,7 @@ def main() -> None:
     for name in names:
         print(f"-- {name}", flush=True)
         if args.validation_only:
-            results.append(validation_only(name, data, args.space, previous))
+            results.append(validation_only(name, data, args.space, previous, args.validation_seed))
         else:
             results.append(run_one(name, data, args.space, not args.no_validation))
         r = results[-1]

@@ -34,7 +34,10 @@ RECOMMENDED: dict[str, tuple[str, str]] = {
         "brain_mri_synthetic.yaml",
         "benchmark voxel AP 0.48, sample AUROC 0.81; brain_mri_native.yaml 0.46, 0.72",
     ),
-    "template, T1w + FLAIR": ("brain_mri_multiseq.yaml", "benchmark voxel AP 0.89"),
+    "template, T1w + FLAIR": (
+        "brain_mri_synthetic_multiseq.yaml",
+        "benchmark voxel AP 0.87, sample AUROC 0.94; brain_mri_multiseq.yaml 0.89, 0.95",
+    ),
     "native, T1w + FLAIR": (
         "brain_mri_synthetic_multiseq.yaml",
         "benchmark voxel AP 0.83, sample AUROC 1.00; brain_mri_multiseq.yaml 0.84, 0.75",
