@@ -54,6 +54,8 @@ bench: $(STAMP)
 	$(BIN)/python experiments/bench_calibration.py --data bench_output/data/calibration --out experiments/results
 	$(BIN)/python experiments/joint_training_check.py --data bench_output/data --out experiments/results
 	$(BIN)/python experiments/bench_speed.py --out experiments/results
+	$(BIN)/python experiments/bench_memory.py --data bench_output/data/native --out experiments/results
+	$(BIN)/python experiments/recommend.py --results experiments/results
 	$(BIN)/python experiments/bench_limits.py --out experiments/results
 	$(BIN)/python experiments/bench_spark.py --data bench_output/spark --out experiments/results
 
