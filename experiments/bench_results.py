@@ -1,7 +1,9 @@
-"""Benchmark result files: a partial rerun (``--only``) updates its rows and keeps the others."""
+"""Benchmark result files: a partial rerun (``--only``) updates its rows and keeps the others;
+``--validation-only`` recomputes the validation column of rows already in the file."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,3 +32,21 @@ def previous_row(previous: Path, name: str, missing_ok: bool = False) -> dict[st
     raise SystemExit(
         f"{previous}: no row '{name}' to keep the test figures of; run it without --validation-only first"
     )
+
+
+def add_validation_only(parser: argparse.ArgumentParser) -> None:
+    """The ``--validation-only`` option every benchmark script shares."""
+    parser.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="recompute only the validation column of the rows (test figures kept from --out's results)",
+    )
+
+
+def rows_to_validate(args: argparse.Namespace, previous: Path, names: list[str]) -> list[str]:
+    """``names`` as they are, or with ``--validation-only`` those the results file has (and no
+    MLflow logging: there are no new test figures to log)."""
+    if not args.validation_only:
+        return names
+    args.no_mlflow = True
+    return [n for n in names if previous_row(previous, n, missing_ok=True)]

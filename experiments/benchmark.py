@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
-from bench_results import merge_rows, previous_row  # noqa: E402
+from bench_results import add_validation_only, merge_rows, previous_row, rows_to_validate  # noqa: E402
 from bench_validation import size_cells, spearman_lines, validate  # noqa: E402
 
 
@@ -207,21 +207,17 @@ def run_one(name: str, data: Path, validation: bool = True) -> dict[str, Any]:
         "pixel_ap": float(average_precision_score(np.concatenate(tune_truths), np.concatenate(tune_scores)))
     }
     if validation:
-        result["validation"] = validate(fit, lambda m, item: _map_and_volume_score(score(m, item)), train)
+        result["validation"] = validation_figures(name, data)
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
 
 
-def validation_only(name: str, data: Path, previous: Path) -> dict[str, Any]:
-    """The row ``name`` of ``previous`` with its validation column recomputed (no test fit)."""
+def validation_figures(name: str, data: Path) -> dict[str, float]:
+    """The row's cross-fitted validation figures over the training normals (no test scan)."""
     from anomaly3d_core.io.files import list_inputs
 
     fit, score = make_method(ENTRIES[name])
-    row = previous_row(previous, name)
-    row["validation"] = validate(
-        fit, lambda m, item: _map_and_volume_score(score(m, item)), list_inputs(data / "train")
-    )
-    return row
+    return validate(fit, lambda m, item: _map_and_volume_score(score(m, item)), list_inputs(data / "train"))
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -261,18 +257,14 @@ def main() -> None:
     parser.add_argument(
         "--no-validation", action="store_true", help="skip the cross-fitted validation column"
     )
-    parser.add_argument(
-        "--validation-only",
-        action="store_true",
-        help="recompute only the validation column of the rows (test figures kept from --out's results)",
-    )
+    add_validation_only(parser)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     previous = args.out / "benchmark.json"
     if args.one:
         row = (
-            validation_only(args.one, args.data, previous)
+            {**previous_row(previous, args.one), "validation": validation_figures(args.one, args.data)}
             if args.validation_only
             else run_one(args.one, args.data, not args.no_validation)
         )
@@ -280,9 +272,7 @@ def main() -> None:
         return
     print(f"benchmark data in {make_benchmark_data(args.data)}", flush=True)
     names = [n for n in ENTRIES if not args.only or any(o in n for o in args.only)]
-    if args.validation_only:
-        args.no_mlflow = True  # no new test figures to log
-        names = [n for n in names if previous_row(previous, n, missing_ok=True)]
+    names = rows_to_validate(args, previous, names)
     results = []
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
-from bench_results import merge_rows, previous_row  # noqa: E402
+from bench_results import add_validation_only, merge_rows, previous_row, rows_to_validate  # noqa: E402
 from bench_validation import size_cells, spearman_lines, validate  # noqa: E402
 from benchmark_native import config_tree, metrics, read_scan  # noqa: E402
 
@@ -268,22 +268,20 @@ def run_one(name: str, data: Path, space: str, validation: bool = True) -> dict[
         "n_ms": len(ms),
     }
     if validation:
-        row["validation"] = validate(fit, lambda m, item: score(m, item)[:2], train, channels)
+        row["validation"] = validation_figures(name, data, space)
     return row
 
 
-def validation_only(name: str, data: Path, space: str, previous: Path, seed: int = 0) -> dict[str, Any]:
-    """The row ``name`` of ``previous`` with its validation column recomputed (no test fit); ``seed``
-    draws other folds and other lesions (how stable a choice is)."""
+def validation_figures(name: str, data: Path, space: str, seed: int = 0) -> dict[str, float]:
+    """The row's cross-fitted validation figures over the training normals (no test subject);
+    ``seed`` draws other folds and other lesions (how stable a choice is)."""
     from anomaly3d_core.io.data import list_items
 
     entry = entries(space)[name]
     channels = ["T1w", *[s for s in entry[1] if s != "T1w"]]
     fit, score = make_method(entry)
-    row = previous_row(previous, name)
     train = list_items(data / "train", channels).items
-    row["validation"] = validate(fit, lambda m, item: score(m, item)[:2], train, channels, seed=seed)
-    return row
+    return validate(fit, lambda m, item: score(m, item)[:2], train, channels, seed=seed)
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -319,11 +317,7 @@ def main() -> None:
     parser.add_argument(
         "--no-validation", action="store_true", help="skip the cross-fitted validation column"
     )
-    parser.add_argument(
-        "--validation-only",
-        action="store_true",
-        help="recompute only the validation column of the rows (test figures kept from --out's results)",
-    )
+    add_validation_only(parser)
     parser.add_argument(
         "--validation-seed",
         type=int,
@@ -349,14 +343,13 @@ def main() -> None:
     names = [n for n in rows if not args.only or any((o == n) if args.exact else (o in n) for o in args.only)]
     suffix = "" if args.space == "template" else "_native"
     previous = args.out / f"benchmark_multiseq{suffix}.json"
-    if args.validation_only:
-        args.no_mlflow = True  # no new test figures to log
-        names = [n for n in names if previous_row(previous, n, missing_ok=True)]
+    names = rows_to_validate(args, previous, names)
     results = []
     for name in names:
         print(f"-- {name}", flush=True)
         if args.validation_only:
-            results.append(validation_only(name, data, args.space, previous, args.validation_seed))
+            figures = validation_figures(name, data, args.space, args.validation_seed)
+            results.append({**previous_row(previous, name), "validation": figures})
         else:
             results.append(run_one(name, data, args.space, not args.no_validation))
         r = results[-1]

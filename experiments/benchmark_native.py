@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_tracking  # noqa: E402
 from bench_data import HELD_OUT_KINDS, make_benchmark_data  # noqa: E402
-from bench_results import merge_rows, previous_row  # noqa: E402
+from bench_results import add_validation_only, merge_rows, previous_row, rows_to_validate  # noqa: E402
 from bench_validation import size_cells, spearman_lines, validate  # noqa: E402
 
 NATIVE_CONFIG = HERE / "configs" / "brain_mri_native.yaml"
@@ -258,18 +258,14 @@ def run_one(name: str, data: Path, validation: bool = True) -> dict[str, Any]:
         "size_sensitivity": size_sensitivity([p[0] for p in preds], [p[1] for p in preds], test["mm3"]),
     }
     if validation:
-        row["validation"] = validate(fit, lambda m, item: score(m, item)[:2], train)
+        row["validation"] = validation_figures(name, data)
     return row
 
 
-def validation_only(name: str, data: Path, previous: Path) -> dict[str, Any]:
-    """The row ``name`` of ``previous`` with its validation column recomputed (no test fit)."""
+def validation_figures(name: str, data: Path) -> dict[str, float]:
+    """The row's cross-fitted validation figures over the training normals (no test scan)."""
     fit, score = make_method(ENTRIES[name])
-    row = previous_row(previous, name)
-    row["validation"] = validate(
-        fit, lambda m, item: score(m, item)[:2], sorted((data / "train").glob("*.nii.gz"))
-    )
-    return row
+    return validate(fit, lambda m, item: score(m, item)[:2], sorted((data / "train").glob("*.nii.gz")))
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -303,24 +299,20 @@ def main() -> None:
     parser.add_argument(
         "--no-validation", action="store_true", help="skip the cross-fitted validation column"
     )
-    parser.add_argument(
-        "--validation-only",
-        action="store_true",
-        help="recompute only the validation column of the rows (test figures kept from --out's results)",
-    )
+    add_validation_only(parser)
     bench_tracking.add_arguments(parser)
     args = parser.parse_args()
     print(f"native benchmark data in {make_benchmark_data(args.data, space='native')}", flush=True)
     names = [n for n in ENTRIES if not args.only or any(o in n for o in args.only)]
     previous = args.out / "benchmark_native.json"
-    if args.validation_only:
-        args.no_mlflow = True  # no new test figures to log
-        names = [n for n in names if previous_row(previous, n, missing_ok=True)]
+    names = rows_to_validate(args, previous, names)
     results = []
     for name in names:
         print(f"-- {name}", flush=True)
         if args.validation_only:
-            results.append(validation_only(name, args.data, previous))
+            results.append(
+                {**previous_row(previous, name), "validation": validation_figures(name, args.data)}
+            )
         else:
             results.append(run_one(name, args.data, not args.no_validation))
         r = results[-1]
